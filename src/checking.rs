@@ -1,0 +1,1 @@
+//! Placeholder: the checking device is being written (see issue 2, item 5).

@@ -1,0 +1,238 @@
+//! The seam between the pool and a device: [`DmaOps`].
+//!
+//! A backend maps CPU memory for a device and hands back the device-visible
+//! address ([`DmaAddr`]); it unmaps, and it syncs ownership of a sub-range
+//! between CPU and device. Everything the pool knows about hardware goes
+//! through this trait, so the same pool runs on VFIO, on the
+//! [`CheckingDevice`](crate::checking::CheckingDevice), or on a backend of
+//! your own.
+//!
+//! # The backend's contract
+//!
+//! - `map` either returns an address under which the device sees exactly the
+//!   `len` bytes at `cpu`, or an error and leaves nothing mapped.
+//! - `unmap` / `unmap_batch` tear down exactly the mappings named, and never
+//!   write CPU memory (pages held outside the pool may be read by their
+//!   holders while the device unbinds; only `sync_for_cpu` may copy into
+//!   CPU memory).
+//! - Every method may be called from any thread, concurrently with any
+//!   other method, for different mappings.
+//! - `on_unbind` is the last call the pool ever makes; after it returns the
+//!   pool drops its handle to the backend.
+//!
+//! # What the pool guarantees in return
+//!
+//! - CPU memory passed to `map` stays allocated and is not reused until the
+//!   matching `unmap` has returned (invariant 4 of the crate).
+//! - Every successful `map` is followed by exactly one `unmap` (or one entry
+//!   in one `unmap_batch`) with the same address, length and direction,
+//!   before `on_unbind` (invariant 1). Nothing is called after `on_unbind`
+//!   (invariant 2).
+//! - `sync_for_cpu` and `sync_for_device` are only called on a live mapping,
+//!   inside it, while no CPU reference to that range exists, and only in the
+//!   directions the DMA API allows.
+
+use core::fmt;
+use core::ptr::NonNull;
+
+/// The direction data moves in over a mapping (the DMA API's three).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DmaDirection {
+    /// Both CPU and device read and write the memory.
+    Bidirectional,
+    /// The CPU writes, the device reads (transmit buffers).
+    ToDevice,
+    /// The device writes, the CPU reads (receive buffers).
+    FromDevice,
+}
+
+impl DmaDirection {
+    /// Whether the device may write memory mapped in this direction.
+    pub const fn device_writes(self) -> bool {
+        matches!(self, Self::Bidirectional | Self::FromDevice)
+    }
+
+    /// Whether the device may read memory mapped in this direction.
+    pub const fn device_reads(self) -> bool {
+        matches!(self, Self::Bidirectional | Self::ToDevice)
+    }
+}
+
+impl fmt::Display for DmaDirection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Bidirectional => "DMA_BIDIRECTIONAL",
+            Self::ToDevice => "DMA_TO_DEVICE",
+            Self::FromDevice => "DMA_FROM_DEVICE",
+        })
+    }
+}
+
+/// A device-visible (bus or IO virtual) address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DmaAddr(pub u64);
+
+impl DmaAddr {
+    /// The value Linux uses for a failed mapping (`DMA_MAPPING_ERROR`); no
+    /// backend may return it from a successful `map`.
+    pub const ERROR: DmaAddr = DmaAddr(u64::MAX);
+
+    /// The address `bytes` further on.
+    pub const fn offset(self, bytes: u64) -> DmaAddr {
+        DmaAddr(self.0 + bytes)
+    }
+}
+
+impl fmt::Display for DmaAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+/// One live mapping: what `map` returned plus what was asked of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DmaMapping {
+    /// The device address `map` returned.
+    pub addr: DmaAddr,
+    /// Length of the mapping in bytes.
+    pub len: usize,
+    /// The direction it was mapped for.
+    pub direction: DmaDirection,
+}
+
+/// How the CPU is about to touch a mapped range (see [`DmaOps::cpu_access`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuAccess {
+    /// The CPU reads the range.
+    Read,
+    /// The CPU writes the range.
+    Write,
+}
+
+/// Why a backend could not map memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DmaError {
+    /// The device's address space (IOVA ranges) has no room left.
+    AddressSpaceExhausted,
+    /// The backend's limit on the number of mappings is reached (VFIO:
+    /// `dma_entry_limit`, 65535 per container by default).
+    MappingLimit {
+        /// The limit, where the backend knows it.
+        limit: Option<u64>,
+    },
+    /// Pinning the memory would exceed the locked-memory limit
+    /// (`RLIMIT_MEMLOCK` for VFIO).
+    LockedMemoryLimit,
+    /// The range overlaps a mapping that already exists.
+    Overlap,
+    /// The backend rejected the arguments (alignment, size, direction).
+    InvalidArgument,
+    /// A failure injected on purpose by a test backend.
+    Injected,
+    /// The device is no longer bound.
+    Unbound,
+    /// Any other operating-system error, with the `errno` and the operation.
+    Os {
+        /// The operation that failed (for example `"VFIO_IOMMU_MAP_DMA"`).
+        op: &'static str,
+        /// The raw `errno`.
+        errno: i32,
+    },
+}
+
+impl fmt::Display for DmaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::AddressSpaceExhausted => f.write_str("device address space exhausted"),
+            Self::MappingLimit { limit: Some(n) } => {
+                write!(f, "device mapping limit of {n} entries reached")
+            }
+            Self::MappingLimit { limit: None } => f.write_str("device mapping limit reached"),
+            Self::LockedMemoryLimit => {
+                f.write_str("locked-memory limit reached (raise RLIMIT_MEMLOCK)")
+            }
+            Self::Overlap => f.write_str("range overlaps an existing mapping"),
+            Self::InvalidArgument => f.write_str("backend rejected the mapping arguments"),
+            Self::Injected => f.write_str("injected mapping failure"),
+            Self::Unbound => f.write_str("device is unbound"),
+            Self::Os { op, errno } => write!(f, "{op} failed with errno {errno}"),
+        }
+    }
+}
+
+impl std::error::Error for DmaError {}
+
+/// DMA operations of one device: the pool's only way to reach hardware.
+///
+/// See the [module documentation](self) for the contract between pool and
+/// backend. Methods that let the backend touch CPU memory are `unsafe`: the
+/// caller promises the memory is valid and not referenced by the CPU for the
+/// duration stated on each method.
+pub trait DmaOps: Send + Sync + 'static {
+    /// Maps `len` bytes at `cpu` for the device, for `direction`.
+    ///
+    /// # Safety
+    /// `cpu..cpu+len` is valid memory that stays allocated, and is not
+    /// handed to anyone else, until the returned mapping is unmapped. While
+    /// this call runs no CPU reference to the range exists.
+    unsafe fn map(
+        &self,
+        cpu: NonNull<u8>,
+        len: usize,
+        direction: DmaDirection,
+    ) -> Result<DmaAddr, DmaError>;
+
+    /// Unmaps one mapping.
+    ///
+    /// # Safety
+    /// `mapping` is exactly what a successful `map` on this backend
+    /// returned (address, length, direction), and it is unmapped once.
+    unsafe fn unmap(&self, mapping: DmaMapping);
+
+    /// Unmaps several mappings. The default loops over [`unmap`](Self::unmap);
+    /// a backend whose unmap is a system call may merge neighbours.
+    ///
+    /// # Safety
+    /// As for [`unmap`](Self::unmap), for every element; no element appears
+    /// twice.
+    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) {
+        for mapping in mappings {
+            // SAFETY: the caller's contract covers every element.
+            unsafe { self.unmap(*mapping) };
+        }
+    }
+
+    /// Gives `len` bytes from `offset` inside `mapping` to the device.
+    ///
+    /// # Safety
+    /// `mapping` is live; `offset + len <= mapping.len`; no CPU reference to
+    /// the range exists while this runs.
+    unsafe fn sync_for_device(&self, mapping: DmaMapping, offset: usize, len: usize);
+
+    /// Gives `len` bytes from `offset` inside `mapping` back to the CPU.
+    ///
+    /// # Safety
+    /// As for [`sync_for_device`](Self::sync_for_device); the backend may
+    /// write the range (bounce buffers, shadow copies).
+    unsafe fn sync_for_cpu(&self, mapping: DmaMapping, offset: usize, len: usize);
+
+    /// Whether [`cpu_access`](Self::cpu_access) wants to be called. Read
+    /// once, when the device is bound; the default is `false`, so real
+    /// backends cost nothing.
+    fn checks_cpu_access(&self) -> bool {
+        false
+    }
+
+    /// Told before the CPU reads or writes `len` bytes from `offset` of a
+    /// live mapping through a pool page, for checking backends that catch
+    /// a read of device-written data before `sync_for_cpu`. The default does
+    /// nothing.
+    fn cpu_access(&self, mapping: DmaMapping, offset: usize, len: usize, access: CpuAccess) {
+        let _ = (mapping, offset, len, access);
+    }
+
+    /// The device is being released: the last call the pool makes. A
+    /// checking backend reports mappings still live here.
+    fn on_unbind(&self) {}
+}

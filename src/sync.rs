@@ -1,0 +1,117 @@
+//! Every synchronisation primitive the crate uses, in one place.
+//!
+//! Normal builds get `std` atomics and `Arc` and `parking_lot` locks. Builds
+//! with `RUSTFLAGS="--cfg loom"` get loom's versions of all of them, wrapped
+//! to the same (non-poisoning) API, so the loom models in `loom-tests/`
+//! explore every interleaving of the real pool code.
+//!
+//! Invariants:
+//! - No other module names `std::sync`, `parking_lot` or `loom` directly; a
+//!   primitive used elsewhere would be invisible to the model checker.
+//! - Page memory comes from [`alloc_zeroed`] / [`dealloc`], which are loom's
+//!   tracked allocator under loom, so a leaked page fails the model.
+
+#[cfg(not(loom))]
+mod imp {
+    pub(crate) use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
+    pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use std::sync::Arc;
+
+    /// Allocates zeroed memory for `layout`.
+    ///
+    /// # Safety
+    /// `layout` has a non-zero size.
+    pub(crate) unsafe fn alloc_zeroed(layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller guarantees a non-zero size.
+        unsafe { std::alloc::alloc_zeroed(layout) }
+    }
+
+    /// Frees memory from [`alloc_zeroed`].
+    ///
+    /// # Safety
+    /// `ptr` came from `alloc_zeroed(layout)` and is not used afterwards.
+    pub(crate) unsafe fn dealloc(ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: forwarded caller contract.
+        unsafe { std::alloc::dealloc(ptr, layout) }
+    }
+
+    /// Lets the current thread give way inside a deliberately slow call.
+    pub(crate) fn pause(delay: std::time::Duration) {
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
+    }
+}
+
+#[cfg(loom)]
+mod imp {
+    pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use loom::sync::Arc;
+
+    /// A loom mutex with `parking_lot`'s non-poisoning API.
+    #[derive(Debug)]
+    pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
+    pub(crate) type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+
+    impl<T> Mutex<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Self(loom::sync::Mutex::new(value))
+        }
+        pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+            self.0.lock().expect("loom mutex poisoned")
+        }
+    }
+
+    /// A loom reader-writer lock with `parking_lot`'s non-poisoning API.
+    #[derive(Debug)]
+    pub(crate) struct RwLock<T>(loom::sync::RwLock<T>);
+    pub(crate) type RwLockReadGuard<'a, T> = loom::sync::RwLockReadGuard<'a, T>;
+    pub(crate) type RwLockWriteGuard<'a, T> = loom::sync::RwLockWriteGuard<'a, T>;
+
+    impl<T> RwLock<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Self(loom::sync::RwLock::new(value))
+        }
+        pub(crate) fn read(&self) -> RwLockReadGuard<'_, T> {
+            self.0.read().expect("loom rwlock poisoned")
+        }
+        pub(crate) fn write(&self) -> RwLockWriteGuard<'_, T> {
+            self.0.write().expect("loom rwlock poisoned")
+        }
+    }
+
+    /// Allocates zeroed memory through loom's leak-tracking allocator.
+    ///
+    /// # Safety
+    /// `layout` has a non-zero size.
+    pub(crate) unsafe fn alloc_zeroed(layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller guarantees a non-zero size.
+        let ptr = unsafe { loom::alloc::alloc(layout) };
+        if !ptr.is_null() {
+            // SAFETY: `ptr` is a fresh allocation of `layout.size()` bytes.
+            unsafe { ptr.write_bytes(0, layout.size()) };
+        }
+        ptr
+    }
+
+    /// Frees memory from [`alloc_zeroed`] through loom's allocator.
+    ///
+    /// # Safety
+    /// `ptr` came from `alloc_zeroed(layout)` and is not used afterwards.
+    pub(crate) unsafe fn dealloc(ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: forwarded caller contract.
+        unsafe { loom::alloc::dealloc(ptr, layout) }
+    }
+
+    /// Under loom a delay is a yield: it widens the race window by letting
+    /// the scheduler switch threads here.
+    pub(crate) fn pause(delay: std::time::Duration) {
+        if !delay.is_zero() {
+            loom::thread::yield_now();
+        }
+    }
+}
+
+pub(crate) use imp::*;
+#[cfg(not(loom))]
+pub(crate) use parking_lot::RwLockWriteGuard;
