@@ -113,5 +113,12 @@ mod imp {
 }
 
 pub(crate) use imp::*;
+
+/// A process-unique pool id. The counter is a plain `std` atomic even under
+/// loom: it hands out names, it orders nothing, so there is nothing to model.
+pub(crate) fn next_pool_id() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
 #[cfg(not(loom))]
 pub(crate) use parking_lot::RwLockWriteGuard;

@@ -1,0 +1,334 @@
+//! A bound device: owner of its [`DmaOps`], its pools' registry and the
+//! in-flight tracker; and [`Device::unbind`], the driver's remove path.
+//!
+//! # How unbind works
+//!
+//! ```text
+//!  unbind()                                   other threads
+//!  1. registry: bound = false, take pools     alloc() -> Err(Unbound)
+//!     every pool: closed = true               dropped pages -> released
+//!  2. gate.close(): wait for device calls     (map/unmap/sync running now:
+//!     already running (bounded)                each is one device call)
+//!  3. drain every ring: unmap + free
+//!  4. walk the tracker: unmap every mapping   pages held outside stay valid
+//!     left (cached, held by the stack, ...)   memory; dropping them later
+//!  5. ops.on_unbind(); drop the ops           frees them, no device call
+//! ```
+//!
+//! # Invariants
+//!
+//! - After `unbind` returns no [`DmaOps`] method runs again: the gate is
+//!   closed and the ops dropped (invariant 2).
+//! - `unbind` waits only for device calls in progress, never for a page to
+//!   come back (invariant 3).
+//! - Tracked mode: every mapping is recorded, so step 4 reaches every
+//!   mapping that step 3 and earlier releases did not, and the tracker's
+//!   remove-once rule unmaps each exactly once (invariant 1).
+
+use core::fmt;
+use std::time::{Duration, Instant};
+
+use crate::dma::{DmaMapping, DmaOps};
+use crate::error::{AlreadyUnbound, BuildError};
+use crate::gate::DeviceGate;
+use crate::page::{free_page, meta_ref, PageMeta, UNMAP_BATCH};
+use crate::pool::{PagePoolBuilder, PoolShared};
+use crate::stats::PoolInfo;
+use crate::sync::{Arc, AtomicUsize, Mutex, Ordering};
+use crate::tracker::InFlightTracker;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::Tracked {}
+    impl Sealed for super::Untracked {}
+}
+
+/// Whether a device records its mappings: a build-time choice, made by the
+/// type, so the pool's code has no runtime branch on it.
+pub trait TrackingMode: sealed::Sealed + Send + Sync + Sized + 'static {
+    /// Whether mappings are recorded in the in-flight tracker.
+    const TRACKED: bool;
+}
+
+/// Every mapping is recorded; `unbind` unmaps pages held anywhere. The
+/// default, and the only mode that keeps all of the crate's invariants.
+#[derive(Debug)]
+pub enum Tracked {}
+
+/// No tracking: for measuring what tracking costs, and nothing else.
+///
+/// `unbind` can then unmap only the pages in the rings; pages held outside
+/// keep their mappings forever, and their memory is leaked when they come
+/// back rather than freed while mapped (Linux before 2025, minus the crash).
+/// [`UnbindReport::mappings_left`] counts them.
+#[derive(Debug)]
+pub enum Untracked {}
+
+impl TrackingMode for Tracked {
+    const TRACKED: bool = true;
+}
+impl TrackingMode for Untracked {
+    const TRACKED: bool = false;
+}
+
+/// The pools of a device, while it is bound.
+struct Registry<M: TrackingMode> {
+    bound: bool,
+    pools: Vec<Arc<PoolShared<M>>>,
+}
+
+/// State shared by a device, its pools and their pages.
+pub(crate) struct DeviceShared<M: TrackingMode> {
+    pub(crate) gate: DeviceGate,
+    pub(crate) tracker: InFlightTracker<PageMeta<M>>,
+    pub(crate) checks_cpu_access: bool,
+    /// Untracked builds: pages whose memory had to be leaked (see
+    /// [`Untracked`]).
+    pub(crate) leaked_pages: AtomicUsize,
+    registry: Mutex<Registry<M>>,
+    /// Held for the whole of `unbind`, so a second caller waits for the
+    /// first to finish.
+    unbinding: Mutex<()>,
+}
+
+impl<M: TrackingMode> DeviceShared<M> {
+    pub(crate) fn register(&self, pool: Arc<PoolShared<M>>) -> Result<(), BuildError> {
+        let mut registry = self.registry.lock();
+        if !registry.bound {
+            return Err(BuildError::Unbound);
+        }
+        registry.pools.push(pool);
+        Ok(())
+    }
+
+    pub(crate) fn unregister(&self, pool: &Arc<PoolShared<M>>) {
+        let mut registry = self.registry.lock();
+        registry.pools.retain(|p| !Arc::ptr_eq(p, pool));
+    }
+}
+
+/// What `unbind` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnbindReport {
+    /// Pools that were still open.
+    pub pools: usize,
+    /// Pages drained from the pools' shared rings: unmapped and freed.
+    pub pages_from_rings: usize,
+    /// Pages unmapped through the in-flight tracker: held outside the pool
+    /// (by the stack, by sockets) or in a live owner's local cache. Their
+    /// memory stays valid for their holders and is freed, with no device
+    /// call, when they come back.
+    pub pages_in_flight: usize,
+    /// Bytes unmapped in all.
+    pub bytes_unmapped: u64,
+    /// Mappings `unbind` could not reach: always 0 on a tracked device; on
+    /// an [`Untracked`] one, the pages held outside.
+    pub mappings_left: usize,
+    /// Wall time `unbind` took.
+    pub duration: Duration,
+}
+
+impl fmt::Display for UnbindReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "unbind: {} pools, {} pages from rings + {} in flight unmapped ({} bytes), {} mappings left, in {:?}",
+            self.pools,
+            self.pages_from_rings,
+            self.pages_in_flight,
+            self.bytes_unmapped,
+            self.mappings_left,
+            self.duration
+        )
+    }
+}
+
+/// One bound device: owns its [`DmaOps`]; pools are built from it.
+///
+/// Dropping a `Device` unbinds it. `Device` is `Sync`: `unbind` may be called
+/// from the driver's remove path on any thread while pools are in use.
+pub struct Device<M: TrackingMode = Tracked> {
+    pub(crate) shared: Arc<DeviceShared<M>>,
+}
+
+impl Device<Tracked> {
+    /// Binds a device whose DMA goes through `ops`, with in-flight tracking.
+    pub fn new(ops: impl DmaOps) -> Self {
+        Self::bind(Box::new(ops))
+    }
+}
+
+impl Device<Untracked> {
+    /// Binds a device without in-flight tracking. For measuring the cost of
+    /// tracking only: see [`Untracked`] for what it gives up.
+    pub fn new_untracked(ops: impl DmaOps) -> Self {
+        Self::bind(Box::new(ops))
+    }
+}
+
+impl<M: TrackingMode> Device<M> {
+    fn bind(ops: Box<dyn DmaOps>) -> Self {
+        let checks_cpu_access = ops.checks_cpu_access();
+        Self {
+            shared: Arc::new(DeviceShared {
+                gate: DeviceGate::new(ops),
+                tracker: InFlightTracker::new(),
+                checks_cpu_access,
+                leaked_pages: AtomicUsize::new(0),
+                registry: Mutex::new(Registry {
+                    bound: true,
+                    pools: Vec::new(),
+                }),
+                unbinding: Mutex::new(()),
+            }),
+        }
+    }
+
+    /// Starts configuring a pool on this device.
+    pub fn pool_builder(&self) -> PagePoolBuilder<'_, M> {
+        PagePoolBuilder::new(self)
+    }
+
+    /// Whether the device is still bound.
+    pub fn is_bound(&self) -> bool {
+        self.shared.registry.lock().bound
+    }
+
+    /// Mappings recorded in the in-flight tracker (0 when untracked).
+    pub fn tracked_mappings(&self) -> usize {
+        self.shared.tracker.len()
+    }
+
+    /// Heap bytes the in-flight tracker uses now.
+    pub fn tracker_heap_bytes(&self) -> usize {
+        self.shared.tracker.heap_bytes()
+    }
+
+    /// Untracked devices only: pages whose memory was leaked because they
+    /// came back still mapped after unbind.
+    pub fn leaked_pages(&self) -> usize {
+        self.shared.leaked_pages.load(Ordering::Relaxed)
+    }
+
+    /// A `page-pool-get` snapshot of every pool still open on the device.
+    pub fn pools(&self) -> Vec<PoolInfo> {
+        let pools: Vec<_> = self.shared.registry.lock().pools.clone();
+        pools.iter().map(|p| p.info()).collect()
+    }
+
+    /// The driver's remove path: synchronously unmaps every mapping of the
+    /// device, including pages held outside any pool, then drops the ops.
+    ///
+    /// Waits only for device calls already running on other threads, never
+    /// for page holders. A second call (from any thread) waits for the first
+    /// to finish and returns [`AlreadyUnbound`].
+    pub fn unbind(&self) -> Result<UnbindReport, AlreadyUnbound> {
+        let started = Instant::now();
+        let shared = &*self.shared;
+        let _one_at_a_time = shared.unbinding.lock();
+
+        // 1. Stop new allocations and recycling on every pool.
+        let pools = {
+            let mut registry = shared.registry.lock();
+            if !registry.bound {
+                return Err(AlreadyUnbound);
+            }
+            registry.bound = false;
+            core::mem::take(&mut registry.pools)
+        };
+        for pool in &pools {
+            pool.closed.store(true, Ordering::Release);
+        }
+
+        // 2. Wait for device calls already running; none starts after this.
+        let closing = shared.gate.close();
+        let ops = closing.ops().expect("a bound device has ops");
+        let mut report = UnbindReport {
+            pools: pools.len(),
+            ..UnbindReport::default()
+        };
+        let mut batch = Vec::with_capacity(UNMAP_BATCH);
+
+        // 3. Drain the rings: these pages are the pool's, so free them too.
+        for pool in &pools {
+            let pages = pool.ring.close();
+            for &page in &pages {
+                // SAFETY: the closed ring handed these pages to us.
+                let meta = unsafe { meta_ref(page) };
+                if !M::TRACKED || shared.tracker.remove(meta.record, page) {
+                    push_unmap(ops, &mut batch, &mut report, meta);
+                }
+            }
+            flush_unmaps(ops, &mut batch);
+            report.pages_from_rings += pages.len();
+            for page in pages {
+                // SAFETY: unmapped above (its record was ours), owned.
+                unsafe { free_page(page) };
+            }
+        }
+
+        // 4. Unmap every mapping still recorded, wherever its page is.
+        if M::TRACKED {
+            report.pages_in_flight = shared.tracker.close_and_drain(|page| {
+                // SAFETY: a recorded page is live: it is freed only after its
+                // record is removed, and removal needs the gate we hold.
+                let meta = unsafe { meta_ref(page) };
+                push_unmap(ops, &mut batch, &mut report, meta);
+            });
+            flush_unmaps(ops, &mut batch);
+        } else {
+            report.mappings_left = pools
+                .iter()
+                .map(|p| p.pages_mapped.load(Ordering::Relaxed))
+                .sum();
+        }
+
+        // 5. Tell the backend, then drop it: the gate is closed for good.
+        ops.on_unbind();
+        closing.retire();
+        drop(pools);
+        report.duration = started.elapsed();
+        Ok(report)
+    }
+}
+
+fn push_unmap<M: TrackingMode>(
+    ops: &dyn DmaOps,
+    batch: &mut Vec<DmaMapping>,
+    report: &mut UnbindReport,
+    meta: &PageMeta<M>,
+) {
+    let mapping = meta.mapping();
+    meta.pool.pages_mapped.fetch_sub(1, Ordering::Relaxed);
+    report.bytes_unmapped += mapping.len as u64;
+    batch.push(mapping);
+    if batch.len() == UNMAP_BATCH {
+        flush_unmaps(ops, batch);
+    }
+}
+
+fn flush_unmaps(ops: &dyn DmaOps, batch: &mut Vec<DmaMapping>) {
+    if !batch.is_empty() {
+        // SAFETY: each mapping came from `map` and its record was removed by
+        // this unbind (or, untracked, it sat in a closed ring), so it is
+        // unmapped exactly once, here.
+        unsafe { ops.unmap_batch(batch) };
+        batch.clear();
+    }
+}
+
+impl<M: TrackingMode> Drop for Device<M> {
+    fn drop(&mut self) {
+        // Unbinding an unbound device is a no-op; nothing to report here.
+        let _ = self.unbind();
+    }
+}
+
+impl<M: TrackingMode> fmt::Debug for Device<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Device")
+            .field("bound", &self.is_bound())
+            .field("tracked", &M::TRACKED)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,200 @@
+//! Fragments: several buffers carved from one pool page (Linux's
+//! `page_pool_alloc_frag`).
+//!
+//! The owner carves fragments from its current fragment page, each aligned
+//! to [`FRAG_ALIGN`]. The page's reference count starts at a large bias
+//! when the page is taken, so handing out a fragment costs no atomic
+//! operation; when the owner moves on to a new page it subtracts the bias it
+//! did not use. Each [`Frag`] dropped (on any thread) subtracts one; whoever
+//! brings the count to zero recycles the page, and only then is it synced
+//! for the device.
+//!
+//! # Invariants
+//!
+//! - `frag_refs` = `BIAS` - (fragments handed out) + (fragments still live)
+//!   while the owner holds the page; it reaches 0 exactly once, after the
+//!   owner let go and every fragment dropped.
+//! - Fragments of one page never overlap, so each may be written through
+//!   its own `&mut` view on its own thread.
+
+use core::fmt;
+use core::ops::Range;
+use core::ptr::NonNull;
+
+use crate::device::{Tracked, TrackingMode};
+use crate::dma::{CpuAccess, DmaAddr, DmaDirection};
+use crate::error::{AllocError, SyncError};
+use crate::page::{cpu_access_hook, meta_ref, recycle_remote, sync_range, PageMeta, SyncTo};
+use crate::pool::{FragState, PagePool};
+use crate::sync::{fence, Ordering};
+
+/// Fragments start at multiples of this many bytes (a cache line).
+pub const FRAG_ALIGN: usize = 64;
+
+/// The reference bias a fresh fragment page starts with.
+const BIAS: usize = usize::MAX >> 2;
+
+/// A fragment of a pool page: an owned buffer of `len` bytes at `offset` in
+/// the page. The page returns to its pool when the last of its fragments is
+/// dropped, on whatever thread.
+pub struct Frag<M: TrackingMode = Tracked> {
+    meta: NonNull<PageMeta<M>>,
+    offset: usize,
+    len: usize,
+}
+
+// SAFETY: a fragment owns its byte range exclusively; the page's shared
+// reference count is atomic and its metadata otherwise immutable.
+unsafe impl<M: TrackingMode> Send for Frag<M> {}
+// SAFETY: `&Frag` only reads its own range.
+unsafe impl<M: TrackingMode> Sync for Frag<M> {}
+
+impl<M: TrackingMode> Frag<M> {
+    fn meta(&self) -> &PageMeta<M> {
+        // SAFETY: the page lives while any of its fragments does.
+        unsafe { meta_ref(self.meta) }
+    }
+
+    /// Length of the fragment in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the fragment is empty (never: fragments are at least 1 byte).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Offset of the fragment in its page.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// Device address of the fragment's first byte (stale after unbind).
+    pub fn dma_addr(&self) -> DmaAddr {
+        self.meta().dma.offset(self.offset as u64)
+    }
+
+    /// The DMA direction of the page.
+    pub fn direction(&self) -> DmaDirection {
+        self.meta().pool.config.direction
+    }
+
+    /// The fragment's bytes, for the CPU.
+    pub fn as_slice(&self) -> &[u8] {
+        let meta = self.meta();
+        cpu_access_hook(meta, self.offset, self.len, CpuAccess::Read);
+        // SAFETY: the range lies in the page (checked at carve time), the
+        // page is valid while this fragment lives, and no other fragment
+        // overlaps it.
+        unsafe { core::slice::from_raw_parts(meta.cpu.as_ptr().add(self.offset), self.len) }
+    }
+
+    /// The fragment's bytes, mutable, for the CPU.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        let meta = self.meta();
+        cpu_access_hook(meta, self.offset, self.len, CpuAccess::Write);
+        let cpu = meta.cpu;
+        // SAFETY: as in `as_slice`; `&mut self` makes the view exclusive.
+        unsafe { core::slice::from_raw_parts_mut(cpu.as_ptr().add(self.offset), self.len) }
+    }
+
+    /// Hands `range` (relative to the fragment) back to the CPU.
+    pub fn sync_for_cpu(&mut self, range: Range<usize>) -> Result<(), SyncError> {
+        // SAFETY: `&mut self`: no CPU view of this fragment exists, and no
+        // other fragment covers its bytes.
+        unsafe { sync_range(self.meta(), self.offset, self.len, range, SyncTo::Cpu) }
+    }
+
+    /// Hands `range` (relative to the fragment) to the device.
+    pub fn sync_for_device(&mut self, range: Range<usize>) -> Result<(), SyncError> {
+        // SAFETY: as in `sync_for_cpu`.
+        unsafe { sync_range(self.meta(), self.offset, self.len, range, SyncTo::Device) }
+    }
+}
+
+impl<M: TrackingMode> Drop for Frag<M> {
+    fn drop(&mut self) {
+        // SAFETY: the page is live while this fragment holds a reference.
+        let refs = &unsafe { meta_ref(self.meta) }.frag_refs;
+        if refs.fetch_sub(1, Ordering::Release) == 1 {
+            // Every other user's writes happen-before the recycle.
+            fence(Ordering::Acquire);
+            // SAFETY: the count reached zero: this thread owns the page.
+            unsafe { recycle_remote(self.meta, usize::MAX) };
+        }
+    }
+}
+
+impl<M: TrackingMode> fmt::Debug for Frag<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Frag")
+            .field("dma_addr", &self.dma_addr())
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl<M: TrackingMode> PagePool<M> {
+    /// Carves a `size`-byte fragment from the current fragment page, taking
+    /// a new page (fast path first) when it does not fit.
+    pub fn alloc_frag(&mut self, size: usize) -> Result<Frag<M>, AllocError> {
+        let page_len = self.shared.config.page_len;
+        if size == 0 || size > page_len {
+            return Err(AllocError::FragmentSize {
+                requested: size,
+                page_len,
+            });
+        }
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(AllocError::Unbound);
+        }
+        let step = size.next_multiple_of(FRAG_ALIGN);
+        if let Some(state) = &mut self.frag {
+            if state.offset + size <= page_len {
+                let offset = state.offset;
+                state.offset += step;
+                state.users += 1;
+                return Ok(Frag {
+                    meta: state.page,
+                    offset,
+                    len: size,
+                });
+            }
+        }
+        self.finish_frag_page();
+        let (page, _) = self.alloc()?.into_raw();
+        // SAFETY: the page was just handed to us; no fragment exists yet, so
+        // a plain store is enough to set the bias.
+        unsafe { meta_ref(page) }
+            .frag_refs
+            .store(BIAS, Ordering::Relaxed);
+        self.frag = Some(FragState {
+            page,
+            offset: step,
+            users: 1,
+        });
+        Ok(Frag {
+            meta: page,
+            offset: 0,
+            len: size,
+        })
+    }
+
+    /// Lets go of the current fragment page: removes the unused bias, and
+    /// recycles the page if all its fragments are already gone.
+    pub(crate) fn finish_frag_page(&mut self) {
+        let Some(state) = self.frag.take() else {
+            return;
+        };
+        let unused = BIAS - state.users;
+        // SAFETY: the owner holds the page until the bias is removed.
+        let refs = &unsafe { meta_ref(state.page) }.frag_refs;
+        if refs.fetch_sub(unused, Ordering::AcqRel) == unused {
+            // SAFETY: the count reached zero: we own the page. Recycle through
+            // the ring: the owner's cache may be closing (pool drop).
+            unsafe { recycle_remote(state.page, usize::MAX) };
+        }
+    }
+}

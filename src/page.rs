@@ -1,0 +1,436 @@
+//! Pool pages: the per-page metadata and the owned [`Page`] handle.
+//!
+//! Each page of a pool has a heap-allocated [`PageMeta`] (Linux keeps the
+//! same facts in `struct page`): its CPU address, its device address, its
+//! tracker record and its pool. A `Page` is the owned handle to one page
+//! handed out by a pool: `Send`, one pointer plus the dirty length, and it
+//! gives the page back when dropped.
+//!
+//! # Invariants
+//!
+//! - A `PageMeta` is created when its page is mapped (slow path) and freed,
+//!   together with the page memory, only after the mapping is gone: by
+//!   [`release_pages`] after an unmap, or after `unbind` unmapped it.
+//! - All fields but `frag_refs` are written before the meta is shared and
+//!   never again, so any holder (the tracker during `unbind`, a `Page` on
+//!   another thread) may read them without synchronisation.
+//! - Exactly one owner at a time: the local cache, the ring, a `Page`, or
+//!   the set of fragments sharing `frag_refs`.
+
+use core::fmt;
+use core::mem::ManuallyDrop;
+use core::ops::Range;
+use core::ptr::NonNull;
+
+use crate::device::{DeviceShared, Tracked, TrackingMode};
+use crate::dma::{CpuAccess, DmaAddr, DmaDirection, DmaMapping};
+use crate::error::SyncError;
+use crate::pool::PoolShared;
+use crate::ring::PushRefused;
+use crate::sync::{Arc, AtomicUsize, Ordering};
+use crate::tracker::RecordId;
+
+/// Metadata of one pool page.
+pub(crate) struct PageMeta<M: TrackingMode> {
+    /// The page memory, from the pool's page source.
+    pub(crate) cpu: NonNull<u8>,
+    /// Where the device sees it.
+    pub(crate) dma: DmaAddr,
+    /// The page's record in the device's in-flight tracker.
+    pub(crate) record: RecordId,
+    /// The pool the page belongs to; kept alive by every page.
+    pub(crate) pool: Arc<PoolShared<M>>,
+    /// Fragment references (see `frag.rs`); unused for whole pages.
+    pub(crate) frag_refs: AtomicUsize,
+}
+
+impl<M: TrackingMode> PageMeta<M> {
+    pub(crate) fn mapping(&self) -> DmaMapping {
+        DmaMapping {
+            addr: self.dma,
+            len: self.pool.config.page_len,
+            direction: self.pool.config.direction,
+        }
+    }
+}
+
+/// Reads the meta behind a pointer held by its current owner.
+///
+/// # Safety
+/// `meta` points to a live `PageMeta` (one not yet passed to `free_page`).
+pub(crate) unsafe fn meta_ref<'a, M: TrackingMode>(meta: NonNull<PageMeta<M>>) -> &'a PageMeta<M> {
+    // SAFETY: forwarded caller contract; the fields read through the
+    // reference are immutable after publication (module invariant).
+    unsafe { meta.as_ref() }
+}
+
+/// Frees the page memory and its metadata.
+///
+/// # Safety
+/// The page is not mapped (its unmap has returned, or `unbind` unmapped it),
+/// and `meta` is owned by the caller and not used again.
+pub(crate) unsafe fn free_page<M: TrackingMode>(meta: NonNull<PageMeta<M>>) {
+    // SAFETY: metas are created with `Box::into_raw` in the slow path and
+    // freed only here, once (caller contract).
+    let meta = unsafe { Box::from_raw(meta.as_ptr()) };
+    let pool = &meta.pool;
+    // SAFETY: the block came from this source with this order and is no
+    // longer mapped, so no device can reach it (invariant 4).
+    unsafe { pool.source.free_pages(meta.cpu, pool.config.order) };
+    pool.pages_allocated.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Releases pages leaving their pool: unmaps each one whose record the
+/// caller removes (exactly once, racing `unbind`), then frees it.
+///
+/// # Safety
+/// The caller owns every page in `pages` (they come from one device) and
+/// uses none of them afterwards.
+pub(crate) unsafe fn release_pages<M: TrackingMode>(
+    device: &DeviceShared<M>,
+    pages: &[NonNull<PageMeta<M>>],
+) {
+    if pages.is_empty() {
+        return;
+    }
+    match device.gate.enter() {
+        Some(ops) => {
+            let mut batch: Vec<DmaMapping> = Vec::with_capacity(pages.len().min(UNMAP_BATCH));
+            for &page in pages {
+                // SAFETY: owned by the caller, not yet freed.
+                let meta = unsafe { meta_ref(page) };
+                // Tracked: whoever removes the record unmaps. Untracked: the
+                // page is ours to unmap while the gate is open.
+                let owned = !M::TRACKED || device.tracker.remove(meta.record, page);
+                debug_assert!(
+                    owned,
+                    "a tracked page lost its record while the device is bound"
+                );
+                if owned {
+                    batch.push(meta.mapping());
+                    meta.pool.pages_mapped.fetch_sub(1, Ordering::Relaxed);
+                    if batch.len() == UNMAP_BATCH {
+                        // SAFETY: each mapping came from `map`, and removing
+                        // its record made it ours to unmap, once.
+                        unsafe { ops.unmap_batch(&batch) };
+                        batch.clear();
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                // SAFETY: as above.
+                unsafe { ops.unmap_batch(&batch) };
+            }
+            drop(ops);
+            for &page in pages {
+                // SAFETY: unmapped above; owned by the caller.
+                unsafe { free_page(page) };
+            }
+        }
+        None if M::TRACKED => {
+            // The device is unbound: `unbind` removed every record and
+            // unmapped every page before closing the gate.
+            for &page in pages {
+                // SAFETY: unmapped by unbind; owned by the caller.
+                unsafe { free_page(page) };
+            }
+        }
+        None => {
+            // Untracked build after unbind: these mappings were never
+            // unmapped and never will be; freeing the memory could let the
+            // device write into reused memory, so it is leaked on purpose.
+            device
+                .leaked_pages
+                .fetch_add(pages.len(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// How many mappings go to one `unmap_batch` call.
+pub(crate) const UNMAP_BATCH: usize = 256;
+
+/// Gives a page back from any thread: syncs it for the device if the pool
+/// asks for that, then pushes it into the shared ring; releases it if the
+/// ring is full or the pool is closing.
+///
+/// # Safety
+/// The caller owns `page` and does not use it afterwards.
+pub(crate) unsafe fn recycle_remote<M: TrackingMode>(page: NonNull<PageMeta<M>>, dirty_len: usize) {
+    // SAFETY: owned by the caller, live.
+    let meta = unsafe { meta_ref(page) };
+    // A strong reference of our own: releasing the page frees `meta`, which
+    // may hold the pool's last one.
+    let pool = Arc::clone(&meta.pool);
+    if pool.closed.load(Ordering::Acquire) || !sync_on_recycle(&pool, meta, dirty_len) {
+        pool.released_refcnt.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: owned by the caller.
+        unsafe { release_pages(&pool.device, &[page]) };
+        return;
+    }
+    let refused = pool.ring.lock().push(page);
+    match refused {
+        Ok(()) => {}
+        Err(why) => {
+            if why == PushRefused::Closed {
+                pool.released_refcnt.fetch_add(1, Ordering::Relaxed);
+            }
+            // SAFETY: the ring refused the page, so it is still ours.
+            unsafe { release_pages(&pool.device, &[page]) };
+        }
+    }
+}
+
+/// Syncs a recycled page for the device when the pool is configured to:
+/// `min(dirty_len, max_len)` bytes from `offset`. Returns `false` when the
+/// device is unbound (nothing may be synced; the page must be released).
+pub(crate) fn sync_on_recycle<M: TrackingMode>(
+    pool: &PoolShared<M>,
+    meta: &PageMeta<M>,
+    dirty_len: usize,
+) -> bool {
+    let Some(sync) = pool.config.sync_for_device else {
+        return true;
+    };
+    let Some(ops) = pool.device.gate.enter() else {
+        return false;
+    };
+    let len = dirty_len.min(sync.max_len);
+    if len > 0 {
+        // SAFETY: the page is live and mapped (the gate is open and the page
+        // has not left the pool), the range lies inside it (checked by the
+        // builder), and its owner is recycling it, so no CPU reference
+        // exists.
+        unsafe { ops.sync_for_device(meta.mapping(), sync.offset, len) };
+    }
+    true
+}
+
+/// An owned page from a [`PagePool`](crate::PagePool): DMA-mapped for the
+/// pool's device, returned to its pool when dropped (from any thread).
+///
+/// The CPU views ([`as_slice`](Self::as_slice),
+/// [`as_mut_slice`](Self::as_mut_slice)) are for when the CPU owns the
+/// buffer: after the device is done with it and
+/// [`sync_for_cpu`](Self::sync_for_cpu) handed it back, or before the driver
+/// gives it to the device with [`sync_for_device`](Self::sync_for_device).
+/// A page stays valid memory after its device unbinds (it is just no longer
+/// mapped); dropping it then frees it without any device call.
+pub struct Page<M: TrackingMode = Tracked> {
+    meta: NonNull<PageMeta<M>>,
+    dirty_len: usize,
+}
+
+// SAFETY: a Page owns its page exclusively; the metadata it points to is
+// immutable apart from atomics, and the pool it names is Send + Sync.
+unsafe impl<M: TrackingMode> Send for Page<M> {}
+// SAFETY: `&Page` only reads the page (as `&[u8]`) and immutable metadata.
+unsafe impl<M: TrackingMode> Sync for Page<M> {}
+
+impl<M: TrackingMode> Page<M> {
+    /// Wraps a page its caller owns.
+    pub(crate) fn from_meta(meta: NonNull<PageMeta<M>>) -> Self {
+        Self {
+            meta,
+            dirty_len: usize::MAX,
+        }
+    }
+
+    /// Gives up the handle without returning the page; the caller owns it.
+    pub(crate) fn into_raw(self) -> (NonNull<PageMeta<M>>, usize) {
+        let this = ManuallyDrop::new(self);
+        (this.meta, this.dirty_len)
+    }
+
+    fn meta(&self) -> &PageMeta<M> {
+        // SAFETY: a Page owns a live meta until it is dropped.
+        unsafe { meta_ref(self.meta) }
+    }
+
+    /// Length of the page in bytes (`4096 << order`).
+    pub fn len(&self) -> usize {
+        self.meta().pool.config.page_len
+    }
+
+    /// Always `false`: a page is never empty. Here for clippy's sake.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The page's device address, to put in a descriptor. After the device
+    /// is unbound this address is stale and must not be given to hardware.
+    pub fn dma_addr(&self) -> DmaAddr {
+        self.meta().dma
+    }
+
+    /// The direction the page is mapped for.
+    pub fn direction(&self) -> DmaDirection {
+        self.meta().pool.config.direction
+    }
+
+    /// The id of the pool the page belongs to.
+    pub fn pool_id(&self) -> u32 {
+        self.meta().pool.id
+    }
+
+    /// The page as bytes, for the CPU.
+    pub fn as_slice(&self) -> &[u8] {
+        let meta = self.meta();
+        cpu_access_hook(meta, 0, meta.pool.config.page_len, CpuAccess::Read);
+        // SAFETY: the page memory is valid for page_len bytes while the meta
+        // lives; this handle owns the page, and `&self` rules out a
+        // concurrent `&mut` view from it.
+        unsafe { core::slice::from_raw_parts(meta.cpu.as_ptr(), meta.pool.config.page_len) }
+    }
+
+    /// The page as mutable bytes, for the CPU.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        let meta = self.meta();
+        let len = meta.pool.config.page_len;
+        cpu_access_hook(meta, 0, len, CpuAccess::Write);
+        let cpu = meta.cpu;
+        // SAFETY: as in `as_slice`; `&mut self` makes the view exclusive.
+        unsafe { core::slice::from_raw_parts_mut(cpu.as_ptr(), len) }
+    }
+
+    /// Hands `range` of the page back to the CPU after the device wrote it.
+    pub fn sync_for_cpu(&mut self, range: Range<usize>) -> Result<(), SyncError> {
+        // SAFETY: `&mut self`: no CPU view of this page exists.
+        unsafe { sync_range(self.meta(), 0, self.len(), range, SyncTo::Cpu) }
+    }
+
+    /// Hands `range` of the page to the device after the CPU wrote it
+    /// (transmit buffers).
+    pub fn sync_for_device(&mut self, range: Range<usize>) -> Result<(), SyncError> {
+        // SAFETY: `&mut self`: no CPU view of this page exists.
+        unsafe { sync_range(self.meta(), 0, self.len(), range, SyncTo::Device) }
+    }
+
+    /// Tells the pool how many bytes from the sync offset the device may
+    /// have written, so recycling syncs only those (Linux's
+    /// `dma_sync_size`). The default is the whole `max_len`.
+    pub fn set_dirty_len(&mut self, len: usize) {
+        self.dirty_len = len;
+    }
+}
+
+impl<M: TrackingMode> Drop for Page<M> {
+    fn drop(&mut self) {
+        // SAFETY: the handle owns the page and is going away.
+        unsafe { recycle_remote(self.meta, self.dirty_len) }
+    }
+}
+
+impl<M: TrackingMode> fmt::Debug for Page<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Page")
+            .field("pool", &self.pool_id())
+            .field("dma_addr", &self.dma_addr())
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+/// Which way a sync hands the buffer.
+#[derive(Clone, Copy)]
+pub(crate) enum SyncTo {
+    Cpu,
+    Device,
+}
+
+/// Syncs `range` (relative to a buffer at `base..base+len` of the page).
+///
+/// # Safety
+/// No CPU reference to the buffer exists while this runs.
+pub(crate) unsafe fn sync_range<M: TrackingMode>(
+    meta: &PageMeta<M>,
+    base: usize,
+    len: usize,
+    range: Range<usize>,
+    to: SyncTo,
+) -> Result<(), SyncError> {
+    if range.start > range.end || range.end > len {
+        return Err(SyncError::OutOfRange {
+            start: range.start,
+            end: range.end,
+            len,
+        });
+    }
+    let Some(ops) = meta.pool.device.gate.enter() else {
+        return Err(SyncError::Unbound);
+    };
+    if range.is_empty() {
+        return Ok(());
+    }
+    let offset = base + range.start;
+    match to {
+        // SAFETY: the mapping is live (gate open, page owned by the caller),
+        // the range is inside it, and no CPU reference exists (caller).
+        SyncTo::Cpu => unsafe { ops.sync_for_cpu(meta.mapping(), offset, range.len()) },
+        // SAFETY: as above.
+        SyncTo::Device => unsafe { ops.sync_for_device(meta.mapping(), offset, range.len()) },
+    }
+    Ok(())
+}
+
+/// Tells a checking backend about a CPU access, when it asked to be told.
+pub(crate) fn cpu_access_hook<M: TrackingMode>(
+    meta: &PageMeta<M>,
+    offset: usize,
+    len: usize,
+    access: CpuAccess,
+) {
+    let device = &meta.pool.device;
+    if device.checks_cpu_access {
+        if let Some(ops) = device.gate.enter() {
+            ops.cpu_access(meta.mapping(), offset, len, access);
+        }
+    }
+}
+
+/// Gives many pages back at once, from any thread: pages of the same pool
+/// that come in a row go into its ring under one lock (Linux's bulk put).
+pub fn put_bulk<M: TrackingMode>(pages: impl IntoIterator<Item = Page<M>>) {
+    let mut pages = pages.into_iter().map(Page::into_raw).peekable();
+    let mut ready = Vec::new();
+    let mut release = Vec::new();
+    while let Some((first, first_dirty)) = pages.next() {
+        // SAFETY: the page came out of an owned handle.
+        let pool = Arc::clone(&unsafe { meta_ref(first) }.pool);
+        let mut next = Some((first, first_dirty));
+        let mut released_refcnt = 0;
+        // Sync outside the ring lock: device calls never nest in it.
+        while let Some((page, dirty)) = next {
+            // SAFETY: owned, live.
+            let meta = unsafe { meta_ref(page) };
+            if pool.closed.load(Ordering::Acquire) || !sync_on_recycle(&pool, meta, dirty) {
+                released_refcnt += 1;
+                release.push(page);
+            } else {
+                ready.push(page);
+            }
+            next = pages.next_if(|&(page, _)| {
+                // SAFETY: owned, live.
+                Arc::ptr_eq(&unsafe { meta_ref(page) }.pool, &pool)
+            });
+        }
+        {
+            let mut ring = pool.ring.lock();
+            for page in ready.drain(..) {
+                match ring.push(page) {
+                    Ok(()) => {}
+                    Err(PushRefused::Full) => release.push(page),
+                    Err(PushRefused::Closed) => {
+                        released_refcnt += 1;
+                        release.push(page);
+                    }
+                }
+            }
+        }
+        pool.released_refcnt
+            .fetch_add(released_refcnt, Ordering::Relaxed);
+        // SAFETY: every page here is owned: refused by the ring or never
+        // offered to it; all belong to `pool`'s device.
+        unsafe { release_pages(&pool.device, &release) };
+        release.clear();
+    }
+}

@@ -1,0 +1,544 @@
+//! [`PagePool`]: the owner's handle, its builder, and the state it shares
+//! with its pages.
+//!
+//! # Paths
+//!
+//! - **Fast path** ([`PagePool::alloc`], [`PagePool::recycle_direct`]): the
+//!   local cache, a `Vec` of page pointers owned through `&mut PagePool` by
+//!   one context (the driver's RX/NAPI loop). Pop or push, one relaxed load
+//!   of the `closed` flag on alloc, single-writer counters: no lock, no
+//!   atomic read-modify-write, no allocation, no tracker access. (With
+//!   sync-for-device configured, recycling makes that device call, which
+//!   takes the device gate.)
+//! - **Ring path**: pages dropped on other threads go into the pool's
+//!   bounded shared ring ([`crate::ring`]); the owner refills its cache from
+//!   it `refill_batch` pages at a time under one lock.
+//! - **Slow path** ([`PagePool::alloc_slow`]): cache and ring empty, so
+//!   allocate a batch of pages from the page source, map each through the
+//!   device and record it in the in-flight tracker.
+//!
+//! # Invariants
+//!
+//! - Every page in the cache or the ring is mapped and tracked (unless the
+//!   device has begun to unbind, which unmaps them through the tracker).
+//! - A page enters the pool mapped, once; it is unmapped only when it leaves
+//!   the pool (ring full, pool dropped) or at `unbind`.
+//! - The pool's shared state lives while any of its pages does: each page's
+//!   metadata holds an `Arc` of it, taken on the slow path only.
+
+use core::fmt;
+use core::ptr::NonNull;
+use std::time::SystemTime;
+
+use crate::device::{Device, DeviceShared, Tracked, TrackingMode};
+use crate::dma::{DmaDirection, DmaMapping};
+use crate::error::{AllocError, BuildError, ConfigError};
+use crate::memory::{GlobalPages, PageSource, MAX_ORDER, PAGE_SIZE};
+use crate::page::{free_page, meta_ref, release_pages, sync_on_recycle, Page, PageMeta};
+use crate::ring::{PushRefused, Ring};
+use crate::stats::{AllocStats, OwnerCounters, PoolInfo, PoolStats, RecycleStats};
+use crate::sync::{self, Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
+use crate::tracker::{InsertError, RecordId};
+
+/// Linux's `PP_ALLOC_CACHE_SIZE`.
+pub const DEFAULT_CACHE_SIZE: usize = 128;
+/// Linux's `PP_ALLOC_CACHE_REFILL` (the NAPI budget).
+pub const DEFAULT_REFILL_BATCH: usize = 64;
+/// Linux's default `ptr_ring` size.
+pub const DEFAULT_RING_SIZE: usize = 1024;
+/// Linux's largest `ptr_ring` size.
+pub const MAX_RING_SIZE: usize = 16384;
+/// The largest local cache the builder accepts.
+pub const MAX_CACHE_SIZE: usize = 65536;
+
+/// Sync-for-device on recycle (Linux's `PP_FLAG_DMA_SYNC_DEV`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncForDevice {
+    /// Where in the page the device starts writing.
+    pub offset: usize,
+    /// The most the device writes from `offset`.
+    pub max_len: usize,
+}
+
+/// The validated configuration of a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PoolConfig {
+    pub(crate) order: u32,
+    pub(crate) page_len: usize,
+    pub(crate) direction: DmaDirection,
+    pub(crate) ring_size: usize,
+    pub(crate) cache_size: usize,
+    pub(crate) refill_batch: usize,
+    pub(crate) sync_for_device: Option<SyncForDevice>,
+}
+
+/// What a pool shares with its pages and its device.
+pub(crate) struct PoolShared<M: TrackingMode> {
+    pub(crate) id: u32,
+    pub(crate) device: Arc<DeviceShared<M>>,
+    pub(crate) config: PoolConfig,
+    pub(crate) source: Box<dyn PageSource>,
+    /// Set when the pool stops accepting pages: at its drop or at unbind.
+    pub(crate) closed: AtomicBool,
+    pub(crate) ring: Ring<PageMeta<M>>,
+    pub(crate) owner: OwnerCounters,
+    pub(crate) released_refcnt: AtomicU64,
+    pub(crate) pages_mapped: AtomicUsize,
+    pub(crate) pages_allocated: AtomicUsize,
+    pub(crate) tracker_shard: usize,
+    pub(crate) detach_time: Mutex<Option<SystemTime>>,
+}
+
+impl<M: TrackingMode> PoolShared<M> {
+    pub(crate) fn stats(&self) -> PoolStats {
+        let o = &self.owner;
+        let ring = self.ring.counters();
+        let recycle = RecycleStats {
+            cached: o.cached.get(),
+            cache_full: o.cache_full.get(),
+            ring: ring.ring,
+            ring_full: ring.ring_full,
+            released_refcnt: self.released_refcnt.load(Ordering::Relaxed),
+        };
+        let returned = recycle.cached + recycle.ring + recycle.ring_full + recycle.released_refcnt;
+        let in_flight = o.handed_out.get().saturating_sub(returned);
+        let mapped = self.pages_mapped.load(Ordering::Relaxed) as u64;
+        let page_len = self.config.page_len as u64;
+        PoolStats {
+            alloc: AllocStats {
+                fast: o.fast.get(),
+                slow: o.slow.get(),
+                slow_high_order: o.slow_high_order.get(),
+                empty: o.empty.get(),
+                refill: o.refill.get(),
+                waive: 0,
+            },
+            recycle,
+            pages_in_flight: in_flight,
+            bytes_in_flight: in_flight * page_len,
+            pages_mapped: mapped,
+            bytes_mapped: mapped * page_len,
+        }
+    }
+
+    pub(crate) fn info(&self) -> PoolInfo {
+        let stats = self.stats();
+        PoolInfo {
+            id: self.id,
+            inflight: stats.pages_in_flight,
+            inflight_mem: stats.bytes_in_flight,
+            detach_time: *self.detach_time.lock(),
+        }
+    }
+}
+
+/// Builds a [`PagePool`] on a device; from [`Device::pool_builder`].
+///
+/// Defaults: order 0 (4 KiB pages), ring of 1024, local cache of 128 with
+/// refills of 64, direction `FromDevice`, no sync on recycle, pages from
+/// [`GlobalPages`].
+#[must_use]
+pub struct PagePoolBuilder<'d, M: TrackingMode = Tracked> {
+    device: &'d Device<M>,
+    order: u32,
+    ring_size: usize,
+    cache_size: usize,
+    refill_batch: usize,
+    direction: DmaDirection,
+    sync_for_device: Option<SyncForDevice>,
+    source: Option<Box<dyn PageSource>>,
+}
+
+impl<M: TrackingMode> fmt::Debug for PagePoolBuilder<'_, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PagePoolBuilder")
+            .field("order", &self.order)
+            .field("ring_size", &self.ring_size)
+            .field("cache_size", &self.cache_size)
+            .field("refill_batch", &self.refill_batch)
+            .field("direction", &self.direction)
+            .field("sync_for_device", &self.sync_for_device)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
+    pub(crate) fn new(device: &'d Device<M>) -> Self {
+        Self {
+            device,
+            order: 0,
+            ring_size: DEFAULT_RING_SIZE,
+            cache_size: DEFAULT_CACHE_SIZE,
+            refill_batch: DEFAULT_REFILL_BATCH,
+            direction: DmaDirection::FromDevice,
+            sync_for_device: None,
+            source: None,
+        }
+    }
+
+    /// Page order: pages are `4096 << order` bytes (0..=10).
+    pub fn order(mut self, order: u32) -> Self {
+        self.order = order;
+        self
+    }
+
+    /// Capacity of the shared ring (1..=16384).
+    pub fn ring_size(mut self, pages: usize) -> Self {
+        self.ring_size = pages;
+        self
+    }
+
+    /// Capacity of the owner's local cache (1..=65536).
+    pub fn cache_size(mut self, pages: usize) -> Self {
+        self.cache_size = pages;
+        self
+    }
+
+    /// Pages moved per refill, from the ring or from the page source
+    /// (1..=cache_size).
+    pub fn refill_batch(mut self, pages: usize) -> Self {
+        self.refill_batch = pages;
+        self
+    }
+
+    /// DMA direction of every page of the pool.
+    pub fn direction(mut self, direction: DmaDirection) -> Self {
+        self.direction = direction;
+        self
+    }
+
+    /// Sync `min(dirty length, max_len)` bytes from `offset` for the device
+    /// whenever a page is recycled (`offset + max_len` must fit the page;
+    /// `max_len` > 0).
+    pub fn sync_for_device(mut self, offset: usize, max_len: usize) -> Self {
+        self.sync_for_device = Some(SyncForDevice { offset, max_len });
+        self
+    }
+
+    /// Takes page memory from `source` instead of the global allocator.
+    pub fn page_source(mut self, source: impl PageSource) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    fn validate(&self) -> Result<PoolConfig, ConfigError> {
+        let bad = |field, value, expected| {
+            Err(ConfigError {
+                field,
+                value,
+                expected,
+            })
+        };
+        if self.order > MAX_ORDER {
+            return bad("order", self.order as usize, "0..=10");
+        }
+        let page_len = PAGE_SIZE << self.order;
+        if !(1..=MAX_RING_SIZE).contains(&self.ring_size) {
+            return bad("ring_size", self.ring_size, "1..=16384");
+        }
+        if !(1..=MAX_CACHE_SIZE).contains(&self.cache_size) {
+            return bad("cache_size", self.cache_size, "1..=65536");
+        }
+        if !(1..=self.cache_size).contains(&self.refill_batch) {
+            return bad("refill_batch", self.refill_batch, "1..=cache_size");
+        }
+        if let Some(sync) = self.sync_for_device {
+            if sync.max_len == 0 || sync.max_len > page_len {
+                return bad("sync_for_device.max_len", sync.max_len, "1..=page length");
+            }
+            if sync.offset > page_len - sync.max_len {
+                return bad(
+                    "sync_for_device.offset",
+                    sync.offset,
+                    "offset + max_len <= page length",
+                );
+            }
+        }
+        Ok(PoolConfig {
+            order: self.order,
+            page_len,
+            direction: self.direction,
+            ring_size: self.ring_size,
+            cache_size: self.cache_size,
+            refill_batch: self.refill_batch,
+            sync_for_device: self.sync_for_device,
+        })
+    }
+
+    /// Checks the configuration and creates the pool. Maps nothing yet.
+    pub fn build(self) -> Result<PagePool<M>, BuildError> {
+        let config = self.validate()?;
+        let device = &self.device.shared;
+        let id = sync::next_pool_id();
+        let shared = Arc::new(PoolShared {
+            id,
+            device: Arc::clone(device),
+            config,
+            source: self.source.unwrap_or_else(|| Box::new(GlobalPages)),
+            closed: AtomicBool::new(false),
+            ring: Ring::with_capacity(config.ring_size),
+            owner: OwnerCounters::default(),
+            released_refcnt: AtomicU64::new(0),
+            pages_mapped: AtomicUsize::new(0),
+            pages_allocated: AtomicUsize::new(0),
+            tracker_shard: id as usize,
+            detach_time: Mutex::new(None),
+        });
+        device.register(Arc::clone(&shared))?;
+        Ok(PagePool {
+            shared,
+            cache: Vec::with_capacity(config.cache_size),
+            frag: None,
+        })
+    }
+}
+
+/// The current fragment page (see [`PagePool::alloc_frag`]).
+pub(crate) struct FragState<M: TrackingMode> {
+    pub(crate) page: NonNull<PageMeta<M>>,
+    pub(crate) offset: usize,
+    pub(crate) users: usize,
+}
+
+/// A DMA page pool: the owner's handle.
+///
+/// One context owns it (for a NIC, one RX queue's poll loop) and allocates
+/// and recycles through `&mut self` on the lock-free fast path. Pages it hands
+/// out may be dropped on any thread. Dropping the pool releases its cached
+/// pages; pages still held stay mapped until they come back or the device
+/// unbinds.
+pub struct PagePool<M: TrackingMode = Tracked> {
+    pub(crate) shared: Arc<PoolShared<M>>,
+    pub(crate) cache: Vec<NonNull<PageMeta<M>>>,
+    pub(crate) frag: Option<FragState<M>>,
+}
+
+// SAFETY: the pool owns the pages in its cache; their metadata and the
+// shared state are Send + Sync. It is not Sync: `&mut self` is the fast
+// path's exclusion.
+unsafe impl<M: TrackingMode> Send for PagePool<M> {}
+
+impl<M: TrackingMode> fmt::Debug for PagePool<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PagePool")
+            .field("id", &self.shared.id)
+            .field("config", &self.shared.config)
+            .field("cached", &self.cache.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: TrackingMode> PagePool<M> {
+    /// The pool's id, unique in the process.
+    pub fn id(&self) -> u32 {
+        self.shared.id
+    }
+
+    /// Length of each page in bytes.
+    pub fn page_len(&self) -> usize {
+        self.shared.config.page_len
+    }
+
+    /// The DMA direction of the pool's pages.
+    pub fn direction(&self) -> DmaDirection {
+        self.shared.config.direction
+    }
+
+    /// Pages waiting in the local cache.
+    pub fn cached(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Allocates a mapped page: from the local cache (fast path), else by
+    /// refilling from the shared ring, else by mapping fresh pages.
+    #[inline]
+    pub fn alloc(&mut self) -> Result<Page<M>, AllocError> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(AllocError::Unbound);
+        }
+        match self.cache.pop() {
+            Some(page) => {
+                self.shared.owner.fast.add(1);
+                self.shared.owner.handed_out.add(1);
+                Ok(Page::from_meta(page))
+            }
+            None => self.alloc_slow(),
+        }
+    }
+
+    /// Returns a page into the local cache, from the owning context (Linux's
+    /// direct recycling). If the cache is full the page goes to the ring; a
+    /// page of another pool goes back to its own pool.
+    #[inline]
+    pub fn recycle_direct(&mut self, page: Page<M>) {
+        let (page, dirty_len) = page.into_raw();
+        // SAFETY: the page came out of an owned handle.
+        let meta = unsafe { meta_ref(page) };
+        if !Arc::ptr_eq(&meta.pool, &self.shared) {
+            // SAFETY: owned; not used afterwards.
+            unsafe { crate::page::recycle_remote(page, dirty_len) };
+            return;
+        }
+        if self.shared.config.sync_for_device.is_some()
+            && !sync_on_recycle(&self.shared, meta, dirty_len)
+        {
+            self.recycle_unbound(page);
+            return;
+        }
+        if self.cache.len() < self.shared.config.cache_size {
+            self.cache.push(page);
+            self.shared.owner.cached.add(1);
+        } else {
+            self.shared.owner.cache_full.add(1);
+            self.recycle_into_ring(page);
+        }
+    }
+
+    /// A page came back after unbind began: it is released (unmapped by
+    /// unbind, freed here).
+    #[cold]
+    fn recycle_unbound(&mut self, page: NonNull<PageMeta<M>>) {
+        self.shared.released_refcnt.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: owned; not used afterwards.
+        unsafe { release_pages(&self.shared.device, &[page]) };
+    }
+
+    /// Cache full: the ring takes it, or it leaves the pool.
+    #[cold]
+    fn recycle_into_ring(&mut self, page: NonNull<PageMeta<M>>) {
+        let refused = self.shared.ring.lock().push(page);
+        if let Err(why) = refused {
+            if why == PushRefused::Closed {
+                self.shared.released_refcnt.fetch_add(1, Ordering::Relaxed);
+            }
+            // SAFETY: refused, so still owned.
+            unsafe { release_pages(&self.shared.device, &[page]) };
+        }
+    }
+
+    /// The slow path: refill from the ring, else map a fresh batch.
+    #[cold]
+    #[inline(never)]
+    fn alloc_slow(&mut self) -> Result<Page<M>, AllocError> {
+        let batch = self.shared.config.refill_batch;
+        if self.shared.ring.pop_into(&mut self.cache, batch) > 0 {
+            self.shared.owner.refill.add(1);
+        } else {
+            self.shared.owner.empty.add(1);
+            self.map_fresh_pages()?;
+            if self.shared.config.order == 0 {
+                self.shared.owner.slow.add(1);
+            } else {
+                self.shared.owner.slow_high_order.add(1);
+            }
+        }
+        let page = self
+            .cache
+            .pop()
+            .expect("the refill put at least one page in the cache");
+        self.shared.owner.handed_out.add(1);
+        Ok(Page::from_meta(page))
+    }
+
+    /// Allocates and maps up to `refill_batch` order-0 pages (one page for
+    /// higher orders) into the empty cache. Fails only if none could be
+    /// made; nothing is leaked either way.
+    fn map_fresh_pages(&mut self) -> Result<(), AllocError> {
+        let shared = &self.shared;
+        let config = shared.config;
+        let device = &shared.device;
+        let Some(ops) = device.gate.enter() else {
+            return Err(AllocError::Unbound);
+        };
+        let want = if config.order == 0 {
+            config.refill_batch
+        } else {
+            1
+        };
+        let want = want.min(config.cache_size - self.cache.len());
+        let mut failure = None;
+        for _ in 0..want {
+            let Ok(cpu) = shared.source.alloc_pages(config.order) else {
+                failure = Some(AllocError::OutOfMemory {
+                    bytes: config.page_len,
+                });
+                break;
+            };
+            // SAFETY: `cpu` is a fresh block of page_len bytes that stays
+            // allocated until this page's unmap has returned (free_page runs
+            // only after it); no CPU reference to it exists.
+            let dma = match unsafe { ops.map(cpu, config.page_len, config.direction) } {
+                Ok(dma) => dma,
+                Err(e) => {
+                    // SAFETY: never mapped, never shared.
+                    unsafe { shared.source.free_pages(cpu, config.order) };
+                    failure = Some(AllocError::Map(e));
+                    break;
+                }
+            };
+            let meta = NonNull::from(Box::leak(Box::new(PageMeta {
+                cpu,
+                dma,
+                record: RecordId::NONE,
+                pool: Arc::clone(shared),
+                frag_refs: AtomicUsize::new(0),
+            })));
+            shared.pages_allocated.fetch_add(1, Ordering::Relaxed);
+            if M::TRACKED {
+                match device.tracker.insert(shared.tracker_shard, meta) {
+                    // SAFETY: the meta is not shared yet except as an opaque
+                    // record; `unbind`, the only other reader, cannot run
+                    // while we hold the gate, and never reads `record`.
+                    Ok(id) => unsafe { (*meta.as_ptr()).record = id },
+                    Err(e) => {
+                        let mapping = DmaMapping {
+                            addr: dma,
+                            len: config.page_len,
+                            direction: config.direction,
+                        };
+                        // SAFETY: mapped just above, unmapped once, here.
+                        unsafe { ops.unmap(mapping) };
+                        // SAFETY: unmapped; never shared.
+                        unsafe { free_page(meta) };
+                        failure = Some(match e {
+                            InsertError::Closed => AllocError::Unbound,
+                            InsertError::Full => {
+                                AllocError::Map(crate::DmaError::MappingLimit { limit: None })
+                            }
+                        });
+                        break;
+                    }
+                }
+            }
+            shared.pages_mapped.fetch_add(1, Ordering::Relaxed);
+            self.cache.push(meta);
+        }
+        match failure {
+            Some(e) if self.cache.is_empty() => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// This pool's counters (see [`PoolStats`]).
+    pub fn stats(&self) -> PoolStats {
+        self.shared.stats()
+    }
+
+    /// A `page-pool-get` style snapshot.
+    pub fn info(&self) -> PoolInfo {
+        self.shared.info()
+    }
+}
+
+impl<M: TrackingMode> Drop for PagePool<M> {
+    fn drop(&mut self) {
+        self.finish_frag_page();
+        self.shared.closed.store(true, Ordering::Release);
+        let mut pages = core::mem::take(&mut self.cache);
+        pages.extend(self.shared.ring.close());
+        // SAFETY: the cache and the (now closed) ring owned these pages.
+        unsafe { release_pages(&self.shared.device, &pages) };
+        *self.shared.detach_time.lock() = Some(SystemTime::now());
+        self.shared.device.unregister(&self.shared);
+    }
+}

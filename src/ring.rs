@@ -1,0 +1,137 @@
+//! The shared ring: where pages recycled from other threads wait for the
+//! pool's owner.
+//!
+//! A bounded stack of page pointers under one mutex (Linux's `ptr_ring`
+//! also takes a producer lock). Producers are any threads dropping pages;
+//! the consumer is the owner refilling its local cache, a batch at a time
+//! under one lock. Bulk producers push many pages under one lock.
+//!
+//! # Invariants
+//!
+//! - Never more than `capacity` pages; the storage is allocated once, at
+//!   build time, and never grows.
+//! - Once closed (by the pool's drop or by `unbind`), a push is refused and
+//!   the page handed back, so nothing enters a ring whose pool or device is
+//!   going away (the CVE-2025-38129 race). Closing hands back everything the
+//!   ring held, in the same critical section.
+//! - A page is in at most one place: the ring owns the pages it holds.
+
+use core::ptr::NonNull;
+
+use crate::stats::RingCounters;
+use crate::sync::{Mutex, MutexGuard};
+
+/// Why a push was refused; the page stays the caller's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PushRefused {
+    Full,
+    Closed,
+}
+
+pub(crate) struct RingState<T> {
+    pages: Vec<NonNull<T>>,
+    closed: bool,
+    pub(crate) counters: RingCounters,
+}
+
+impl<T> RingState<T> {
+    /// Pushes one page, counting it.
+    pub(crate) fn push(&mut self, page: NonNull<T>) -> Result<(), PushRefused> {
+        if self.closed {
+            return Err(PushRefused::Closed);
+        }
+        if self.pages.len() == self.pages.capacity() {
+            self.counters.ring_full += 1;
+            return Err(PushRefused::Full);
+        }
+        self.pages.push(page);
+        self.counters.ring += 1;
+        Ok(())
+    }
+}
+
+/// A bounded, closable ring of page pointers.
+pub(crate) struct Ring<T> {
+    state: Mutex<RingState<T>>,
+}
+
+// SAFETY: the ring only moves page pointers between threads; the pages they
+// point to are owned by whoever holds the pointer, and `T` (page metadata)
+// is itself Send + Sync.
+unsafe impl<T: Send + Sync> Send for Ring<T> {}
+// SAFETY: all access goes through the mutex.
+unsafe impl<T: Send + Sync> Sync for Ring<T> {}
+
+impl<T> Ring<T> {
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
+        Self {
+            state: Mutex::new(RingState {
+                pages: Vec::with_capacity(capacity),
+                closed: false,
+                counters: RingCounters::default(),
+            }),
+        }
+    }
+
+    /// Locks the ring, for pushing several pages under one lock.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, RingState<T>> {
+        self.state.lock()
+    }
+
+    /// Moves up to `max` pages into `out` (which must have room: it never
+    /// grows). Returns how many moved.
+    pub(crate) fn pop_into(&self, out: &mut Vec<NonNull<T>>, max: usize) -> usize {
+        let mut state = self.state.lock();
+        let n = max.min(state.pages.len()).min(out.capacity() - out.len());
+        let from = state.pages.len() - n;
+        out.extend(state.pages.drain(from..));
+        n
+    }
+
+    /// Closes the ring and hands back what it held.
+    pub(crate) fn close(&self) -> Vec<NonNull<T>> {
+        let mut state = self.state.lock();
+        state.closed = true;
+        core::mem::take(&mut state.pages)
+    }
+
+    /// The counters, read under the lock.
+    pub(crate) fn counters(&self) -> RingCounters {
+        self.state.lock().counters
+    }
+
+    /// Pages waiting in the ring now.
+    pub(crate) fn len(&self) -> usize {
+        self.state.lock().pages.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_counted_and_closable() {
+        let mut values = [1u32, 2, 3];
+        let ptrs: Vec<NonNull<u32>> = values.iter_mut().map(NonNull::from).collect();
+        let ring = Ring::with_capacity(2);
+        assert_eq!(ring.lock().push(ptrs[0]), Ok(()));
+        assert_eq!(ring.lock().push(ptrs[1]), Ok(()));
+        assert_eq!(ring.lock().push(ptrs[2]), Err(PushRefused::Full));
+        let c = ring.counters();
+        assert_eq!((c.ring, c.ring_full), (2, 1));
+
+        let mut out = Vec::with_capacity(1);
+        assert_eq!(
+            ring.pop_into(&mut out, 8),
+            1,
+            "bounded by the room in `out`"
+        );
+        assert_eq!(out, vec![ptrs[1]]);
+
+        let left = ring.close();
+        assert_eq!(left, vec![ptrs[0]]);
+        assert_eq!(ring.lock().push(ptrs[2]), Err(PushRefused::Closed));
+        assert_eq!(ring.len(), 0);
+    }
+}

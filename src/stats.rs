@@ -1,0 +1,123 @@
+//! Pool statistics, named as Linux's `CONFIG_PAGE_POOL_STATS`, and the
+//! `page-pool-get` style snapshot.
+//!
+//! Counters are kept where they are cheap:
+//! - the owner's counters (alloc, direct recycle) are written only by the
+//!   context that owns the pool, with a relaxed load and store (no
+//!   read-modify-write), and summed on read, like Linux's per-CPU counters;
+//! - ring counters are plain integers under the ring's own lock;
+//! - counters of the slow paths (release, map, unmap) are atomic adds.
+//!
+//! A snapshot read while the pool runs is not atomic across counters: each
+//! counter is exact, their sum may be off by the operations in progress.
+
+use std::time::SystemTime;
+
+use crate::sync::{AtomicU64, Ordering};
+
+/// Allocation counters (Linux: `page_pool_alloc_stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocStats {
+    /// Pages handed out from the local cache.
+    pub fast: u64,
+    /// Order-0 pages allocated and mapped on the slow path.
+    pub slow: u64,
+    /// Higher-order pages allocated and mapped on the slow path.
+    pub slow_high_order: u64,
+    /// Times the shared ring was empty when the cache needed a refill.
+    pub empty: u64,
+    /// Pages moved from the shared ring into the local cache.
+    pub refill: u64,
+    /// Linux counts pages dropped on refill for being on the wrong NUMA
+    /// node here. This pool has no NUMA placement policy, so it never waives
+    /// a page and this stays 0; it is kept so dashboards built for Linux's
+    /// names read the same fields.
+    pub waive: u64,
+}
+
+/// Recycling counters (Linux: `page_pool_recycle_stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecycleStats {
+    /// Pages recycled directly into the local cache.
+    pub cached: u64,
+    /// Direct recycles that found the local cache full (and went on to the
+    /// ring).
+    pub cache_full: u64,
+    /// Pages recycled into the shared ring.
+    pub ring: u64,
+    /// Pages that found the ring full and left the pool (unmapped, freed).
+    pub ring_full: u64,
+    /// Pages that came back after their pool was dropped or its device
+    /// unbound, and were released instead of recycled.
+    pub released_refcnt: u64,
+}
+
+/// A point-in-time view of one pool's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Allocation counters.
+    pub alloc: AllocStats,
+    /// Recycling counters.
+    pub recycle: RecycleStats,
+    /// Pages handed out and not yet given back.
+    pub pages_in_flight: u64,
+    /// `pages_in_flight` in bytes.
+    pub bytes_in_flight: u64,
+    /// Pages of this pool currently DMA-mapped (in cache, ring or held).
+    pub pages_mapped: u64,
+    /// `pages_mapped` in bytes.
+    pub bytes_mapped: u64,
+}
+
+/// What netlink's `page-pool-get` reports for a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolInfo {
+    /// The pool's id, unique in the process.
+    pub id: u32,
+    /// Pages handed out and not yet given back (`inflight`).
+    pub inflight: u64,
+    /// `inflight` in bytes (`inflight-mem`).
+    pub inflight_mem: u64,
+    /// When the pool was dropped by its owner, if it was (`detach-time`).
+    pub detach_time: Option<SystemTime>,
+}
+
+/// A counter with a single writer: bumped by load + store, never an atomic
+/// read-modify-write. Readers on other threads see a value that is exact
+/// but possibly a few increments old.
+#[derive(Debug, Default)]
+pub(crate) struct OwnerCounter(AtomicU64);
+
+impl OwnerCounter {
+    #[inline]
+    pub(crate) fn add(&self, n: u64) {
+        // Only the pool's owner writes this counter (it takes `&mut
+        // PagePool` to get here), so load + store loses no update.
+        self.0
+            .store(self.0.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters written only by the pool's owner.
+#[derive(Debug, Default)]
+pub(crate) struct OwnerCounters {
+    pub(crate) fast: OwnerCounter,
+    pub(crate) slow: OwnerCounter,
+    pub(crate) slow_high_order: OwnerCounter,
+    pub(crate) empty: OwnerCounter,
+    pub(crate) refill: OwnerCounter,
+    pub(crate) cached: OwnerCounter,
+    pub(crate) cache_full: OwnerCounter,
+    pub(crate) handed_out: OwnerCounter,
+}
+
+/// Counters of the ring, kept under the ring's lock.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RingCounters {
+    pub(crate) ring: u64,
+    pub(crate) ring_full: u64,
+}
