@@ -240,6 +240,14 @@ impl<M: TrackingMode> Device<M> {
             pool.closed.store(true, Ordering::Release);
         }
 
+        // BROKEN VARIANT (test-only, `--cfg pagepool_broken`,
+        // PAGEPOOL_BROKEN=unbind-no-wait): do not wait for device calls in
+        // flight. Caught by loom models c and e (a call after on_unbind).
+        #[cfg(pagepool_broken)]
+        if crate::sync::broken("unbind-no-wait") {
+            return Ok(broken_unbind_no_wait(shared, pools, started));
+        }
+
         // 2. Wait for device calls already running; none starts after this.
         let closing = shared.gate.close();
         let ops = closing.ops().expect("a bound device has ops");
@@ -292,6 +300,54 @@ impl<M: TrackingMode> Device<M> {
     }
 }
 
+/// BROKEN VARIANT of steps 2-5 of [`Device::unbind`] (test-only, see
+/// there): the same steps under a *shared* hold on the gate, so device calls
+/// already running (and new ones) overlap them; the gate is closed only at
+/// the very end.
+#[cfg(pagepool_broken)]
+fn broken_unbind_no_wait<M: TrackingMode>(
+    shared: &DeviceShared<M>,
+    pools: Vec<Arc<PoolShared<M>>>,
+    started: Instant,
+) -> UnbindReport {
+    let hold = shared.gate.enter().expect("a bound device has ops");
+    let ops: &dyn DmaOps = &*hold;
+    let mut report = UnbindReport {
+        pools: pools.len(),
+        ..UnbindReport::default()
+    };
+    let mut batch = Vec::new();
+    for pool in &pools {
+        let pages = pool.ring.close();
+        for &page in &pages {
+            // SAFETY: as in `unbind`.
+            let meta = unsafe { meta_ref(page) };
+            if !M::TRACKED || shared.tracker.remove(meta.record, page) {
+                push_unmap(ops, &mut batch, &mut report, meta);
+            }
+        }
+        flush_unmaps(ops, &mut batch);
+        report.pages_from_rings += pages.len();
+        for page in pages {
+            // SAFETY: as in `unbind`.
+            unsafe { free_page(page) };
+        }
+    }
+    report.pages_in_flight = shared.tracker.close_and_drain(|page| {
+        // SAFETY: as in `unbind` (the shard lock keeps the page's releaser
+        // from freeing it while this runs).
+        let meta = unsafe { meta_ref(page) };
+        push_unmap(ops, &mut batch, &mut report, meta);
+    });
+    flush_unmaps(ops, &mut batch);
+    ops.on_unbind();
+    drop(hold);
+    shared.gate.close().retire();
+    drop(pools);
+    report.duration = started.elapsed();
+    report
+}
+
 fn push_unmap<M: TrackingMode>(
     ops: &dyn DmaOps,
     batch: &mut Vec<DmaMapping>,
@@ -330,5 +386,104 @@ impl<M: TrackingMode> fmt::Debug for Device<M> {
             .field("bound", &self.is_bound())
             .field("tracked", &M::TRACKED)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checking::{CheckMode, CheckingDevice};
+    use crate::error::AllocError;
+
+    #[test]
+    fn unbind_unmaps_held_and_cached_pages_and_stops_calls() {
+        let checker = CheckingDevice::new(CheckMode::Panic);
+        let device = Device::new(checker.clone());
+        let mut pool = device
+            .pool_builder()
+            .cache_size(4)
+            .refill_batch(4)
+            .ring_size(4)
+            .build()
+            .unwrap();
+        let held = pool.alloc().unwrap();
+        let returned = pool.alloc().unwrap();
+        drop(returned); // into the ring
+        let report = device.unbind().unwrap();
+        assert_eq!(report.pools, 1);
+        assert_eq!(report.pages_from_rings, 1);
+        assert_eq!(
+            report.pages_in_flight, 3,
+            "the held page and the two cached ones"
+        );
+        assert_eq!(report.bytes_unmapped, 4 * 4096);
+        assert_eq!(checker.live_mappings(), 0);
+        let calls = checker.stats();
+        assert_eq!(pool.alloc().unwrap_err(), AllocError::Unbound);
+        let mut held = held;
+        held.as_mut_slice()[0] = 7; // still valid memory
+        assert_eq!(held.as_slice()[0], 7);
+        drop(held);
+        drop(pool);
+        assert_eq!(
+            checker.stats(),
+            calls,
+            "nothing reached the device after unbind"
+        );
+        assert!(checker.verdict().is_clean());
+    }
+
+    #[test]
+    fn unbind_twice_and_drop_are_safe() {
+        let checker = CheckingDevice::new(CheckMode::Panic);
+        let device = Device::new(checker.clone());
+        assert!(device.unbind().is_ok());
+        assert_eq!(device.unbind(), Err(AlreadyUnbound));
+        assert!(!device.is_bound());
+        assert!(matches!(
+            device.pool_builder().build(),
+            Err(BuildError::Unbound)
+        ));
+        drop(device);
+        assert!(checker.is_unbound());
+    }
+
+    #[test]
+    fn dropping_the_device_unbinds_it() {
+        let checker = CheckingDevice::new(CheckMode::Panic);
+        let device = Device::new(checker.clone());
+        let mut pool = device.pool_builder().build().unwrap();
+        let page = pool.alloc().unwrap();
+        drop(device);
+        assert!(checker.is_unbound());
+        assert_eq!(checker.live_mappings(), 0);
+        drop(page);
+        drop(pool);
+    }
+
+    #[test]
+    fn untracked_unbind_reports_what_it_could_not_reach() {
+        let checker = CheckingDevice::new(CheckMode::Record);
+        let device = Device::new_untracked(checker.clone());
+        let mut pool = device
+            .pool_builder()
+            .cache_size(2)
+            .refill_batch(2)
+            .build()
+            .unwrap();
+        let held = pool.alloc().unwrap();
+        let report = device.unbind().unwrap();
+        assert_eq!(report.mappings_left, 2);
+        drop(held);
+        drop(pool);
+        assert_eq!(
+            device.leaked_pages(),
+            2,
+            "still-mapped pages are leaked, not freed"
+        );
+        assert!(
+            !checker.verdict().is_clean(),
+            "the checker reports the leaked mappings"
+        );
     }
 }

@@ -198,3 +198,65 @@ impl<M: TrackingMode> PagePool<M> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checking::{CheckMode, CheckingDevice};
+    use crate::Device;
+
+    #[test]
+    fn fragments_share_a_page_and_the_last_one_recycles_it() {
+        let checker = CheckingDevice::new(CheckMode::Panic);
+        let device = Device::new(checker.clone());
+        let mut pool = device
+            .pool_builder()
+            .cache_size(2)
+            .refill_batch(1)
+            .sync_for_device(0, 4096)
+            .build()
+            .unwrap();
+        let a = pool.alloc_frag(1000).unwrap();
+        let b = pool.alloc_frag(1000).unwrap();
+        assert_eq!(
+            a.dma_addr().offset(1024),
+            b.dma_addr(),
+            "aligned to FRAG_ALIGN"
+        );
+        let c = pool.alloc_frag(3000).unwrap(); // does not fit: a new page
+        assert_ne!(c.offset(), 2048);
+        assert_eq!(c.offset(), 0);
+        assert_eq!(checker.stats().maps, 2);
+        let b_thread = std::thread::spawn(move || drop(b));
+        drop(a);
+        b_thread.join().unwrap();
+        assert_eq!(
+            pool.stats().recycle.ring,
+            1,
+            "first page back after its last fragment"
+        );
+        assert_eq!(
+            checker.stats().syncs_for_device,
+            1,
+            "synced once, on recycle"
+        );
+        drop(c);
+        drop(pool);
+        assert_eq!(checker.live_mappings(), 0);
+    }
+
+    #[test]
+    fn fragment_sizes_are_checked() {
+        let device = Device::new(CheckingDevice::new(CheckMode::Panic));
+        let mut pool = device.pool_builder().build().unwrap();
+        assert_eq!(
+            pool.alloc_frag(0).unwrap_err(),
+            AllocError::FragmentSize {
+                requested: 0,
+                page_len: 4096
+            }
+        );
+        assert!(pool.alloc_frag(4097).is_err());
+        assert_eq!(pool.alloc_frag(4096).unwrap().len(), 4096);
+    }
+}

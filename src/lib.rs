@@ -1,10 +1,12 @@
-//! pagepool: see README.md.
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
 mod sync;
 
 pub mod checking;
 pub mod dma;
+#[cfg(all(feature = "vfio", target_os = "linux"))]
+pub mod vfio;
 
 mod device;
 mod error;

@@ -44,6 +44,15 @@ pub(crate) struct PageMeta<M: TrackingMode> {
     pub(crate) frag_refs: AtomicUsize,
 }
 
+// SAFETY: all fields but `frag_refs` (atomic) are written before the meta is
+// shared and never again (module invariant), and access to the memory behind
+// `cpu` follows the one-owner-at-a-time rule, not the meta's. Without these,
+// the tracker and the rings (hence `Device`, which the driver's remove path
+// must reach from any thread) would be neither `Send` nor `Sync`.
+unsafe impl<M: TrackingMode> Send for PageMeta<M> {}
+// SAFETY: as above: `&PageMeta` reads immutable fields and atomics only.
+unsafe impl<M: TrackingMode> Sync for PageMeta<M> {}
+
 impl<M: TrackingMode> PageMeta<M> {
     pub(crate) fn mapping(&self) -> DmaMapping {
         DmaMapping {
@@ -101,7 +110,16 @@ pub(crate) unsafe fn release_pages<M: TrackingMode>(
                 let meta = unsafe { meta_ref(page) };
                 // Tracked: whoever removes the record unmaps. Untracked: the
                 // page is ours to unmap while the gate is open.
+                #[cfg(not(pagepool_broken))]
                 let owned = !M::TRACKED || device.tracker.remove(meta.record, page);
+                // BROKEN VARIANT (test-only, `--cfg pagepool_broken`,
+                // PAGEPOOL_BROKEN=release-keeps-record): unmap without
+                // removing the record, so unbind unmaps the page again.
+                // Caught by loom model f (double unmap).
+                #[cfg(pagepool_broken)]
+                let owned = !M::TRACKED
+                    || crate::sync::broken("release-keeps-record")
+                    || device.tracker.remove(meta.record, page);
                 debug_assert!(
                     owned,
                     "a tracked page lost its record while the device is bound"

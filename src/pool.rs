@@ -542,3 +542,141 @@ impl<M: TrackingMode> Drop for PagePool<M> {
         self.shared.device.unregister(&self.shared);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checking::{CheckMode, CheckingDevice};
+
+    fn small_pool(device: &Device) -> PagePool {
+        device
+            .pool_builder()
+            .cache_size(4)
+            .refill_batch(2)
+            .ring_size(2)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn fast_path_reuses_the_mapping() {
+        let checker = CheckingDevice::new(CheckMode::Panic);
+        let device = Device::new(checker.clone());
+        let mut pool = small_pool(&device);
+        let page = pool.alloc().unwrap();
+        let addr = page.dma_addr();
+        pool.recycle_direct(page);
+        let again = pool.alloc().unwrap();
+        assert_eq!(
+            again.dma_addr(),
+            addr,
+            "the last page recycled is the next handed out"
+        );
+        assert_eq!(
+            checker.stats().maps,
+            2,
+            "one slow-path batch of refill_batch pages"
+        );
+        let stats = pool.stats();
+        assert_eq!(
+            (stats.alloc.slow, stats.alloc.fast, stats.recycle.cached),
+            (1, 1, 1)
+        );
+        assert_eq!(stats.pages_in_flight, 1);
+        assert_eq!(stats.pages_mapped, 2);
+        drop(again);
+        drop(pool);
+        assert_eq!(checker.live_mappings(), 0);
+    }
+
+    #[test]
+    fn ring_refills_the_cache_and_overflow_leaves_the_pool() {
+        let checker = CheckingDevice::new(CheckMode::Panic);
+        let device = Device::new(checker.clone());
+        let mut pool = small_pool(&device);
+        let pages: Vec<_> = (0..4).map(|_| pool.alloc().unwrap()).collect();
+        assert_eq!(checker.stats().maps, 4);
+        drop(pages); // ring holds 2, the other 2 find it full
+        let stats = pool.stats();
+        assert_eq!((stats.recycle.ring, stats.recycle.ring_full), (2, 2));
+        assert_eq!(checker.live_mappings(), 2, "ring-full pages were unmapped");
+        let _a = pool.alloc().unwrap();
+        assert_eq!(pool.stats().alloc.refill, 1);
+        assert_eq!(
+            checker.stats().maps,
+            4,
+            "refilled from the ring, not mapped"
+        );
+    }
+
+    #[test]
+    fn builder_rejects_each_bad_field_by_name() {
+        let device = Device::new(CheckingDevice::new(CheckMode::Panic));
+        let field = |b: PagePoolBuilder<'_>| match b.build() {
+            Err(BuildError::Config(e)) => e.field,
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        assert_eq!(field(device.pool_builder().order(11)), "order");
+        assert_eq!(field(device.pool_builder().ring_size(0)), "ring_size");
+        assert_eq!(field(device.pool_builder().ring_size(16385)), "ring_size");
+        assert_eq!(field(device.pool_builder().cache_size(0)), "cache_size");
+        assert_eq!(
+            field(device.pool_builder().cache_size(8).refill_batch(9)),
+            "refill_batch"
+        );
+        assert_eq!(
+            field(device.pool_builder().sync_for_device(0, 0)),
+            "sync_for_device.max_len"
+        );
+        assert_eq!(
+            field(device.pool_builder().sync_for_device(1, 4096)),
+            "sync_for_device.offset"
+        );
+    }
+
+    #[test]
+    fn map_failure_is_typed_and_leaks_nothing() {
+        let checker = CheckingDevice::new(CheckMode::Panic);
+        let device = Device::new(checker.clone());
+        let mut pool = small_pool(&device);
+        checker.fail_next_maps(1);
+        assert_eq!(
+            pool.alloc().unwrap_err(),
+            AllocError::Map(crate::DmaError::Injected)
+        );
+        assert_eq!(checker.live_mappings(), 0);
+        assert_eq!(device.tracked_mappings(), 0);
+        assert!(pool.alloc().is_ok(), "the next allocation maps normally");
+    }
+
+    #[test]
+    fn higher_order_pages_come_one_at_a_time() {
+        let checker = CheckingDevice::new(CheckMode::Panic);
+        let device = Device::new(checker.clone());
+        let mut pool = device.pool_builder().order(2).build().unwrap();
+        let page = pool.alloc().unwrap();
+        assert_eq!(page.len(), 16384);
+        assert_eq!(checker.stats().maps, 1);
+        assert_eq!(pool.stats().alloc.slow_high_order, 1);
+    }
+
+    #[test]
+    fn sync_on_recycle_covers_min_of_dirty_and_max_len() {
+        let checker = CheckingDevice::new(CheckMode::Panic);
+        let device = Device::new(checker.clone());
+        let mut pool = device
+            .pool_builder()
+            .cache_size(2)
+            .refill_batch(1)
+            .sync_for_device(64, 1024)
+            .build()
+            .unwrap();
+        let mut page = pool.alloc().unwrap();
+        page.set_dirty_len(100);
+        pool.recycle_direct(page);
+        let page = pool.alloc().unwrap();
+        pool.recycle_direct(page); // default dirty length: max_len
+        assert_eq!(checker.stats().syncs_for_device, 2);
+        assert!(checker.verdict().is_clean());
+    }
+}

@@ -91,6 +91,14 @@ impl<T> Ring<T> {
     /// Closes the ring and hands back what it held.
     pub(crate) fn close(&self) -> Vec<NonNull<T>> {
         let mut state = self.state.lock();
+        // BROKEN VARIANT (test-only, `--cfg pagepool_broken`,
+        // PAGEPOOL_BROKEN=ring-push-after-close): drain the ring but leave it
+        // open, with its capacity, so a page recycled after the drain stays
+        // in it forever (CVE-2025-38129's race). Caught by loom model g.
+        #[cfg(pagepool_broken)]
+        if crate::sync::broken("ring-push-after-close") {
+            return state.pages.drain(..).collect();
+        }
         state.closed = true;
         core::mem::take(&mut state.pages)
     }
@@ -101,6 +109,7 @@ impl<T> Ring<T> {
     }
 
     /// Pages waiting in the ring now.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.state.lock().pages.len()
     }

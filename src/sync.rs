@@ -114,11 +114,36 @@ mod imp {
 
 pub(crate) use imp::*;
 
-/// A process-unique pool id. The counter is a plain `std` atomic even under
-/// loom: it hands out names, it orders nothing, so there is nothing to model.
+/// A process-unique pool id. The counter is a plain `std` atomic: it hands
+/// out names, it orders nothing, so there is nothing to model.
+#[cfg(not(loom))]
 pub(crate) fn next_pool_id() -> u32 {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
+
+/// Under loom, ids restart at 1 in every execution. The id picks the
+/// pool's tracker shard, hence which shard lock the slow path takes; a
+/// process-wide counter would make every loom execution take a different
+/// lock, and loom fails a model that is not deterministic ("Reached
+/// unexpected exploration state"). Still a plain `std` atomic inside: loom's
+/// `lazy_static` resets it per execution without adding a schedule point.
+#[cfg(loom)]
+pub(crate) fn next_pool_id() -> u32 {
+    loom::lazy_static! {
+        static ref NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    }
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
 #[cfg(not(loom))]
 pub(crate) use parking_lot::RwLockWriteGuard;
+
+/// TEST-ONLY, `--cfg pagepool_broken` builds only: whether the deliberately
+/// broken variant `name` of the core is switched on (environment variable
+/// `PAGEPOOL_BROKEN`). The loom models in `loom-tests/` switch one on and
+/// expect loom to catch it; see loom-tests/README.md. Normal builds have no
+/// such code.
+#[cfg(pagepool_broken)]
+pub(crate) fn broken(name: &str) -> bool {
+    std::env::var("PAGEPOOL_BROKEN").is_ok_and(|v| v == name)
+}

@@ -249,6 +249,8 @@ impl<T> InFlightTracker<T> {
 mod tests {
     use super::*;
 
+    // Boxed so each item has its own stable, aligned address.
+    #[allow(clippy::vec_box)]
     fn items(n: usize) -> Vec<Box<u64>> {
         (0..n as u64).map(Box::new).collect()
     }

@@ -1,0 +1,247 @@
+//! The IOVA allocator: picks device addresses inside the IOMMU's valid
+//! ranges (VFIO type1 lets userspace choose the IOVA of every mapping).
+//!
+//! A first-fit range allocator over the free extents, kept in address order
+//! and coalesced on free:
+//! - every block is aligned to its size rounded up to a power of two (its
+//!   page order), as Linux's own IOVA allocator does, so large mappings can
+//!   use large IOMMU pages;
+//! - blocks never overlap, and a freed block is reused by the next
+//!   allocation that fits (first fit keeps the address space dense, so pages
+//!   mapped one after another get neighbouring IOVAs and a batch unmap can
+//!   merge them into one `UNMAP_DMA`);
+//! - IOVA page 0 is never handed out, so a zero descriptor address is never
+//!   a valid buffer.
+//!
+//! Cost: allocation walks the free extents from the lowest address until one
+//! fits. With one mapping size (a page pool) the first extent always fits;
+//! mixed sizes can make the walk longer.
+
+use std::collections::BTreeMap;
+
+/// One range of valid IOVAs, both ends inclusive (as the kernel reports it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IovaRange {
+    /// First valid address.
+    pub start: u64,
+    /// Last valid address (inclusive).
+    pub end: u64,
+}
+
+/// Free IOVA extents, `start -> last` (inclusive), disjoint and coalesced.
+#[derive(Debug)]
+pub(crate) struct IovaAllocator {
+    free: BTreeMap<u64, u64>,
+    page: u64,
+}
+
+impl IovaAllocator {
+    /// An allocator over `ranges`, handing out multiples of `page` (a power
+    /// of two) aligned to at least `page`.
+    pub(crate) fn new(ranges: &[IovaRange], page: u64) -> Self {
+        assert!(
+            page.is_power_of_two(),
+            "IOMMU page size must be a power of two"
+        );
+        let mut this = Self {
+            free: BTreeMap::new(),
+            page,
+        };
+        for range in ranges {
+            // Never page 0; never a block touching u64::MAX (DmaAddr::ERROR).
+            let Some(start) = align_up(range.start.max(page), page) else {
+                continue;
+            };
+            // Exclusive end, rounded down to a page; a range reaching
+            // u64::MAX loses its last page.
+            let end = range.end.saturating_add(1) & !(page - 1);
+            if end > start {
+                this.insert(start, end - 1);
+            }
+        }
+        this
+    }
+
+    /// Total free bytes (for tests and diagnostics).
+    #[cfg(test)]
+    pub(crate) fn free_bytes(&self) -> u64 {
+        self.free.iter().map(|(s, l)| l - s + 1).sum()
+    }
+
+    /// Allocates `size` bytes (a non-zero multiple of the page size),
+    /// aligned to `size.next_power_of_two()`; `None` when nothing fits.
+    pub(crate) fn alloc(&mut self, size: u64) -> Option<u64> {
+        debug_assert!(size != 0 && size % self.page == 0);
+        let align = size.checked_next_power_of_two()?.max(self.page);
+        let mut found = None;
+        for (&start, &last) in &self.free {
+            let Some(at) = align_up(start, align) else {
+                break;
+            };
+            if at <= last && size - 1 <= last - at {
+                found = Some((start, last, at));
+                break;
+            }
+        }
+        let (start, last, at) = found?;
+        self.free.remove(&start);
+        if at > start {
+            self.free.insert(start, at - 1);
+        }
+        let block_last = at + (size - 1);
+        if block_last < last {
+            self.free.insert(block_last + 1, last);
+        }
+        Some(at)
+    }
+
+    /// Returns `[iova, iova + size)` to the free extents. Returns `false`
+    /// (and changes nothing) if any part of it is already free, which would
+    /// mean a double free.
+    pub(crate) fn free(&mut self, iova: u64, size: u64) -> bool {
+        if size == 0 {
+            return true;
+        }
+        let Some(last) = iova.checked_add(size - 1) else {
+            return false;
+        };
+        // The extent starting at or before `iova` must end before it.
+        if let Some((_, &prev_last)) = self.free.range(..=iova).next_back() {
+            if prev_last >= iova {
+                return false;
+            }
+        }
+        // No extent may start inside the block.
+        if self.free.range(iova..=last).next().is_some() {
+            return false;
+        }
+        self.insert(iova, last);
+        true
+    }
+
+    /// Inserts a disjoint extent, merging it with touching neighbours.
+    fn insert(&mut self, mut start: u64, mut last: u64) {
+        if let Some((&prev_start, &prev_last)) = self.free.range(..start).next_back() {
+            if prev_last.checked_add(1) == Some(start) {
+                self.free.remove(&prev_start);
+                start = prev_start;
+            }
+        }
+        if let Some(next_start) = last.checked_add(1) {
+            if let Some(next_last) = self.free.remove(&next_start) {
+                last = next_last;
+            }
+        }
+        self.free.insert(start, last);
+    }
+}
+
+/// `value` rounded up to a multiple of `align` (a power of two).
+fn align_up(value: u64, align: u64) -> Option<u64> {
+    Some(value.checked_add(align - 1)? & !(align - 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: u64 = 4096;
+
+    fn q35_ranges() -> Vec<IovaRange> {
+        // What the emulated VT-d reports: everything but the MSI window.
+        vec![
+            IovaRange {
+                start: 0,
+                end: 0xfedf_ffff,
+            },
+            IovaRange {
+                start: 0xfef0_0000,
+                end: 0x7f_ffff_ffff,
+            },
+        ]
+    }
+
+    #[test]
+    fn never_hands_out_page_zero_and_aligns_to_order() {
+        let mut a = IovaAllocator::new(&q35_ranges(), PAGE);
+        assert_eq!(a.alloc(PAGE), Some(PAGE));
+        // 3 pages round up to an order-2 (16 KiB) alignment.
+        let b = a.alloc(3 * PAGE).unwrap();
+        assert_eq!(b % (4 * PAGE), 0);
+        let c = a.alloc(64 * 1024).unwrap();
+        assert_eq!(c % (64 * 1024), 0);
+        assert!(c >= b + 3 * PAGE);
+    }
+
+    #[test]
+    fn freed_blocks_are_reused_and_coalesced() {
+        let ranges = [IovaRange {
+            start: 0,
+            end: 16 * PAGE - 1,
+        }];
+        let mut a = IovaAllocator::new(&ranges, PAGE);
+        let total = a.free_bytes();
+        assert_eq!(total, 15 * PAGE);
+        let pages: Vec<u64> = (0..15).map(|_| a.alloc(PAGE).unwrap()).collect();
+        assert_eq!(a.alloc(PAGE), None);
+        // Pages come out dense and in order.
+        for (i, p) in pages.iter().enumerate() {
+            assert_eq!(*p, (i as u64 + 1) * PAGE);
+        }
+        assert!(a.free(pages[7], PAGE));
+        assert_eq!(a.alloc(PAGE), Some(pages[7]));
+        for p in &pages {
+            assert!(a.free(*p, PAGE));
+        }
+        assert_eq!(a.free_bytes(), total);
+        assert_eq!(a.free.len(), 1, "free extents coalesce back into one");
+        // 8 pages aligned to 32 KiB fit once the space is whole again.
+        assert_eq!(a.alloc(8 * PAGE), Some(8 * PAGE));
+    }
+
+    #[test]
+    fn double_free_is_refused() {
+        let mut a = IovaAllocator::new(&q35_ranges(), PAGE);
+        let x = a.alloc(2 * PAGE).unwrap();
+        assert!(a.free(x, 2 * PAGE));
+        assert!(!a.free(x, 2 * PAGE));
+        assert!(!a.free(x + PAGE, PAGE));
+    }
+
+    #[test]
+    fn respects_holes_between_ranges() {
+        let ranges = [
+            IovaRange {
+                start: 0,
+                end: 2 * PAGE - 1,
+            },
+            IovaRange {
+                start: 8 * PAGE,
+                end: 12 * PAGE - 1,
+            },
+        ];
+        let mut a = IovaAllocator::new(&ranges, PAGE);
+        assert_eq!(a.alloc(PAGE), Some(PAGE));
+        // Two pages do not fit in the first range any more; the second has
+        // room at 8 pages (aligned to 8 KiB).
+        assert_eq!(a.alloc(2 * PAGE), Some(8 * PAGE));
+        assert_eq!(a.alloc(2 * PAGE), Some(10 * PAGE));
+        assert_eq!(a.alloc(PAGE), None);
+    }
+
+    #[test]
+    fn top_of_address_space_is_safe() {
+        let ranges = [IovaRange {
+            start: u64::MAX - 4 * PAGE + 1,
+            end: u64::MAX,
+        }];
+        let mut a = IovaAllocator::new(&ranges, PAGE);
+        let mut got = Vec::new();
+        while let Some(x) = a.alloc(PAGE) {
+            got.push(x);
+        }
+        // The last page (holding u64::MAX) is never handed out.
+        assert_eq!(got.len(), 3);
+        assert!(got.iter().all(|x| x.checked_add(PAGE).is_some()));
+    }
+}
