@@ -1,0 +1,1123 @@
+//! Pool-level behaviour: the fast, ring and slow paths, higher orders,
+//! fragments, sync for the device on recycle, statistics and introspection,
+//! pool and device lifetimes, unbind from several callers, configuration
+//! errors, allocation failures, the simulated device's view of the data,
+//! bulk put, and the untracked build.
+
+mod common;
+mod harness;
+
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::SystemTime;
+
+use common::{CountingOps, CountingPages};
+use harness::{assert_unbound_clean, checker, GuardedPages, LimitedPages, SpyOps, SyncCall};
+use pagepool::checking::{CheckingDevice, Violation};
+use pagepool::{
+    put_bulk, AllocError, AlreadyUnbound, BuildError, ConfigError, Device, DmaDirection, DmaError,
+    Frag, Page, PagePool, SyncError, Tracked, DEFAULT_CACHE_SIZE, DEFAULT_REFILL_BATCH,
+    DEFAULT_RING_SIZE, FRAG_ALIGN, MAX_CACHE_SIZE, MAX_ORDER, MAX_RING_SIZE, PAGE_SIZE,
+};
+
+fn pool_on(device: &Device, pages: &GuardedPages) -> PagePool {
+    device
+        .pool_builder()
+        .page_source(pages.clone())
+        .build()
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// Types.
+// ---------------------------------------------------------------------------
+
+/// The driver's remove path may run on any thread while pools are in use,
+/// so the handles must be shareable and movable as documented.
+#[test]
+fn handles_are_send_and_sync_as_documented() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Device>();
+    send_sync::<Device<pagepool::Untracked>>();
+    send_sync::<Page>();
+    send_sync::<Frag>();
+    send::<PagePool>();
+    send_sync::<CheckingDevice>();
+}
+
+// ---------------------------------------------------------------------------
+// Fast path, ring path, slow path.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn fast_path_hands_back_the_same_mapping_without_a_new_map() {
+    let checker = checker();
+    let pages = GuardedPages::new(&checker);
+    let device = Device::new(checker.clone());
+    let mut pool = pool_on(&device, &pages);
+    let page = pool.alloc().unwrap();
+    let addr = page.dma_addr();
+    let maps = checker.stats().maps;
+    for _ in 0..100 {
+        let p = pool.alloc().unwrap();
+        pool.recycle_direct(p);
+    }
+    pool.recycle_direct(page);
+    let again = pool.alloc().unwrap();
+    assert_eq!(again.dma_addr(), addr, "the page recycled last comes first");
+    assert_eq!(checker.stats().maps, maps, "no new map on the fast path");
+    assert_eq!(checker.stats().unmaps, 0);
+    let s = pool.stats();
+    assert_eq!(s.alloc.fast, 101);
+    assert_eq!(s.alloc.slow, 1);
+    assert_eq!(s.recycle.cached, 101);
+    drop(again);
+    device.unbind().unwrap();
+    drop(pool);
+    assert_unbound_clean(&checker);
+    pages.assert_all_freed_once_unmapped();
+}
+
+#[test]
+fn ring_path_takes_pages_dropped_on_other_threads_and_refills() {
+    let checker = checker();
+    let pages = GuardedPages::new(&checker);
+    let device = Device::new(checker.clone());
+    let mut pool = device
+        .pool_builder()
+        .cache_size(8)
+        .refill_batch(8)
+        .page_source(pages.clone())
+        .build()
+        .unwrap();
+    let batch: Vec<Page> = (0..8).map(|_| pool.alloc().unwrap()).collect();
+    let addrs: Vec<_> = batch.iter().map(Page::dma_addr).collect();
+    assert_eq!(pool.cached(), 0);
+    thread::spawn(move || drop(batch)).join().unwrap();
+    assert_eq!(pool.stats().recycle.ring, 8);
+    assert_eq!(
+        pool.cached(),
+        0,
+        "remote drops go to the ring, not the cache"
+    );
+
+    let maps = checker.stats().maps;
+    let again: Vec<Page> = (0..8).map(|_| pool.alloc().unwrap()).collect();
+    assert_eq!(checker.stats().maps, maps, "refilled from the ring");
+    let s = pool.stats();
+    assert_eq!(s.alloc.refill, 1, "one refill of a whole batch");
+    assert_eq!(s.alloc.fast, 7 + 7);
+    let mut a: Vec<_> = again.iter().map(Page::dma_addr).collect();
+    let mut b = addrs;
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "the same mappings came back");
+    drop(again);
+    device.unbind().unwrap();
+    drop(pool);
+    assert_unbound_clean(&checker);
+    pages.assert_all_freed_once_unmapped();
+}
+
+#[test]
+fn ring_full_releases_unmap_and_free() {
+    let checker = checker();
+    let pages = GuardedPages::new(&checker);
+    let device = Device::new(checker.clone());
+    let mut pool = device
+        .pool_builder()
+        .ring_size(3)
+        .refill_batch(10)
+        .page_source(pages.clone())
+        .build()
+        .unwrap();
+    let batch: Vec<Page> = (0..10).map(|_| pool.alloc().unwrap()).collect();
+    thread::spawn(move || drop(batch)).join().unwrap();
+    let s = pool.stats();
+    assert_eq!((s.recycle.ring, s.recycle.ring_full), (3, 7));
+    assert_eq!(checker.stats().unmaps, 7);
+    assert_eq!(pages.counting.freed(), 7, "ring-full pages are freed");
+    assert_eq!(s.pages_mapped, 3);
+    assert_eq!(s.pages_in_flight, 0);
+    assert_eq!(checker.live_mappings(), 3);
+    assert_eq!(device.tracked_mappings(), 3);
+    drop(pool);
+    assert_eq!(
+        checker.live_mappings(),
+        0,
+        "the dropped pool drained its ring"
+    );
+    device.unbind().unwrap();
+    assert_unbound_clean(&checker);
+    pages.assert_all_freed_once_unmapped();
+}
+
+#[test]
+fn slow_path_maps_a_batch_of_64() {
+    let checker = checker();
+    let pages = GuardedPages::new(&checker);
+    let device = Device::new(checker.clone());
+    let mut pool = pool_on(&device, &pages);
+    assert_eq!(DEFAULT_REFILL_BATCH, 64);
+    assert_eq!(DEFAULT_CACHE_SIZE, 128);
+    assert_eq!(DEFAULT_RING_SIZE, 1024);
+    let first = pool.alloc().unwrap();
+    assert_eq!(checker.stats().maps, 64);
+    assert_eq!(pages.counting.allocated(), 64);
+    assert_eq!(pool.cached(), 63);
+    let rest: Vec<Page> = (0..63).map(|_| pool.alloc().unwrap()).collect();
+    assert_eq!(checker.stats().maps, 64, "63 more from the cache");
+    let next = pool.alloc().unwrap();
+    assert_eq!(checker.stats().maps, 128, "empty again: another batch");
+    let s = pool.stats();
+    assert_eq!((s.alloc.slow, s.alloc.empty, s.alloc.fast), (2, 2, 63));
+    assert_eq!(s.pages_mapped, 128);
+    assert_eq!(s.bytes_mapped, 128 * PAGE_SIZE as u64);
+    assert_eq!(device.tracked_mappings(), 128);
+
+    // A smaller refill batch maps that many.
+    let mut small = device
+        .pool_builder()
+        .refill_batch(5)
+        .page_source(pages.clone())
+        .build()
+        .unwrap();
+    let _p = small.alloc().unwrap();
+    assert_eq!(checker.stats().maps, 133);
+    drop((first, rest, next, _p));
+    device.unbind().unwrap();
+    drop((pool, small));
+    assert_unbound_clean(&checker);
+    pages.assert_all_freed_once_unmapped();
+}
+
+#[test]
+fn higher_order_pages_are_mapped_one_at_a_time_at_full_size() {
+    let checker = checker();
+    let pages = GuardedPages::new(&checker);
+    let device = Device::new(checker.clone());
+    for order in [1u32, 2, 4, MAX_ORDER] {
+        let mut pool = device
+            .pool_builder()
+            .order(order)
+            .page_source(pages.clone())
+            .build()
+            .unwrap();
+        let len = PAGE_SIZE << order;
+        assert_eq!(pool.page_len(), len);
+        let maps = checker.stats().maps;
+        let mut page = pool.alloc().unwrap();
+        assert_eq!(checker.stats().maps, maps + 1, "one page per slow path");
+        assert_eq!(page.len(), len);
+        assert_eq!(page.as_slice().as_ptr() as usize % PAGE_SIZE, 0);
+        let list = checker.live_mapping_list();
+        let m = list
+            .iter()
+            .find(|m| m.mapping.addr == page.dma_addr())
+            .unwrap();
+        assert_eq!(m.mapping.len, len);
+        page.as_mut_slice()[len - 1] = 1; // the whole block is usable
+        let s = pool.stats();
+        assert_eq!((s.alloc.slow, s.alloc.slow_high_order), (0, 1));
+        assert_eq!(s.bytes_in_flight, len as u64);
+        pool.recycle_direct(page);
+        let again = pool.alloc().unwrap();
+        assert_eq!(checker.stats().maps, maps + 1, "recycled, not remapped");
+        drop(again);
+    }
+    device.unbind().unwrap();
+    assert_unbound_clean(&checker);
+    pages.assert_all_freed_once_unmapped();
+}
+
+// ---------------------------------------------------------------------------
+// Fragments.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn fragments_are_carved_aligned_from_one_page() {
+    let checker = checker();
+    let pages = GuardedPages::new(&checker);
+    let device = Device::new(checker.clone());
+    let mut pool = pool_on(&device, &pages);
+    let frags: Vec<Frag> = (0..4).map(|_| pool.alloc_frag(1000).unwrap()).collect();
+    let base = frags[0].dma_addr();
+    for (i, f) in frags.iter().enumerate() {
+        assert_eq!(f.offset(), i * 1024);
+        assert_eq!(f.offset() % FRAG_ALIGN, 0);
+        assert_eq!(f.dma_addr(), base.offset((i * 1024) as u64));
+        assert_eq!(f.len(), 1000);
+        assert_eq!(f.as_slice().len(), 1000);
+    }
+    let fifth = pool.alloc_frag(1000).unwrap();
+    assert_eq!(fifth.offset(), 0, "did not fit: a new page");
+    assert_ne!(fifth.dma_addr(), base.offset(4096));
+    assert_eq!(
+        pool.alloc_frag(0).unwrap_err(),
+        AllocError::FragmentSize {
+            requested: 0,
+            page_len: 4096
+        }
+    );
+    assert!(matches!(
+        pool.alloc_frag(4097),
+        Err(AllocError::FragmentSize {
+            requested: 4097,
+            ..
+        })
+    ));
+    assert_eq!(pool.stats().pages_in_flight, 2, "two pages carry fragments");
+    drop((frags, fifth));
+    device.unbind().unwrap();
+    drop(pool);
+    assert_unbound_clean(&checker);
+    pages.assert_all_freed_once_unmapped();
+}
+
+/// The page is synced for the device once, after its last fragment drops
+/// (and after the owner moved on), never per fragment.
+#[test]
+fn last_fragment_recycles_the_page_and_only_then_syncs_once() {
+    let checker = checker();
+    let (spy, state) = SpyOps::new(&checker);
+    let pages = GuardedPages::new(&checker);
+    let device = Device::new(spy);
+    let mut pool = device
+        .pool_builder()
+        .direction(DmaDirection::Bidirectional)
+        .sync_for_device(0, 4096)
+        .page_source(pages.clone())
+        .build()
+        .unwrap();
+    let frags: Vec<Frag> = (0..4).map(|_| pool.alloc_frag(1000).unwrap()).collect();
+    let page_addr = frags[0].dma_addr();
+    let mut frags = frags.into_iter();
+    let last = frags.next().unwrap();
+    // Three fragments dropped on three threads: nothing happens to the page.
+    let hs: Vec<_> = frags.map(|f| thread::spawn(move || drop(f))).collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    assert!(state.take_syncs().is_empty());
+    assert_eq!(pool.stats().recycle.ring, 0);
+    // The owner moves to a new page: still one fragment alive.
+    let other = pool.alloc_frag(4000).unwrap();
+    assert!(state.take_syncs().is_empty());
+    assert_eq!(pool.stats().recycle.ring, 0);
+    // The last fragment goes: one sync of the whole max_len, then the ring.
+    thread::spawn(move || drop(last)).join().unwrap();
+    assert_eq!(
+        state.take_syncs(),
+        vec![SyncCall {
+            to_device: true,
+            addr: page_addr,
+            offset: 0,
+            len: 4096
+        }]
+    );
+    assert_eq!(pool.stats().recycle.ring, 1);
+    // While the owner is still carving a page, fragments dropping does not
+    // recycle it.
+    drop(other);
+    assert!(state.take_syncs().is_empty());
+    assert_eq!(pool.stats().recycle.ring, 1);
+    drop(pool); // lets go of the fragment page: recycled into the closing pool
+    assert_eq!(checker.live_mappings(), 0);
+    device.unbind().unwrap();
+    assert_unbound_clean(&checker);
+    pages.assert_all_freed_once_unmapped();
+}
+
+/// Fragments of one page written on different threads do not overlap, and
+/// each one syncs only its own range for the CPU.
+#[test]
+fn fragments_sync_their_own_range() {
+    let checker = checker();
+    let (spy, state) = SpyOps::new(&checker);
+    let device = Device::new(spy);
+    let mut pool = device.pool_builder().build().unwrap();
+    let mut a = pool.alloc_frag(100).unwrap();
+    let mut b = pool.alloc_frag(100).unwrap();
+    checker.device_write(a.dma_addr(), &[1; 100]).unwrap();
+    checker.device_write(b.dma_addr(), &[2; 100]).unwrap();
+    a.sync_for_cpu(0..100).unwrap();
+    b.sync_for_cpu(10..20).unwrap();
+    assert!(a.as_slice().iter().all(|&x| x == 1));
+    let syncs = state.take_syncs();
+    assert_eq!(syncs[0].offset, 0);
+    assert_eq!((syncs[1].offset, syncs[1].len), (128 + 10, 10));
+    assert_eq!(
+        b.sync_for_cpu(0..101),
+        Err(SyncError::OutOfRange {
+            start: 0,
+            end: 101,
+            len: 100
+        })
+    );
+    let tb = thread::spawn(move || {
+        b.as_mut_slice().fill(9);
+        b
+    });
+    a.as_mut_slice().fill(8);
+    let b = tb.join().unwrap();
+    assert!(a.as_slice().iter().all(|&x| x == 8));
+    assert!(b.as_slice().iter().all(|&x| x == 9));
+    drop((a, b));
+    device.unbind().unwrap();
+    drop(pool);
+    assert_unbound_clean(&checker);
+}
+
+// ---------------------------------------------------------------------------
+// Sync for device on recycle.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn recycle_syncs_min_of_dirty_len_and_max_len_from_offset() {
+    let checker = checker();
+    let (spy, state) = SpyOps::new(&checker);
+    let pages = GuardedPages::new(&checker);
+    let device = Device::new(spy);
+    let mut pool = device
+        .pool_builder()
+        .direction(DmaDirection::Bidirectional)
+        .sync_for_device(256, 1024)
+        .cache_size(4)
+        .refill_batch(1)
+        .page_source(pages.clone())
+        .build()
+        .unwrap();
+    let sync = |offset, len, addr| SyncCall {
+        to_device: true,
+        addr,
+        offset,
+        len,
+    };
+    for (dirty, expect) in [
+        (Some(100), Some(100)),
+        (None, Some(1024)),
+        (Some(5000), Some(1024)),
+        (Some(0), None),
+    ] {
+        let mut page = pool.alloc().unwrap();
+        let addr = page.dma_addr();
+        if let Some(d) = dirty {
+            page.set_dirty_len(d);
+        }
+        pool.recycle_direct(page);
+        let want: Vec<_> = expect.map(|len| sync(256, len, addr)).into_iter().collect();
+        assert_eq!(state.take_syncs(), want, "direct recycle, dirty {dirty:?}");
+    }
+    // Remote recycling (ring) and bulk put sync the same way.
+    let mut page = pool.alloc().unwrap();
+    let addr = page.dma_addr();
+    page.set_dirty_len(300);
+    thread::spawn(move || drop(page)).join().unwrap();
+    assert_eq!(state.take_syncs(), vec![sync(256, 300, addr)]);
+    let mut page = pool.alloc().unwrap();
+    let addr = page.dma_addr();
+    page.set_dirty_len(7);
+    put_bulk([page]);
+    assert_eq!(state.take_syncs(), vec![sync(256, 7, addr)]);
+
+    // What the device sees: CPU writes in the synced range reach it, those
+    // outside do not (the checker flags a device read of unsynced bytes).
+    let mut page = pool.alloc().unwrap();
+    let addr = page.dma_addr();
+    page.as_mut_slice()[256..356].fill(0xEE);
+    page.as_mut_slice()[400] = 1;
+    page.set_dirty_len(100);
+    pool.recycle_direct(page);
+    assert_eq!(
+        checker.device_read(addr.offset(256), 100).unwrap(),
+        vec![0xEE; 100]
+    );
+    assert!(matches!(
+        checker.device_read(addr.offset(400), 1),
+        Err(Violation::DeviceReadBeforeSync { .. })
+    ));
+    assert_eq!(checker.take_violations().len(), 1);
+    assert_eq!(state.take_syncs(), vec![sync(256, 100, addr)]);
+
+    // After unbind nothing is synced: recycling releases instead.
+    let page = pool.alloc().unwrap();
+    device.unbind().unwrap();
+    pool.recycle_direct(page);
+    assert!(state.take_syncs().is_empty());
+    assert_eq!(pool.stats().recycle.released_refcnt, 1);
+    drop(pool);
+    assert_eq!(checker.stats().violations, 1, "only the deliberate one");
+    assert_eq!(checker.live_mappings(), 0);
+    assert_eq!(checker.stats().calls_after_unbind, 0);
+    pages.assert_all_freed_once_unmapped();
+}
+
+/// Without sync_for_device configured, recycling makes no device call.
+#[test]
+fn no_sync_on_recycle_unless_configured() {
+    let checker = checker();
+    let (spy, state) = SpyOps::new(&checker);
+    let device = Device::new(spy);
+    let mut pool = device.pool_builder().build().unwrap();
+    let p = pool.alloc().unwrap();
+    let before = checker.stats();
+    pool.recycle_direct(p);
+    let p = pool.alloc().unwrap();
+    thread::spawn(move || drop(p)).join().unwrap();
+    assert!(state.take_syncs().is_empty());
+    assert_eq!(checker.stats(), before);
+    device.unbind().unwrap();
+    drop(pool);
+    assert_unbound_clean(&checker);
+}
+
+// ---------------------------------------------------------------------------
+// Statistics and introspection.
+// ---------------------------------------------------------------------------
+
+/// A scripted run with every counter worked out by hand (Linux's names).
+#[test]
+fn stats_count_every_path_with_linux_names() {
+    let checker = checker();
+    let pages = GuardedPages::new(&checker);
+    let device = Device::new(checker.clone());
+    let mut pool = device
+        .pool_builder()
+        .cache_size(4)
+        .refill_batch(2)
+        .ring_size(2)
+        .page_source(pages.clone())
+        .build()
+        .unwrap();
+    let a = pool.alloc().unwrap(); // empty, slow (maps 2)
+    let b = pool.alloc().unwrap(); // fast
+    let c = pool.alloc().unwrap(); // empty, slow (maps 2)
+    let d = pool.alloc().unwrap(); // fast
+    let e = pool.alloc().unwrap(); // empty, slow (maps 2)
+    let s = pool.stats();
+    assert_eq!(s.pages_in_flight, 5);
+    assert_eq!(s.bytes_in_flight, 5 * 4096);
+    assert_eq!(s.pages_mapped, 6);
+    pool.recycle_direct(a); // cached
+    pool.recycle_direct(b); // cached
+    pool.recycle_direct(c); // cached: cache full now (4)
+    pool.recycle_direct(d); // cache_full, then ring
+    thread::spawn(move || drop(e)).join().unwrap(); // ring (2 of 2)
+    let f: Vec<Page> = (0..4).map(|_| pool.alloc().unwrap()).collect(); // fast x4
+    let g = pool.alloc().unwrap(); // refill from ring (2 pages), fast pop
+    let h = pool.alloc().unwrap(); // fast
+    let i = pool.alloc().unwrap(); // empty, slow (maps 2)
+                                   // Three from another thread into a ring of 2: 2 ring, 1 ring_full.
+    thread::spawn(move || drop((g, h, i))).join().unwrap();
+    let s = pool.stats();
+    assert_eq!(s.alloc.fast, 2 + 4 + 1);
+    assert_eq!(s.alloc.slow, 4);
+    assert_eq!(s.alloc.slow_high_order, 0);
+    assert_eq!(s.alloc.empty, 4);
+    assert_eq!(s.alloc.refill, 1);
+    assert_eq!(s.alloc.waive, 0);
+    assert_eq!(s.recycle.cached, 3);
+    assert_eq!(s.recycle.cache_full, 1);
+    assert_eq!(s.recycle.ring, 2 + 2);
+    assert_eq!(s.recycle.ring_full, 1);
+    assert_eq!(s.recycle.released_refcnt, 0);
+    assert_eq!(s.pages_in_flight, 4, "the four in `f`");
+    assert_eq!(s.pages_mapped, 8 - 1);
+    assert_eq!(s.bytes_mapped, 7 * 4096);
+    assert_eq!(checker.live_mappings(), 7);
+
+    device.unbind().unwrap();
+    drop(f);
+    let s = pool.stats();
+    assert_eq!(s.recycle.released_refcnt, 4, "came back after unbind");
+    assert_eq!(s.pages_in_flight, 0);
+    assert_eq!(s.pages_mapped, 0);
+    drop(pool);
+    assert_unbound_clean(&checker);
+    pages.assert_all_freed_once_unmapped();
+}
+
+#[test]
+fn pool_info_is_page_pool_get() {
+    let checker = checker();
+    let device = Device::new(checker.clone());
+    let mut pool = device.pool_builder().order(1).build().unwrap();
+    let other = device.pool_builder().build().unwrap();
+    assert_ne!(pool.id(), other.id());
+    let held: Vec<Page> = (0..3).map(|_| pool.alloc().unwrap()).collect();
+    assert!(held.iter().all(|p| p.pool_id() == pool.id()));
+    let info = pool.info();
+    assert_eq!(info.id, pool.id());
+    assert_eq!(info.inflight, 3);
+    assert_eq!(info.inflight_mem, 3 * 8192);
+    assert_eq!(info.detach_time, None);
+    let listed = device.pools();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.contains(&info));
+    drop(other);
+    assert_eq!(device.pools(), vec![pool.info()]);
+    drop(held);
+    device.unbind().unwrap();
+    drop(pool);
+    assert_unbound_clean(&checker);
+}
+
+/// Like Linux's `page-pool-get`, a pool dropped by its owner while pages
+/// are still in flight stays listed (as detached, with its detach time)
+/// until the pages come back.
+#[test]
+fn dropped_pool_with_pages_in_flight_is_listed_with_detach_time() {
+    let checker = checker();
+    let device = Device::new(checker.clone());
+    let mut pool = device.pool_builder().build().unwrap();
+    let mut idle = device.pool_builder().build().unwrap();
+    let id = pool.id();
+    let held: Vec<Page> = (0..2).map(|_| pool.alloc().unwrap()).collect();
+    drop(idle.alloc().unwrap()); // back in its ring: nothing in flight
+    assert!(device.detached_pools().is_empty());
+    let before = SystemTime::now();
+    drop(pool);
+    drop(idle);
+    assert!(device.pools().is_empty(), "no pool is open");
+    let detached = device.detached_pools();
+    assert_eq!(detached.len(), 1, "only the pool with pages in flight");
+    let info = detached[0];
+    assert_eq!(info.id, id);
+    assert_eq!(info.inflight, 2);
+    assert_eq!(info.inflight_mem, 2 * 4096);
+    assert!(info.detach_time.expect("detach time is set") >= before);
+    drop(held);
+    assert!(
+        device.detached_pools().is_empty(),
+        "gone once every page came back"
+    );
+    device.unbind().unwrap();
+    assert_unbound_clean(&checker);
+}
+
+/// A detached pool's pages held across unbind: unbind forgets the pool.
+#[test]
+fn detached_pools_are_forgotten_at_unbind() {
+    let checker = checker();
+    let device = Device::new(checker.clone());
+    let mut pool = device.pool_builder().build().unwrap();
+    let held = pool.alloc().unwrap();
+    drop(pool);
+    assert_eq!(device.detached_pools().len(), 1);
+    let report = device.unbind().unwrap();
+    assert_eq!(report.pools, 0, "no pool was open");
+    assert_eq!(report.pages_in_flight, 1);
+    assert!(device.detached_pools().is_empty());
+    drop(held);
+    assert_unbound_clean(&checker);
+}
+
+// ---------------------------------------------------------------------------
+// Lifetimes: pool drop, device drop, unbind twice / concurrently.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn dropped_pool_keeps_held_pages_mapped_and_tracked_until_they_return() {
+    let checker = checker();
+    let pages = GuardedPages::new(&checker);
+    let device = Device::new(checker.clone());
+    let mut pool = pool_on(&device, &pages);
+    let mut held: Vec<Page> = (0..5).map(|_| pool.alloc().unwrap()).collect();
+    drop(pool); // 59 cached pages unmapped and freed
+    assert_eq!(checker.stats().unmaps, 59);
+    assert_eq!(checker.live_mappings(), 5);
+    assert_eq!(device.tracked_mappings(), 5);
+    assert_eq!(pages.live(), 5);
+    // Still usable for DMA: the device writes, the CPU syncs and reads.
+    checker.device_write(held[0].dma_addr(), b"late").unwrap();
+    held[0].sync_for_cpu(0..4).unwrap();
+    assert_eq!(&held[0].as_slice()[..4], b"late");
+    // Each page that comes back is unmapped and freed, from any thread.
+    let last = held.pop().unwrap();
+    thread::spawn(move || drop(last)).join().unwrap();
+    assert_eq!(checker.live_mappings(), 4);
+    assert_eq!(pages.live(), 4);
+    put_bulk(held.drain(..2));
+    assert_eq!(checker.live_mappings(), 2);
+    // The rest is unmapped by unbind, and freed when it comes back.
+    let report = device.unbind().unwrap();
+    assert_eq!(report.pools, 0);
+    assert_eq!(report.pages_in_flight, 2);
+    assert_unbound_clean(&checker);
+    drop(held);
+    pages.assert_all_freed_once_unmapped();
+}
+
+#[test]
+fn dropping_the_device_unbinds_it() {
+    let checker = checker();
+    let pages = GuardedPages::new(&checker);
+    let device = Device::new(checker.clone());
+    let mut pool = pool_on(&device, &pages);
+    let held = pool.alloc().unwrap();
+    assert!(!checker.is_unbound());
+    drop(device);
+    assert_unbound_clean(&checker);
+    assert_eq!(pool.alloc().unwrap_err(), AllocError::Unbound);
+    drop((held, pool));
+    pages.assert_all_freed_once_unmapped();
+}
+
+#[test]
+fn unbind_twice_is_already_unbound() {
+    let checker = checker();
+    let device = Device::new(checker.clone());
+    let mut pool = device.pool_builder().build().unwrap();
+    let _p = pool.alloc().unwrap();
+    assert!(device.is_bound());
+    let first = device.unbind().unwrap();
+    assert_eq!(first.pages_in_flight, 64);
+    assert_eq!(device.unbind(), Err(AlreadyUnbound));
+    assert_eq!(device.unbind(), Err(AlreadyUnbound));
+    assert!(AlreadyUnbound.to_string().contains("already unbound"));
+    assert!(!device.is_bound());
+    assert_unbound_clean(&checker);
+}
+
+#[test]
+fn concurrent_unbind_from_two_threads_unbinds_once() {
+    for _ in 0..50 {
+        let checker = checker();
+        let pages = GuardedPages::new(&checker);
+        let device = Arc::new(Device::new(checker.clone()));
+        let mut pool = pool_on(&device, &pages);
+        let held: Vec<Page> = (0..70).map(|_| pool.alloc().unwrap()).collect();
+        let barrier = Arc::new(Barrier::new(2));
+        let results: Vec<_> = (0..2)
+            .map(|_| {
+                let device = Arc::clone(&device);
+                let barrier = Arc::clone(&barrier);
+                thread::spawn(move || {
+                    barrier.wait();
+                    let r = device.unbind();
+                    // Whichever returns, the device is fully unbound by then.
+                    assert!(!device.is_bound());
+                    r
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        let ok: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(ok.len(), 1, "exactly one unbind does the work: {results:?}");
+        assert_eq!(ok[0].pages_in_flight, 128);
+        assert!(results.contains(&Err(AlreadyUnbound)));
+        assert_unbound_clean(&checker);
+        drop((held, pool));
+        pages.assert_all_freed_once_unmapped();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Configuration errors.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn builder_errors_name_every_invalid_field() {
+    let device = Device::new(checker());
+    let err = |b: pagepool::PagePoolBuilder<'_, Tracked>| match b.build() {
+        Err(BuildError::Config(e)) => e,
+        other => panic!("expected a configuration error, got {other:?}"),
+    };
+    let cases: Vec<(ConfigError, &str, usize)> = vec![
+        (err(device.pool_builder().order(MAX_ORDER + 1)), "order", 11),
+        (
+            err(device.pool_builder().order(u32::MAX)),
+            "order",
+            u32::MAX as usize,
+        ),
+        (err(device.pool_builder().ring_size(0)), "ring_size", 0),
+        (
+            err(device.pool_builder().ring_size(MAX_RING_SIZE + 1)),
+            "ring_size",
+            16385,
+        ),
+        (err(device.pool_builder().cache_size(0)), "cache_size", 0),
+        (
+            err(device.pool_builder().cache_size(MAX_CACHE_SIZE + 1)),
+            "cache_size",
+            65537,
+        ),
+        (
+            err(device.pool_builder().refill_batch(0)),
+            "refill_batch",
+            0,
+        ),
+        (
+            err(device.pool_builder().cache_size(8).refill_batch(9)),
+            "refill_batch",
+            9,
+        ),
+        (
+            err(device.pool_builder().sync_for_device(0, 0)),
+            "sync_for_device.max_len",
+            0,
+        ),
+        (
+            err(device.pool_builder().sync_for_device(0, 4097)),
+            "sync_for_device.max_len",
+            4097,
+        ),
+        (
+            err(device.pool_builder().sync_for_device(1, 4096)),
+            "sync_for_device.offset",
+            1,
+        ),
+        (
+            err(device.pool_builder().sync_for_device(4096, 1)),
+            "sync_for_device.offset",
+            4096,
+        ),
+        (
+            err(device.pool_builder().order(1).sync_for_device(4097, 4096)),
+            "sync_for_device.offset",
+            4097,
+        ),
+    ];
+    for (e, field, value) in cases {
+        assert_eq!((e.field, e.value), (field, value), "{e}");
+        let text = e.to_string();
+        assert!(text.contains(field), "{text}");
+        assert!(text.contains(e.expected), "{text}");
+        let build: Box<dyn std::error::Error> = Box::new(BuildError::Config(e.clone()));
+        assert!(build.to_string().contains(field));
+        assert!(build.source().is_some());
+    }
+    // The boundaries themselves are accepted.
+    for b in [
+        device.pool_builder().order(MAX_ORDER),
+        device.pool_builder().ring_size(1),
+        device.pool_builder().ring_size(MAX_RING_SIZE),
+        device.pool_builder().cache_size(1).refill_batch(1),
+        device.pool_builder().cache_size(MAX_CACHE_SIZE),
+        device.pool_builder().cache_size(32).refill_batch(32),
+        device.pool_builder().sync_for_device(0, 4096),
+        device.pool_builder().sync_for_device(4095, 1),
+        device.pool_builder().order(1).sync_for_device(4096, 4096),
+    ] {
+        b.build().unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Allocation failures.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn map_failure_is_typed_and_leaks_nothing() {
+    let checker = checker();
+    let pages = GuardedPages::new(&checker);
+    let device = Device::new(checker.clone());
+    let mut pool = pool_on(&device, &pages);
+    checker.fail_next_maps(1);
+    let err = pool.alloc().unwrap_err();
+    assert_eq!(err, AllocError::Map(DmaError::Injected));
+    assert!(err.to_string().contains("DMA map"), "{err}");
+    assert!(std::error::Error::source(&err).is_some());
+    assert_eq!(checker.live_mappings(), 0);
+    assert_eq!(device.tracked_mappings(), 0);
+    assert_eq!(pages.live(), 0, "the block that failed to map was freed");
+    assert_eq!(pool.stats().pages_mapped, 0);
+    assert_eq!(pool.stats().pages_in_flight, 0);
+
+    // A failure in the middle of a batch keeps what was mapped.
+    checker.fail_maps_every(10);
+    let p = pool.alloc().unwrap();
+    assert_eq!(checker.live_mappings(), 9);
+    assert_eq!(pool.cached(), 8);
+    assert_eq!(pages.live(), 9);
+    checker.fail_maps_every(0);
+    drop(p);
+    device.unbind().unwrap();
+    drop(pool);
+    assert_unbound_clean(&checker);
+    pages.assert_all_freed_once_unmapped();
+}
+
+#[test]
+fn mapping_limit_is_a_typed_map_error() {
+    let checker = CheckingDevice::builder()
+        .mode(pagepool::checking::CheckMode::Record)
+        .mapping_limit(3)
+        .build();
+    let pages = GuardedPages::new(&checker);
+    let device = Device::new(checker.clone());
+    let mut pool = pool_on(&device, &pages);
+    let held: Vec<Page> = (0..3).map(|_| pool.alloc().unwrap()).collect();
+    assert_eq!(
+        pool.alloc().unwrap_err(),
+        AllocError::Map(DmaError::MappingLimit { limit: Some(3) })
+    );
+    assert_eq!(pages.live(), 3);
+    drop(held);
+    let again = pool.alloc().unwrap(); // recycled through the ring: no map
+    drop(again);
+    device.unbind().unwrap();
+    drop(pool);
+    assert_unbound_clean(&checker);
+    pages.assert_all_freed_once_unmapped();
+}
+
+#[test]
+fn out_of_memory_is_a_typed_error() {
+    let checker = checker();
+    let device = Device::new(checker.clone());
+    let source = LimitedPages::new(0);
+    let mut pool = device
+        .pool_builder()
+        .order(1)
+        .page_source(source.clone())
+        .build()
+        .unwrap();
+    let err = pool.alloc().unwrap_err();
+    assert_eq!(err, AllocError::OutOfMemory { bytes: 8192 });
+    assert!(err.to_string().contains("out of memory"), "{err}");
+    assert_eq!(checker.stats().maps, 0);
+
+    // Memory for 10 pages: the first batch is short, then OOM.
+    let source = LimitedPages::new(10);
+    let mut pool = device
+        .pool_builder()
+        .page_source(source.clone())
+        .build()
+        .unwrap();
+    let held: Vec<Page> = (0..10).map(|_| pool.alloc().unwrap()).collect();
+    assert_eq!(
+        pool.alloc().unwrap_err(),
+        AllocError::OutOfMemory { bytes: 4096 }
+    );
+    assert_eq!(checker.live_mappings(), 10);
+    drop(held);
+    device.unbind().unwrap();
+    drop(pool);
+    assert_unbound_clean(&checker);
+    source.inner.assert_all_freed_once();
+}
+
+// ---------------------------------------------------------------------------
+// The simulated device's view: DMA writes and reads, syncs.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn device_writes_reach_the_cpu_only_after_sync_for_cpu() {
+    let checker = checker();
+    let device = Device::new(checker.clone());
+    let mut pool = device.pool_builder().build().unwrap();
+    let mut page = pool.alloc().unwrap();
+    checker.device_write(page.dma_addr(), b"hello").unwrap();
+    checker
+        .device_write(page.dma_addr().offset(100), b"world")
+        .unwrap();
+    // Before the sync the CPU sees its old bytes, and the checker flags it.
+    assert_eq!(&page.as_slice()[..5], &[0; 5]);
+    assert!(matches!(
+        checker.take_violations().as_slice(),
+        [Violation::CpuReadBeforeSync { .. }]
+    ));
+    // A partial sync hands over only its range.
+    page.sync_for_cpu(0..5).unwrap();
+    assert_eq!(&page.as_slice()[..5], b"hello");
+    assert!(matches!(
+        checker.take_violations().as_slice(),
+        [Violation::CpuReadBeforeSync {
+            first_unsynced: 100,
+            ..
+        }]
+    ));
+    page.sync_for_cpu(100..105).unwrap();
+    assert_eq!(&page.as_slice()[100..105], b"world");
+    assert!(checker.take_violations().is_empty());
+    let stats = checker.stats();
+    assert_eq!((stats.device_writes, stats.syncs_for_cpu), (2, 2));
+    assert_eq!(stats.violations, 2, "the two deliberate early reads");
+    drop(page);
+    device.unbind().unwrap();
+    drop(pool);
+    assert_eq!(checker.live_mappings(), 0);
+    assert_eq!(checker.stats().violations, 2);
+}
+
+#[test]
+fn tx_pages_reach_the_device_after_sync_for_device() {
+    let checker = checker();
+    let device = Device::new(checker.clone());
+    let mut pool = device
+        .pool_builder()
+        .direction(DmaDirection::ToDevice)
+        .build()
+        .unwrap();
+    let mut page = pool.alloc().unwrap();
+    assert_eq!(page.direction(), DmaDirection::ToDevice);
+    page.as_mut_slice()[..5].copy_from_slice(b"frame");
+    page.sync_for_device(0..5).unwrap();
+    assert_eq!(checker.device_read(page.dma_addr(), 5).unwrap(), b"frame");
+    // The device cannot write a ToDevice page (an IOMMU fault).
+    assert!(matches!(
+        checker.device_write(page.dma_addr(), b"x"),
+        Err(Violation::IommuFault { .. })
+    ));
+    assert_eq!(checker.take_violations().len(), 1);
+    drop(page);
+    device.unbind().unwrap();
+    drop(pool);
+    assert_eq!(checker.live_mappings(), 0);
+}
+
+#[test]
+fn sync_range_is_checked() {
+    let checker = checker();
+    let device = Device::new(checker.clone());
+    let mut pool = device.pool_builder().build().unwrap();
+    let mut page = pool.alloc().unwrap();
+    assert_eq!(
+        page.sync_for_cpu(4000..4097),
+        Err(SyncError::OutOfRange {
+            start: 4000,
+            end: 4097,
+            len: 4096
+        })
+    );
+    #[allow(clippy::reversed_empty_ranges)]
+    let backwards = page.sync_for_cpu(10..5);
+    assert!(matches!(backwards, Err(SyncError::OutOfRange { .. })));
+    assert_eq!(page.sync_for_cpu(7..7), Ok(()));
+    assert_eq!(page.sync_for_cpu(0..4096), Ok(()));
+    drop(page);
+    device.unbind().unwrap();
+    drop(pool);
+    assert_unbound_clean(&checker);
+}
+
+// ---------------------------------------------------------------------------
+// Bulk put.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn put_bulk_returns_pages_of_several_pools_to_their_rings() {
+    let checker = checker();
+    let pages = GuardedPages::new(&checker);
+    let device = Device::new(checker.clone());
+    let mut a = device
+        .pool_builder()
+        .ring_size(4)
+        .page_source(pages.clone())
+        .build()
+        .unwrap();
+    let mut b = pool_on(&device, &pages);
+    let mut mixed = Vec::new();
+    for _ in 0..6 {
+        mixed.push(a.alloc().unwrap());
+        mixed.push(b.alloc().unwrap());
+    }
+    let mut sorted: Vec<Page> = Vec::new();
+    sorted.extend((0..5).map(|_| a.alloc().unwrap()));
+    thread::spawn(move || {
+        put_bulk(mixed); // interleaved: a, b, a, b...
+        put_bulk(sorted); // runs of one pool: one lock
+    })
+    .join()
+    .unwrap();
+    let (sa, sb) = (a.stats(), b.stats());
+    assert_eq!((sa.recycle.ring, sa.recycle.ring_full), (4, 7));
+    assert_eq!((sb.recycle.ring, sb.recycle.ring_full), (6, 0));
+    assert_eq!(sa.pages_in_flight + sb.pages_in_flight, 0);
+    assert_eq!(checker.stats().unmaps, 7);
+    put_bulk(Vec::<Page>::new());
+
+    // After unbind, bulk-put pages are released without device calls.
+    let held: Vec<Page> = (0..3).map(|_| b.alloc().unwrap()).collect();
+    device.unbind().unwrap();
+    let frozen = checker.stats();
+    put_bulk(held);
+    assert_eq!(b.stats().recycle.released_refcnt, 3);
+    assert_eq!(checker.stats(), frozen);
+    drop((a, b));
+    assert_unbound_clean(&checker);
+    pages.assert_all_freed_once_unmapped();
+}
+
+// ---------------------------------------------------------------------------
+// Untracked build.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn untracked_unbind_reports_mappings_left_and_leaks_held_pages() {
+    let checker = checker();
+    let pages = CountingPages::default();
+    let device = Device::new_untracked(checker.clone());
+    let mut pool = device
+        .pool_builder()
+        .refill_batch(8)
+        .ring_size(2)
+        .page_source(pages.clone())
+        .build()
+        .unwrap();
+    let held: Vec<_> = (0..5).map(|_| pool.alloc().unwrap()).collect();
+    let back: Vec<_> = (0..2).map(|_| pool.alloc().unwrap()).collect();
+    drop(back); // into the ring: reachable by unbind
+    assert_eq!(device.tracked_mappings(), 0, "nothing is tracked");
+    let report = device.unbind().unwrap();
+    assert_eq!(report.pages_from_rings, 2);
+    assert_eq!(report.pages_in_flight, 0);
+    assert_eq!(report.mappings_left, 5 + 1, "held pages and the cached one");
+    // The checker sees what dma-debug would: mappings live at unbind.
+    assert_eq!(checker.live_mappings(), 6);
+    assert!(matches!(
+        checker.violations().as_slice(),
+        [Violation::Leak { count: 6, .. }]
+    ));
+    let frozen = checker.stats();
+    drop(held);
+    drop(pool);
+    assert_eq!(
+        device.leaked_pages(),
+        6,
+        "still mapped, so leaked, not freed"
+    );
+    assert_eq!(pages.live(), 6);
+    assert_eq!(pages.freed(), 2);
+    assert_eq!(checker.stats(), frozen, "no device call after unbind");
+}
+
+/// Pages held after their pool was dropped still count in `mappings_left`.
+#[test]
+fn untracked_mappings_left_counts_pages_of_dropped_pools() {
+    let checker = checker();
+    let device = Device::new_untracked(checker.clone());
+    let mut pool = device.pool_builder().refill_batch(4).build().unwrap();
+    let held: Vec<_> = (0..3).map(|_| pool.alloc().unwrap()).collect();
+    drop(pool); // the cached page is unmapped; 3 held stay mapped
+    assert_eq!(checker.live_mappings(), 3);
+    let report = device.unbind().unwrap();
+    assert_eq!(
+        report.mappings_left,
+        checker.live_mappings(),
+        "mappings_left must count every mapping unbind could not reach"
+    );
+    drop(held);
+    assert_eq!(device.leaked_pages(), 3);
+}
+
+/// The untracked build and a counting backend: fast-path numbers identical
+/// to the tracked build (tracking costs nothing there).
+#[test]
+fn untracked_pool_behaves_like_tracked_while_bound() {
+    let ops = CountingOps::default();
+    let device = Device::new_untracked(ops.clone());
+    let mut pool = device.pool_builder().build().unwrap();
+    let p = pool.alloc().unwrap();
+    let addr = p.dma_addr();
+    pool.recycle_direct(p);
+    assert_eq!(pool.alloc().unwrap().dma_addr(), addr);
+    assert_eq!(ops.maps.load(std::sync::atomic::Ordering::SeqCst), 64);
+    drop(pool);
+    assert_eq!(ops.unmaps.load(std::sync::atomic::Ordering::SeqCst), 64);
+    assert_eq!(device.unbind().unwrap().mappings_left, 0);
+}
