@@ -379,8 +379,9 @@ impl<M: TrackingMode> PagePool<M> {
             unsafe { crate::page::recycle_remote(page, dirty_len) };
             return;
         }
-        if self.shared.config.sync_for_device.is_some()
-            && !sync_on_recycle(&self.shared, meta, dirty_len)
+        if self.shared.closed.load(Ordering::Acquire)
+            || (self.shared.config.sync_for_device.is_some()
+                && !sync_on_recycle(&self.shared, meta, dirty_len))
         {
             self.recycle_unbound(page);
             return;
@@ -678,5 +679,20 @@ mod tests {
         pool.recycle_direct(page); // default dirty length: max_len
         assert_eq!(checker.stats().syncs_for_device, 2);
         assert!(checker.verdict().is_clean());
+    }
+
+    #[test]
+    fn direct_recycle_after_unbind_frees_the_page() {
+        let checker = CheckingDevice::new(CheckMode::Panic);
+        let device = Device::new(checker.clone());
+        let mut pool = small_pool(&device);
+        let page = pool.alloc().unwrap();
+        device.unbind().unwrap();
+        let calls = checker.stats();
+        let cached = pool.cached();
+        pool.recycle_direct(page);
+        assert_eq!(pool.cached(), cached, "not put back into the cache");
+        assert_eq!(pool.stats().recycle.released_refcnt, 1);
+        assert_eq!(checker.stats(), calls, "no device call");
     }
 }
