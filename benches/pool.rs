@@ -1,0 +1,1109 @@
+//! Benchmarks of issue 4: the pool's fast, ring and slow paths with tracking
+//! on and off, cross-thread recycling, unbind, and the pools a Rust user
+//! would pick instead, all in one harness so every ratio comes from one run.
+//!
+//! Run: `cargo bench --bench pool` (a few minutes; see BENCHMARKS.md).
+//! A filter runs a part: `cargo bench --bench pool -- single_thread`.
+//!
+//! Groups (ids are `group/name`):
+//! - `single_thread`: alloc + free of one 4 KiB page-aligned buffer on one
+//!   thread, [`OPS`] pairs per iteration: the pool's fast path (alloc +
+//!   `recycle_direct`) tracked and untracked, the bare `Vec` floor, peers.
+//! - `ring`: alloc + drop on the owner thread, so every page goes through
+//!   the shared ring and comes back by a refill (Linux's ptr_ring bench).
+//! - `slow`: every alloc maps a fresh page and every release unmaps and
+//!   frees it (ring of 1, cache of 1 or 64, pages released in rounds of
+//!   [`SLOW_ROUND`]), with `GlobalPages` (zeroed pages from the global
+//!   allocator) and with an arena source that costs nothing, which leaves
+//!   the pool's own overhead.
+//! - `cross_thread`: one thread allocates, another frees (the pool's pages
+//!   come back through its ring), phased so that the CPU work per page is
+//!   measured repeatably; `cross_thread_bulk64`: the same, freeing in bursts
+//!   of 64 (`put_bulk`); `cross_thread_streaming`: both threads at once,
+//!   wall time per page (needs two idle cores). See the section comment.
+//! - `unbind`: `Device::unbind` with 1 K, 64 K and 1 M pages held outside the
+//!   pool; only the `unbind` call is timed.
+//!
+//! With `PAGEPOOL_COUNT=<workload>:<n>` in the environment the binary runs
+//! one workload `n` times instead, for instruction counts under callgrind
+//! (see [`count`]).
+
+use std::alloc::Layout;
+use std::hint::black_box;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
+use crossbeam_queue::ArrayQueue;
+use lockfree_object_pool::{LinearObjectPool, SpinLockObjectPool};
+use pagepool::{
+    put_bulk, Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, OutOfMemory, Page,
+    PagePool, PageSource, Tracked, TrackingMode, Untracked, PAGE_SIZE,
+};
+
+type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>;
+
+/// Alloc + free pairs per iteration in the single-thread groups.
+const OPS: u64 = 1000;
+/// Pages allocated, then released, per round of the slow-path bench.
+const SLOW_ROUND: usize = 256;
+/// Pages per burst in the bulk cross-thread bench.
+const BURST: usize = 64;
+/// Bursts the bulk hand-off queue holds.
+const BURSTS_IN_FLIGHT: usize = 8;
+
+// ---------------------------------------------------------------------------
+// The no-op device and page sources.
+
+/// A device whose DMA costs nothing: `map` returns the CPU address as the
+/// "device address"; unmap and sync do nothing.
+struct NoopOps;
+
+impl DmaOps for NoopOps {
+    unsafe fn map(
+        &self,
+        cpu: NonNull<u8>,
+        _len: usize,
+        _direction: DmaDirection,
+    ) -> Result<DmaAddr, DmaError> {
+        Ok(DmaAddr(cpu.as_ptr() as u64))
+    }
+    unsafe fn unmap(&self, _mapping: DmaMapping) {}
+    unsafe fn sync_for_device(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
+    unsafe fn sync_for_cpu(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
+}
+
+/// Tracking on or off, as the type the device is built with.
+trait Mode: TrackingMode {
+    const NAME: &'static str;
+    fn device() -> Device<Self>;
+}
+
+impl Mode for Tracked {
+    const NAME: &'static str = "tracked";
+    fn device() -> Device<Self> {
+        Device::new(NoopOps)
+    }
+}
+
+impl Mode for Untracked {
+    const NAME: &'static str = "untracked";
+    fn device() -> Device<Self> {
+        Device::new_untracked(NoopOps)
+    }
+}
+
+/// Pages carved out of one large, never-touched allocation: a page source
+/// that costs a lock and a pointer pop, and touches no page memory. Used
+/// where the page allocator is not what is measured (unbind setup, the
+/// pool's own slow-path overhead).
+struct Arena {
+    free: Mutex<Vec<usize>>,
+}
+
+/// Pages in the arena: 1 M for the largest unbind, plus slack.
+const ARENA_PAGES: usize = (1 << 20) + 4096;
+
+fn arena() -> &'static Arena {
+    static ARENA: OnceLock<Arena> = OnceLock::new();
+    ARENA.get_or_init(|| {
+        let layout = Layout::from_size_align(ARENA_PAGES * PAGE_SIZE, PAGE_SIZE).unwrap();
+        // SAFETY: non-zero size. Never freed: the arena lives for the process.
+        // The kernel backs it lazily; nothing here touches the pages.
+        let base = unsafe { std::alloc::alloc(layout) };
+        assert!(!base.is_null(), "arena allocation failed");
+        let free = (0..ARENA_PAGES)
+            .rev()
+            .map(|i| base as usize + i * PAGE_SIZE)
+            .collect();
+        Arena {
+            free: Mutex::new(free),
+        }
+    })
+}
+
+#[derive(Clone, Copy)]
+struct ArenaPages;
+
+// SAFETY: every block is a distinct, page-aligned 4 KiB piece of one live
+// allocation that is never freed; a block is handed out at most once until
+// it is given back.
+unsafe impl PageSource for ArenaPages {
+    fn alloc_pages(&self, order: u32) -> Result<NonNull<u8>, OutOfMemory> {
+        assert_eq!(order, 0, "the arena hands out order-0 pages only");
+        let addr = arena().free.lock().unwrap().pop().ok_or(OutOfMemory)?;
+        NonNull::new(addr as *mut u8).ok_or(OutOfMemory)
+    }
+
+    unsafe fn free_pages(&self, block: NonNull<u8>, _order: u32) {
+        arena().free.lock().unwrap().push(block.as_ptr() as usize);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The peers' buffers: 4 KiB, page-aligned, from the global allocator.
+
+#[repr(C, align(4096))]
+struct PageBuf([u8; PAGE_SIZE]);
+
+fn new_buf() -> Box<PageBuf> {
+    let layout = Layout::new::<PageBuf>();
+    // SAFETY: non-zero size; all-zero bytes are a valid `PageBuf`, and the
+    // block has `PageBuf`'s layout, so the Box may own and free it.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout).cast::<PageBuf>();
+        assert!(!p.is_null(), "out of memory");
+        Box::from_raw(p)
+    }
+}
+
+/// sharded-slab pools need `Default + Clear`; clearing keeps the buffer.
+struct SlabBuf(Box<PageBuf>);
+
+impl Default for SlabBuf {
+    fn default() -> Self {
+        SlabBuf(new_buf())
+    }
+}
+
+impl sharded_slab::Clear for SlabBuf {
+    fn clear(&mut self) {}
+}
+
+fn page_layout() -> Layout {
+    Layout::from_size_align(PAGE_SIZE, PAGE_SIZE).unwrap()
+}
+
+/// A raw buffer pointer that may cross threads (for the global allocator
+/// and the transport floor).
+struct SendPtr(NonNull<u8>);
+// SAFETY: it is only an address handed from one thread to another, which
+// then owns (frees) or ignores it.
+unsafe impl Send for SendPtr {}
+
+/// The `Mutex<Vec<_>>` pool, as object-pool builds it.
+struct MutexPool<M> {
+    items: M,
+}
+
+type StdMutexPool = MutexPool<Mutex<Vec<Box<PageBuf>>>>;
+type PlMutexPool = MutexPool<parking_lot::Mutex<Vec<Box<PageBuf>>>>;
+
+impl StdMutexPool {
+    fn new(n: usize) -> Self {
+        Self {
+            items: Mutex::new((0..n).map(|_| new_buf()).collect()),
+        }
+    }
+    #[inline]
+    fn get(&self) -> Box<PageBuf> {
+        let popped = self.items.lock().unwrap().pop();
+        popped.unwrap_or_else(new_buf)
+    }
+    #[inline]
+    fn put(&self, b: Box<PageBuf>) {
+        self.items.lock().unwrap().push(b);
+    }
+}
+
+impl PlMutexPool {
+    fn new(n: usize) -> Self {
+        Self {
+            items: parking_lot::Mutex::new((0..n).map(|_| new_buf()).collect()),
+        }
+    }
+    #[inline]
+    fn get(&self) -> Box<PageBuf> {
+        let popped = self.items.lock().pop();
+        popped.unwrap_or_else(new_buf)
+    }
+    #[inline]
+    fn put(&self, b: Box<PageBuf>) {
+        self.items.lock().push(b);
+    }
+}
+
+/// The crossbeam `ArrayQueue` pool: pop or allocate, push or free.
+struct QueuePool(ArrayQueue<Box<PageBuf>>);
+
+impl QueuePool {
+    fn new(capacity: usize, n: usize) -> Self {
+        let q = ArrayQueue::new(capacity);
+        for _ in 0..n {
+            let _ = q.push(new_buf());
+        }
+        Self(q)
+    }
+    #[inline]
+    fn get(&self) -> Box<PageBuf> {
+        self.0.pop().unwrap_or_else(new_buf)
+    }
+    #[inline]
+    fn put(&self, b: Box<PageBuf>) {
+        let _ = self.0.push(b);
+    }
+}
+
+fn lfop_linear() -> LinearObjectPool<Box<PageBuf>> {
+    LinearObjectPool::new(new_buf, |_| {})
+}
+
+fn lfop_spinlock() -> SpinLockObjectPool<Box<PageBuf>> {
+    SpinLockObjectPool::new(new_buf, |_| {})
+}
+
+// ---------------------------------------------------------------------------
+// 1, 7: one thread, alloc + free.
+
+fn pool_fast<M: Mode>(c: &mut Group<'_>) {
+    let device = M::device();
+    let mut pool = device.pool_builder().build().unwrap();
+    // Warm up: the first alloc maps a batch; afterwards all is local cache.
+    let p = pool.alloc().unwrap();
+    pool.recycle_direct(p);
+    c.bench_function(BenchmarkId::new("pagepool_fast", M::NAME), |b| {
+        b.iter(|| {
+            for _ in 0..OPS {
+                let page = pool.alloc().unwrap();
+                pool.recycle_direct(black_box(page));
+            }
+        })
+    });
+    assert_eq!(
+        pool.stats().alloc.slow,
+        1,
+        "the fast path bench left the cache"
+    );
+}
+
+fn single_thread(c: &mut Criterion) {
+    let mut g = c.benchmark_group("single_thread");
+    g.throughput(Throughput::Elements(OPS));
+
+    pool_fast::<Tracked>(&mut g);
+    pool_fast::<Untracked>(&mut g);
+
+    // The floor: a Vec of pointers, pop + push.
+    let mut v: Vec<NonNull<u8>> = Vec::with_capacity(128);
+    let bufs: Vec<Box<PageBuf>> = (0..64).map(|_| new_buf()).collect();
+    v.extend(bufs.iter().map(|b| NonNull::from(&**b).cast::<u8>()));
+    g.bench_function("vec_floor", |b| {
+        b.iter(|| {
+            for _ in 0..OPS {
+                let p = black_box(&mut v).pop().unwrap();
+                black_box(&mut v).push(black_box(p));
+            }
+        })
+    });
+
+    let pool = StdMutexPool::new(64);
+    g.bench_function("peer/mutex_vec_std", |b| {
+        b.iter(|| {
+            for _ in 0..OPS {
+                let buf = pool.get();
+                pool.put(black_box(buf));
+            }
+        })
+    });
+
+    let pool = PlMutexPool::new(64);
+    g.bench_function("peer/mutex_vec_parking_lot", |b| {
+        b.iter(|| {
+            for _ in 0..OPS {
+                let buf = pool.get();
+                pool.put(black_box(buf));
+            }
+        })
+    });
+
+    let pool = QueuePool::new(1024, 64);
+    g.bench_function("peer/crossbeam_array_queue", |b| {
+        b.iter(|| {
+            for _ in 0..OPS {
+                let buf = pool.get();
+                pool.put(black_box(buf));
+            }
+        })
+    });
+
+    let slab: sharded_slab::Pool<SlabBuf> = sharded_slab::Pool::new();
+    g.bench_function("peer/sharded_slab_pool", |b| {
+        b.iter(|| {
+            for _ in 0..OPS {
+                let key = {
+                    let mut r = slab.create().unwrap();
+                    black_box(&mut r.0);
+                    r.key()
+                };
+                slab.clear(black_box(key));
+            }
+        })
+    });
+
+    let pool = lfop_linear();
+    g.bench_function("peer/lockfree_linear", |b| {
+        b.iter(|| {
+            for _ in 0..OPS {
+                let r = pool.pull();
+                drop(black_box(r));
+            }
+        })
+    });
+
+    let pool = lfop_spinlock();
+    g.bench_function("peer/lockfree_spinlock", |b| {
+        b.iter(|| {
+            for _ in 0..OPS {
+                let r = pool.pull();
+                drop(black_box(r));
+            }
+        })
+    });
+
+    let layout = page_layout();
+    g.bench_function("peer/global_alloc", |b| {
+        b.iter(|| {
+            for _ in 0..OPS {
+                // SAFETY: non-zero size; freed with the same layout.
+                unsafe {
+                    let p = std::alloc::alloc(layout);
+                    std::alloc::dealloc(black_box(p), layout);
+                }
+            }
+        })
+    });
+    g.finish();
+    drop(bufs);
+}
+
+// ---------------------------------------------------------------------------
+// 2: the ring path, one thread.
+
+fn pool_ring<M: Mode>(g: &mut Group<'_>) {
+    let device = M::device();
+    let mut pool = device.pool_builder().build().unwrap();
+    drop(pool.alloc().unwrap());
+    g.bench_function(BenchmarkId::new("pagepool_ring", M::NAME), |b| {
+        b.iter(|| {
+            for _ in 0..OPS {
+                let page = pool.alloc().unwrap();
+                // Dropped, not recycled directly: into the shared ring; the
+                // cache refills from it 64 pages at a time.
+                drop(black_box(page));
+            }
+        })
+    });
+    let s = pool.stats();
+    assert_eq!(s.alloc.slow, 1, "the ring bench mapped pages: {s:?}");
+    assert_eq!(s.recycle.ring_full, 0, "the ring bench overflowed: {s:?}");
+}
+
+fn ring(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ring");
+    g.throughput(Throughput::Elements(OPS));
+    pool_ring::<Tracked>(&mut g);
+    pool_ring::<Untracked>(&mut g);
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------
+// 3: the slow path.
+
+/// Every alloc maps a fresh page, every release unmaps and frees it: a ring
+/// of one page and rounds of `SLOW_ROUND` allocs then drops. Per round one
+/// alloc takes the page the ring kept and one drop puts a page there; the
+/// other `SLOW_ROUND - 1` of each map and unmap (checked below).
+fn pool_slow<M: Mode, S: PageSource + Copy>(
+    g: &mut Group<'_>,
+    name: &str,
+    source: S,
+    cache: usize,
+) {
+    let device = M::device();
+    let mut pool: PagePool<M> = device
+        .pool_builder()
+        .cache_size(cache)
+        .refill_batch(cache)
+        .ring_size(1)
+        .page_source(source)
+        .build()
+        .unwrap();
+    let mut held: Vec<Page<M>> = Vec::with_capacity(SLOW_ROUND);
+    let mut allocs = 0u64;
+    g.bench_function(BenchmarkId::new(name, M::NAME), |b| {
+        b.iter_custom(|iters| {
+            allocs += iters;
+            let start = Instant::now();
+            let mut left = iters as usize;
+            while left > 0 {
+                let n = left.min(SLOW_ROUND);
+                for _ in 0..n {
+                    held.push(pool.alloc().unwrap());
+                }
+                held.clear();
+                left -= n;
+            }
+            start.elapsed()
+        })
+    });
+    let s = pool.stats();
+    let mapped = s.alloc.slow * if cache == 1 { 1 } else { cache as u64 };
+    let released = s.recycle.ring_full;
+    eprintln!(
+        "slow/{name}/{}: {:.1}% of allocs mapped a fresh page, {:.1}% of releases unmapped",
+        M::NAME,
+        100.0 * mapped.min(allocs) as f64 / allocs as f64,
+        100.0 * released as f64 / allocs as f64
+    );
+    drop(pool);
+}
+
+fn slow(c: &mut Criterion) {
+    let mut g = c.benchmark_group("slow");
+    g.throughput(Throughput::Elements(1));
+    // Cache of 1, refill of 1: one page mapped per alloc.
+    pool_slow::<Tracked, _>(&mut g, "global_pages", pagepool::GlobalPages, 1);
+    pool_slow::<Untracked, _>(&mut g, "global_pages", pagepool::GlobalPages, 1);
+    pool_slow::<Tracked, _>(&mut g, "arena", ArenaPages, 1);
+    pool_slow::<Untracked, _>(&mut g, "arena", ArenaPages, 1);
+    // Linux maps in bulk, 64 pages per refill.
+    pool_slow::<Tracked, _>(&mut g, "arena_batch64", ArenaPages, 64);
+    pool_slow::<Untracked, _>(&mut g, "arena_batch64", ArenaPages, 64);
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------
+// 5, 7: cross-thread.
+//
+// Two measurements, both "alloc on one thread, free on another":
+//
+// - phased (`cross_thread`, `cross_thread_bulk64`): per round this thread
+//   allocates `ROUND` items (timed), hands them to a second thread, which
+//   frees them (timed there), and waits for it. The sum of the two timed
+//   phases is the CPU work per page, cache-line transfers between the cores
+//   included. It does not need both threads on a core at the same moment,
+//   so it is repeatable on a shared machine.
+// - streaming (`cross_thread_streaming`): both threads run at once, items
+//   handed over in bursts of 64 through a bounded queue; wall time per page.
+//   This is the RX-thread / consumer-thread pipeline, and it needs two idle
+//   cores: on a loaded machine it measures the scheduler (see BENCHMARKS.md).
+
+/// Items per round of the phased bench: under the ring's 1024, so every
+/// page freed on the other thread goes back through the ring.
+const ROUND: usize = 512;
+
+fn phased<T: Send>(
+    iters: u64,
+    mut alloc: impl FnMut(&mut Vec<T>, usize),
+    mut free: impl FnMut(&mut Vec<T>) + Send,
+) -> Duration {
+    let (to_consumer, from_producer) = mpsc::sync_channel::<Vec<T>>(1);
+    let (to_producer, from_consumer) = mpsc::sync_channel::<(Vec<T>, Duration)>(1);
+    thread::scope(|s| {
+        s.spawn(move || {
+            for mut items in from_producer {
+                let start = Instant::now();
+                free(&mut items);
+                let took = start.elapsed();
+                assert!(items.is_empty(), "the consumer freed every item");
+                to_producer.send((items, took)).unwrap();
+            }
+        });
+        let mut items = Vec::with_capacity(ROUND);
+        let mut total = Duration::ZERO;
+        let mut left = iters;
+        while left > 0 {
+            let n = left.min(ROUND as u64) as usize;
+            let start = Instant::now();
+            alloc(&mut items, n);
+            total += start.elapsed();
+            to_consumer.send(items).unwrap();
+            let (back, took) = from_consumer.recv().unwrap();
+            total += took;
+            items = back;
+            left -= n as u64;
+        }
+        drop(to_consumer);
+        total
+    })
+}
+
+fn backoff(spins: &mut u32) {
+    *spins += 1;
+    if *spins < 64 {
+        std::hint::spin_loop();
+    } else {
+        *spins = 0;
+        thread::yield_now();
+    }
+}
+
+/// Streaming: `iters` items made one at a time by `alloc` on this thread,
+/// handed over in bursts of `BURST` through a bounded queue to a second
+/// thread running at the same time, which frees each burst with `free`.
+/// Wall time from both threads being ready to the last burst freed.
+fn streaming<T: Send>(
+    iters: u64,
+    mut alloc: impl FnMut() -> T,
+    mut free: impl FnMut(&mut Vec<T>) + Send,
+) -> Duration {
+    // At most BURSTS_IN_FLIGHT + 2 bursts (640 pages) between the threads,
+    // so the pool's ring (1024) takes every page back; more in flight than
+    // ring + cache would churn the slow path.
+    let full: ArrayQueue<Vec<T>> = ArrayQueue::new(BURSTS_IN_FLIGHT);
+    let empty: ArrayQueue<Vec<T>> = ArrayQueue::new(BURSTS_IN_FLIGHT + 2);
+    for _ in 0..BURSTS_IN_FLIGHT + 2 {
+        empty.push(Vec::with_capacity(BURST)).ok().unwrap();
+    }
+    let bursts = iters.div_ceil(BURST as u64);
+    let ready = AtomicBool::new(false);
+    thread::scope(|s| {
+        let (full, empty, ready) = (&full, &empty, &ready);
+        let consumer = s.spawn(move || {
+            ready.store(true, Ordering::Release);
+            let mut spins = 0;
+            let mut n = 0;
+            while n < bursts {
+                match full.pop() {
+                    Some(mut burst) => {
+                        free(&mut burst);
+                        assert!(burst.is_empty(), "the consumer freed every item");
+                        empty.push(burst).ok().unwrap();
+                        n += 1;
+                    }
+                    None => backoff(&mut spins),
+                }
+            }
+        });
+        while !ready.load(Ordering::Acquire) {
+            std::hint::spin_loop();
+        }
+        let start = Instant::now();
+        let mut spins = 0;
+        let mut left = iters;
+        for _ in 0..bursts {
+            let mut burst = loop {
+                match empty.pop() {
+                    Some(b) => break b,
+                    None => backoff(&mut spins),
+                }
+            };
+            let n = left.min(BURST as u64);
+            for _ in 0..n {
+                burst.push(alloc());
+            }
+            left -= n;
+            while let Err(back) = full.push(burst) {
+                burst = back;
+                backoff(&mut spins);
+            }
+        }
+        consumer.join().unwrap();
+        start.elapsed()
+    })
+}
+
+/// Frees pages in bursts of up to `BURST` with `put_bulk`.
+fn put_bulk_bursts<M: TrackingMode>(pages: &mut Vec<Page<M>>) {
+    while !pages.is_empty() {
+        let from = pages.len().saturating_sub(BURST);
+        put_bulk(pages.drain(from..));
+    }
+}
+
+fn report_pool<M: Mode>(what: &str, pool: &PagePool<M>) {
+    let s = pool.stats();
+    eprintln!(
+        "{what}/{}: {} slow refills, {} ring refills, {} pages released for a full ring",
+        M::NAME,
+        s.alloc.slow,
+        s.alloc.refill,
+        s.recycle.ring_full
+    );
+}
+
+fn pool_phased<M: Mode>(g: &mut Group<'_>, bulk: bool) {
+    let device = M::device();
+    let mut pool = device.pool_builder().build().unwrap();
+    let name = if bulk {
+        "pagepool_put_bulk"
+    } else {
+        "pagepool"
+    };
+    g.bench_function(BenchmarkId::new(name, M::NAME), |b| {
+        b.iter_custom(|iters| {
+            phased(
+                iters,
+                |items, n| items.extend((0..n).map(|_| pool.alloc().unwrap())),
+                |items| {
+                    if bulk {
+                        put_bulk_bursts(items)
+                    } else {
+                        items.clear()
+                    }
+                },
+            )
+        })
+    });
+    report_pool(&format!("phased/{name}"), &pool);
+}
+
+fn pool_streaming<M: Mode>(g: &mut Group<'_>, bulk: bool) {
+    let device = M::device();
+    let mut pool = device.pool_builder().build().unwrap();
+    let name = if bulk {
+        "pagepool_put_bulk"
+    } else {
+        "pagepool"
+    };
+    g.bench_function(BenchmarkId::new(name, M::NAME), |b| {
+        b.iter_custom(|iters| {
+            streaming(
+                iters,
+                || pool.alloc().unwrap(),
+                |burst| {
+                    if bulk {
+                        put_bulk(burst.drain(..))
+                    } else {
+                        burst.clear()
+                    }
+                },
+            )
+        })
+    });
+    report_pool(&format!("streaming/{name}"), &pool);
+}
+
+fn floor_ptr() -> SendPtr {
+    SendPtr(NonNull::from(black_box(&0u8)).cast())
+}
+
+fn cross_thread(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cross_thread");
+    g.throughput(Throughput::Elements(1));
+
+    pool_phased::<Tracked>(&mut g, false);
+    pool_phased::<Untracked>(&mut g, false);
+
+    g.bench_function("transport_floor", |b| {
+        b.iter_custom(|iters| {
+            phased(
+                iters,
+                |items, n| items.extend((0..n).map(|_| floor_ptr())),
+                |items| {
+                    items.drain(..).for_each(|p| {
+                        black_box(p);
+                    })
+                },
+            )
+        })
+    });
+
+    let pool = StdMutexPool::new(ROUND);
+    g.bench_function("peer/mutex_vec_std", |b| {
+        b.iter_custom(|iters| {
+            phased(
+                iters,
+                |items, n| items.extend((0..n).map(|_| pool.get())),
+                |items| items.drain(..).for_each(|x| pool.put(x)),
+            )
+        })
+    });
+
+    let pool = PlMutexPool::new(ROUND);
+    g.bench_function("peer/mutex_vec_parking_lot", |b| {
+        b.iter_custom(|iters| {
+            phased(
+                iters,
+                |items, n| items.extend((0..n).map(|_| pool.get())),
+                |items| items.drain(..).for_each(|x| pool.put(x)),
+            )
+        })
+    });
+
+    let pool = QueuePool::new(2 * ROUND, ROUND);
+    g.bench_function("peer/crossbeam_array_queue", |b| {
+        b.iter_custom(|iters| {
+            phased(
+                iters,
+                |items, n| items.extend((0..n).map(|_| pool.get())),
+                |items| items.drain(..).for_each(|x| pool.put(x)),
+            )
+        })
+    });
+
+    let slab: sharded_slab::Pool<SlabBuf> = sharded_slab::Pool::new();
+    g.bench_function("peer/sharded_slab_pool", |b| {
+        b.iter_custom(|iters| {
+            phased(
+                iters,
+                |keys, n| {
+                    keys.extend((0..n).map(|_| {
+                        let mut r = slab.create().unwrap();
+                        black_box(&mut r.0);
+                        r.key()
+                    }))
+                },
+                |keys| {
+                    keys.drain(..).for_each(|k| {
+                        slab.clear(k);
+                    })
+                },
+            )
+        })
+    });
+
+    let pool = lfop_linear();
+    g.bench_function("peer/lockfree_linear", |b| {
+        b.iter_custom(|iters| {
+            phased(
+                iters,
+                |items, n| items.extend((0..n).map(|_| pool.pull())),
+                |items| items.clear(),
+            )
+        })
+    });
+
+    let pool = lfop_spinlock();
+    g.bench_function("peer/lockfree_spinlock", |b| {
+        b.iter_custom(|iters| {
+            phased(
+                iters,
+                |items, n| items.extend((0..n).map(|_| pool.pull())),
+                |items| items.clear(),
+            )
+        })
+    });
+
+    let layout = page_layout();
+    g.bench_function("peer/global_alloc", |b| {
+        b.iter_custom(|iters| {
+            phased(
+                iters,
+                |items, n| {
+                    // SAFETY: non-zero size.
+                    items.extend((0..n).map(|_| {
+                        SendPtr(NonNull::new(unsafe { std::alloc::alloc(layout) }).unwrap())
+                    }))
+                },
+                // SAFETY: allocated above with this layout, freed once.
+                |items| {
+                    items
+                        .drain(..)
+                        .for_each(|p| unsafe { std::alloc::dealloc(p.0.as_ptr(), layout) })
+                },
+            )
+        })
+    });
+    g.finish();
+
+    // Bursts of 64: the pool frees with `put_bulk` (one ring lock per
+    // burst); of the peers only the Mutex<Vec> pools have a bulk form (one
+    // lock per burst on each side). The others' bulk is their single form.
+    let mut g = c.benchmark_group("cross_thread_bulk64");
+    g.throughput(Throughput::Elements(1));
+
+    pool_phased::<Tracked>(&mut g, true);
+    pool_phased::<Untracked>(&mut g, true);
+
+    let pool = StdMutexPool::new(ROUND);
+    g.bench_function("peer/mutex_vec_std", |b| {
+        b.iter_custom(|iters| {
+            phased(
+                iters,
+                |items, n| {
+                    while items.len() < n {
+                        let k = (n - items.len()).min(BURST);
+                        let mut held = pool.items.lock().unwrap();
+                        items.extend((0..k).map(|_| held.pop().unwrap_or_else(new_buf)));
+                    }
+                },
+                |items| {
+                    while !items.is_empty() {
+                        let from = items.len().saturating_sub(BURST);
+                        pool.items.lock().unwrap().extend(items.drain(from..));
+                    }
+                },
+            )
+        })
+    });
+
+    let pool = PlMutexPool::new(ROUND);
+    g.bench_function("peer/mutex_vec_parking_lot", |b| {
+        b.iter_custom(|iters| {
+            phased(
+                iters,
+                |items, n| {
+                    while items.len() < n {
+                        let k = (n - items.len()).min(BURST);
+                        let mut held = pool.items.lock();
+                        items.extend((0..k).map(|_| held.pop().unwrap_or_else(new_buf)));
+                    }
+                },
+                |items| {
+                    while !items.is_empty() {
+                        let from = items.len().saturating_sub(BURST);
+                        pool.items.lock().extend(items.drain(from..));
+                    }
+                },
+            )
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("cross_thread_streaming");
+    g.throughput(Throughput::Elements(1));
+
+    pool_streaming::<Tracked>(&mut g, false);
+    pool_streaming::<Untracked>(&mut g, false);
+    pool_streaming::<Tracked>(&mut g, true);
+    pool_streaming::<Untracked>(&mut g, true);
+
+    g.bench_function("transport_floor", |b| {
+        b.iter_custom(|iters| {
+            streaming(iters, floor_ptr, |burst| {
+                burst.drain(..).for_each(|p| {
+                    black_box(p);
+                })
+            })
+        })
+    });
+
+    let pool = PlMutexPool::new(2048);
+    g.bench_function("peer/mutex_vec_parking_lot", |b| {
+        b.iter_custom(|iters| {
+            streaming(
+                iters,
+                || pool.get(),
+                |burst| burst.drain(..).for_each(|x| pool.put(x)),
+            )
+        })
+    });
+    g.bench_function("peer/mutex_vec_parking_lot_bulk", |b| {
+        b.iter_custom(|iters| {
+            streaming(
+                iters,
+                || pool.get(),
+                |burst| pool.items.lock().append(burst),
+            )
+        })
+    });
+
+    let pool = QueuePool::new(2048, 2048);
+    g.bench_function("peer/crossbeam_array_queue", |b| {
+        b.iter_custom(|iters| {
+            streaming(
+                iters,
+                || pool.get(),
+                |burst| burst.drain(..).for_each(|x| pool.put(x)),
+            )
+        })
+    });
+
+    let pool = lfop_linear();
+    g.bench_function("peer/lockfree_linear", |b| {
+        b.iter_custom(|iters| streaming(iters, || pool.pull(), |burst| burst.clear()))
+    });
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------
+// 6: unbind with pages in flight.
+
+fn unbind(c: &mut Criterion) {
+    let mut g = c.benchmark_group("unbind");
+    g.sampling_mode(criterion::SamplingMode::Flat);
+    for (label, pages) in [("1K", 1usize << 10), ("64K", 1 << 16), ("1M", 1 << 20)] {
+        g.throughput(Throughput::Elements(pages as u64));
+        if pages >= 1 << 20 {
+            // Setup (mapping a million pages) dominates: the fewest samples.
+            g.sample_size(10);
+        }
+        g.bench_function(BenchmarkId::new("tracked", label), |b| {
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                let mut held: Vec<Page> = Vec::with_capacity(pages);
+                for _ in 0..iters {
+                    let device = Device::new(NoopOps);
+                    let mut pool = device
+                        .pool_builder()
+                        .page_source(ArenaPages)
+                        .build()
+                        .unwrap();
+                    held.extend((0..pages).map(|_| pool.alloc().unwrap()));
+                    let start = Instant::now();
+                    let report = device.unbind().unwrap();
+                    timed += start.elapsed();
+                    assert_eq!(report.pages_in_flight, pages, "{report}");
+                    held.clear();
+                    drop(pool);
+                }
+                timed
+            })
+        });
+    }
+    g.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(20)
+}
+
+// ---------------------------------------------------------------------------
+// Instruction counts: `PAGEPOOL_COUNT=<workload>:<n>` runs one workload n
+// times and exits, for `valgrind --tool=callgrind`. Counting at n and 2n and
+// dividing the difference by n gives instructions per operation, setup and
+// warm-up cancelled out (BENCHMARKS.md has the loop).
+
+fn count_fast<M: Mode>(n: u64) {
+    let device = M::device();
+    let mut pool = device.pool_builder().build().unwrap();
+    drop(pool.alloc().unwrap());
+    for _ in 0..n {
+        let page = pool.alloc().unwrap();
+        pool.recycle_direct(black_box(page));
+    }
+}
+
+fn count_ring<M: Mode>(n: u64) {
+    let device = M::device();
+    let mut pool = device.pool_builder().build().unwrap();
+    drop(pool.alloc().unwrap());
+    for _ in 0..n {
+        drop(black_box(pool.alloc().unwrap()));
+    }
+}
+
+fn count_slow<M: Mode>(n: u64, cache: usize) {
+    let device = M::device();
+    let mut pool = device
+        .pool_builder()
+        .cache_size(cache)
+        .refill_batch(cache)
+        .ring_size(1)
+        .page_source(ArenaPages)
+        .build()
+        .unwrap();
+    let mut held: Vec<Page<M>> = Vec::with_capacity(SLOW_ROUND);
+    let mut left = n as usize;
+    while left > 0 {
+        let k = left.min(SLOW_ROUND);
+        held.extend((0..k).map(|_| pool.alloc().unwrap()));
+        held.clear();
+        left -= k;
+    }
+}
+
+/// Alloc `BURST` pages, give them back with `put_bulk` (same thread: into
+/// the ring), `n / BURST` times.
+fn count_bulk<M: Mode>(n: u64) {
+    let device = M::device();
+    let mut pool = device.pool_builder().build().unwrap();
+    let mut burst: Vec<Page<M>> = Vec::with_capacity(BURST);
+    for _ in 0..n / BURST as u64 {
+        burst.extend((0..BURST).map(|_| pool.alloc().unwrap()));
+        put_bulk(burst.drain(..));
+    }
+}
+
+fn count(spec: &str) {
+    let (workload, n) = spec.split_once(':').expect("PAGEPOOL_COUNT=<workload>:<n>");
+    let n: u64 = n.parse().expect("PAGEPOOL_COUNT: n is a number");
+    match workload {
+        "fast_tracked" => count_fast::<Tracked>(n),
+        "fast_untracked" => count_fast::<Untracked>(n),
+        "ring_tracked" => count_ring::<Tracked>(n),
+        "ring_untracked" => count_ring::<Untracked>(n),
+        "slow_arena_tracked" => count_slow::<Tracked>(n, 1),
+        "slow_arena_untracked" => count_slow::<Untracked>(n, 1),
+        "slow_arena_batch64_tracked" => count_slow::<Tracked>(n, 64),
+        "slow_arena_batch64_untracked" => count_slow::<Untracked>(n, 64),
+        "bulk_tracked" => count_bulk::<Tracked>(n),
+        "bulk_untracked" => count_bulk::<Untracked>(n),
+        "vec_floor" => {
+            let bufs: Vec<Box<PageBuf>> = (0..64).map(|_| new_buf()).collect();
+            let mut v: Vec<NonNull<u8>> = Vec::with_capacity(128);
+            v.extend(bufs.iter().map(|b| NonNull::from(&**b).cast::<u8>()));
+            for _ in 0..n {
+                let p = black_box(&mut v).pop().unwrap();
+                black_box(&mut v).push(black_box(p));
+            }
+        }
+        "mutex_vec_std" => {
+            let pool = StdMutexPool::new(64);
+            for _ in 0..n {
+                let buf = pool.get();
+                pool.put(black_box(buf));
+            }
+        }
+        "mutex_vec_parking_lot" => {
+            let pool = PlMutexPool::new(64);
+            for _ in 0..n {
+                let buf = pool.get();
+                pool.put(black_box(buf));
+            }
+        }
+        "crossbeam_array_queue" => {
+            let pool = QueuePool::new(1024, 64);
+            for _ in 0..n {
+                let buf = pool.get();
+                pool.put(black_box(buf));
+            }
+        }
+        "sharded_slab_pool" => {
+            let slab: sharded_slab::Pool<SlabBuf> = sharded_slab::Pool::new();
+            for _ in 0..n {
+                let key = {
+                    let mut r = slab.create().unwrap();
+                    black_box(&mut r.0);
+                    r.key()
+                };
+                slab.clear(black_box(key));
+            }
+        }
+        "lockfree_linear" => {
+            let pool = lfop_linear();
+            for _ in 0..n {
+                drop(black_box(pool.pull()));
+            }
+        }
+        "lockfree_spinlock" => {
+            let pool = lfop_spinlock();
+            for _ in 0..n {
+                drop(black_box(pool.pull()));
+            }
+        }
+        "global_alloc" => {
+            let layout = page_layout();
+            for _ in 0..n {
+                // SAFETY: non-zero size; freed with the same layout.
+                unsafe {
+                    let p = std::alloc::alloc(layout);
+                    std::alloc::dealloc(black_box(p), layout);
+                }
+            }
+        }
+        other => panic!("unknown PAGEPOOL_COUNT workload {other:?}"),
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = single_thread, ring, slow, cross_thread, unbind
+}
+
+fn main() {
+    if let Ok(spec) = std::env::var("PAGEPOOL_COUNT") {
+        count(&spec);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -1,0 +1,654 @@
+//! A userspace driver for the Intel 82574 (QEMU's `e1000e`) over VFIO, with
+//! every receive and transmit buffer a `pagepool` page.
+//!
+//! ```text
+//! e1000e <bdf> [--peer IFACE] [--seconds S] [--tx-frames N] [--consumers N]
+//!              [--echo-pattern HEX] [--min-rx N] [--unplug-test]
+//! ```
+//!
+//! - probe ([`nic::Nic::probe`]): VFIO device fd, BAR0, bus master, reset,
+//!   interrupts masked, link up; descriptor rings mapped by the driver
+//!   ([`coherent`]); one `Device` on the VFIO container, a receive pool
+//!   (`FromDevice`) and a transmit pool (`ToDevice`);
+//! - the poll loop: receive with a NAPI budget of 64 and refill from the
+//!   pool's fast path ([`nic::RxQueue::poll`]), frames to consumer threads
+//!   ([`consumer`]) that check them, hold them and drop them on their own
+//!   threads; transmit broadcast frames and recycle their pages on
+//!   completion ([`nic::TxQueue`]);
+//! - remove: stop both DMA engines (bounded wait), take the ring buffers
+//!   back, `Device::unbind` while consumers still hold pages, free the
+//!   rings;
+//! - `--unplug-test` ([`unplug`]): between unbind and freeing the rings,
+//!   re-arm the receive ring at the old addresses to show what an unplug
+//!   race would do, and check the IOMMU refused it all.
+//!
+//! `--peer IFACE` names the kernel's netdev on the other end of the link:
+//! its MAC is checked as the source of every received frame and its
+//! `rx_packets` counts the frames sent. Exit status 0 if every check passed.
+//!
+//! Walk-through: `examples/e1000e/README.md`.
+
+#[cfg(target_os = "linux")]
+mod coherent;
+#[cfg(target_os = "linux")]
+mod consumer;
+#[cfg(target_os = "linux")]
+mod frame;
+#[cfg(target_os = "linux")]
+mod kmsg;
+#[cfg(target_os = "linux")]
+mod nic;
+#[cfg(target_os = "linux")]
+mod regs;
+#[cfg(target_os = "linux")]
+mod unplug;
+
+use std::process::ExitCode;
+
+#[cfg(not(target_os = "linux"))]
+fn main() -> ExitCode {
+    eprintln!("e1000e drives a PCI NIC through Linux VFIO: Linux only");
+    ExitCode::FAILURE
+}
+
+#[cfg(target_os = "linux")]
+fn main() -> ExitCode {
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("e1000e: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match driver::run(&args) {
+        Ok(checks) if checks.failed == 0 => {
+            println!("e1000e: all {} checks passed", checks.passed);
+            ExitCode::SUCCESS
+        }
+        Ok(checks) => {
+            println!(
+                "e1000e: {} of {} checks FAILED",
+                checks.failed,
+                checks.passed + checks.failed
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            println!("e1000e: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+const USAGE: &str = "usage: e1000e <bdf> [--peer IFACE] [--seconds S] [--tx-frames N] \
+                     [--consumers N] [--echo-pattern HEX] [--min-rx N] [--unplug-test]";
+
+/// Command-line options.
+#[cfg(target_os = "linux")]
+struct Args {
+    bdf: String,
+    peer: Option<String>,
+    seconds: f64,
+    tx_frames: u64,
+    consumers: usize,
+    echo_pattern: Option<u8>,
+    min_rx: u64,
+    unplug_test: bool,
+}
+
+#[cfg(target_os = "linux")]
+impl Args {
+    fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
+        let mut args = Args {
+            bdf: String::new(),
+            peer: None,
+            seconds: 5.0,
+            tx_frames: 1000,
+            consumers: 3,
+            echo_pattern: None,
+            min_rx: 1,
+            unplug_test: false,
+        };
+        fn value<T: std::str::FromStr>(
+            it: &mut impl Iterator<Item = String>,
+            name: &str,
+        ) -> Result<T, String> {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("{name} needs a valid value"))
+        }
+        while let Some(arg) = it.next() {
+            match arg.as_str() {
+                "--peer" => args.peer = Some(value(&mut it, "--peer")?),
+                "--seconds" => args.seconds = value(&mut it, "--seconds")?,
+                "--tx-frames" => args.tx_frames = value(&mut it, "--tx-frames")?,
+                "--consumers" => args.consumers = value(&mut it, "--consumers")?,
+                "--min-rx" => args.min_rx = value(&mut it, "--min-rx")?,
+                "--echo-pattern" => {
+                    let hex: String = value(&mut it, "--echo-pattern")?;
+                    let hex = hex.trim_start_matches("0x");
+                    args.echo_pattern = Some(
+                        u8::from_str_radix(hex, 16)
+                            .map_err(|_| format!("--echo-pattern {hex}: one hex byte"))?,
+                    );
+                }
+                "--unplug-test" => args.unplug_test = true,
+                "-h" | "--help" => return Err("help".into()),
+                _ if args.bdf.is_empty() && !arg.starts_with('-') => args.bdf = arg,
+                _ => return Err(format!("unknown argument {arg}")),
+            }
+        }
+        if args.bdf.is_empty() {
+            return Err("the PCI address of the NIC (bound to vfio-pci) is missing".into());
+        }
+        if args.consumers == 0 || !args.seconds.is_finite() || args.seconds <= 0.0 {
+            return Err("--consumers and --seconds must be positive".into());
+        }
+        Ok(args)
+    }
+}
+
+/// Pass/fail bookkeeping: every check prints one line.
+#[cfg(target_os = "linux")]
+#[derive(Default)]
+pub struct Checks {
+    passed: usize,
+    failed: usize,
+}
+
+#[cfg(target_os = "linux")]
+impl Checks {
+    pub fn check(&mut self, ok: bool, what: String) {
+        if ok {
+            self.passed += 1;
+            println!("e1000e: ok    {what}");
+        } else {
+            self.failed += 1;
+            println!("e1000e: FAIL  {what}");
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod driver {
+    use std::error::Error;
+    use std::sync::atomic::Ordering;
+    use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+    use std::sync::Arc;
+    use std::thread::{self, sleep};
+    use std::time::{Duration, Instant};
+
+    use pagepool::vfio::VfioStats;
+    use pagepool::{put_bulk, Device, DmaAddr, DmaDirection, PagePool, PoolStats};
+
+    use crate::consumer::{self, HoldPolicy, Msg, RxBuf, RxFrame};
+    use crate::frame::{build_tx, Expect, Mac};
+    use crate::kmsg::Kmsg;
+    use crate::nic::{Nic, RxQueue, TxQueue};
+    use crate::{unplug, Args, Checks};
+
+    /// NAPI budget: frames per poll.
+    const BUDGET: usize = 64;
+    /// Descriptor rings mapped by the driver itself (RX and TX).
+    const RING_MAPPINGS: u32 = 2;
+    /// Bound on waiting for the DMA engines to go quiet in remove.
+    const STOP_BOUND: Duration = Duration::from_millis(200);
+
+    fn netdev_file(peer: &str, file: &str) -> Result<String, Box<dyn Error>> {
+        let path = format!("/sys/class/net/{peer}/{file}");
+        Ok(std::fs::read_to_string(&path)
+            .map_err(|e| format!("{path}: {e} (is --peer the kernel's netdev?)"))?
+            .trim()
+            .to_owned())
+    }
+
+    /// The peer's `rx_packets` and `rx_bytes`.
+    fn peer_rx(peer: &str) -> Result<(u64, u64), Box<dyn Error>> {
+        Ok((
+            netdev_file(peer, "statistics/rx_packets")?.parse()?,
+            netdev_file(peer, "statistics/rx_bytes")?.parse()?,
+        ))
+    }
+
+    fn print_pool(name: &str, s: &PoolStats) {
+        println!(
+            "e1000e: {name} pool: alloc fast {} slow {} (batches) refill {} empty {}; recycle \
+             cached {} ring {} ring_full {} released {}; after unbind: pages mapped {}, in \
+             flight {}",
+            s.alloc.fast,
+            s.alloc.slow,
+            s.alloc.refill,
+            s.alloc.empty,
+            s.recycle.cached,
+            s.recycle.ring,
+            s.recycle.ring_full,
+            s.recycle.released_refcnt,
+            s.pages_mapped,
+            s.pages_in_flight
+        );
+    }
+
+    fn print_vfio(what: &str, s: &VfioStats) {
+        println!(
+            "e1000e: VFIO {what}: {} ioctls, {} MAP_DMA, {} UNMAP_DMA ({} mappings), {} live",
+            s.ioctls, s.map_calls, s.unmap_calls, s.unmapped, s.live_mappings
+        );
+    }
+
+    /// Where a received frame goes: round-robin over the consumers, the last
+    /// of which takes frames as `Bytes`. Returns the page if no consumer
+    /// could take it (its channel is full), for recycling on the fast path.
+    struct Dispatch {
+        senders: Vec<SyncSender<Msg>>,
+        next: usize,
+        dropped: u64,
+    }
+
+    impl Dispatch {
+        fn deliver(&mut self, page: pagepool::Page, len: usize) -> Option<pagepool::Page> {
+            let i = self.next % self.senders.len();
+            self.next += 1;
+            let iova = page.dma_addr();
+            let bytes_consumer = self.senders.len() > 1 && i == self.senders.len() - 1;
+            let buf = if bytes_consumer {
+                RxBuf::Bytes(page.into_bytes())
+            } else {
+                RxBuf::Page(page)
+            };
+            match self.senders[i].try_send(Msg::Frame(RxFrame { buf, len, iova })) {
+                Ok(()) => None,
+                Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
+                    self.dropped += 1;
+                    match msg {
+                        Msg::Frame(RxFrame {
+                            buf: RxBuf::Page(page),
+                            ..
+                        }) => Some(page),
+                        // A `Bytes` gives its page back when dropped.
+                        _ => None,
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn run(args: &Args) -> Result<Checks, Box<dyn Error>> {
+        let mut checks = Checks::default();
+        let mut kmsg = Kmsg::from_now().ok();
+        if args.unplug_test && kmsg.is_none() {
+            return Err("--unplug-test reads /dev/kmsg: run as root".into());
+        }
+        let peer_mac: Option<Mac> = match &args.peer {
+            Some(peer) => Some(netdev_file(peer, "address")?.parse()?),
+            None => None,
+        };
+
+        // ---- probe -------------------------------------------------------
+        let (nic, info) = Nic::probe(&args.bdf)?;
+        let dma = nic.dev.dma().clone();
+        let avail_start = dma.dma_avail()?;
+        println!(
+            "e1000e: probe {}: 82574L, BAR0 {} KiB, MAC {}, link up after {:?}; DMA_AVAIL {} \
+             before the driver mapped anything",
+            nic.dev.bdf(),
+            info.bar0_len / 1024,
+            nic.mac,
+            info.link_wait,
+            avail_start
+        );
+        let mut rxq = RxQueue::new(&nic)?;
+        let mut txq = TxQueue::new(&nic)?;
+        let avail_rings = dma.dma_avail()?;
+        checks.check(
+            avail_rings == avail_start - RING_MAPPINGS,
+            format!("descriptor rings mapped: DMA_AVAIL {avail_start} -> {avail_rings}"),
+        );
+
+        let device = Device::new(dma.clone());
+        let mut rx_pool: PagePool = device
+            .pool_builder()
+            .direction(DmaDirection::FromDevice)
+            .ring_size(1024)
+            .cache_size(128)
+            .refill_batch(BUDGET)
+            .build()?;
+        let mut tx_pool: PagePool = device
+            .pool_builder()
+            .direction(DmaDirection::ToDevice)
+            .ring_size(256)
+            .cache_size(64)
+            .refill_batch(16)
+            .build()?;
+
+        // ---- consumers ---------------------------------------------------
+        let shared = Arc::new(consumer::Shared::default());
+        let expect = Expect {
+            peer: peer_mac,
+            echo_pattern: args.echo_pattern,
+        };
+        let mut dispatch = Dispatch {
+            senders: Vec::new(),
+            next: 0,
+            dropped: 0,
+        };
+        let mut threads = Vec::new();
+        for i in 0..args.consumers {
+            let (tx, rx) = sync_channel(256);
+            dispatch.senders.push(tx);
+            let shared = Arc::clone(&shared);
+            let policy = HoldPolicy {
+                hold: Duration::from_millis(500 + 500 * i as u64),
+                min_held: 16,
+            };
+            threads.push(
+                thread::Builder::new()
+                    .name(format!("consumer-{i}"))
+                    .spawn(move || consumer::run(rx, shared, expect, policy))?,
+            );
+        }
+
+        // ---- up ------------------------------------------------------------
+        rxq.refill(&mut rx_pool, &nic);
+        nic.enable_rx();
+        nic.enable_tx();
+        let peer_before = match &args.peer {
+            Some(peer) => Some(peer_rx(peer)?),
+            None => None,
+        };
+
+        // ---- the poll loop -------------------------------------------------
+        let started = Instant::now();
+        let run_for = Duration::from_secs_f64(args.seconds);
+        // Transmit spread over the first 60% of the run.
+        let tx_window = run_for.mul_f64(0.6);
+        let mut tx_seq = 0u64;
+        let mut tx_alloc_failures = 0u64;
+        let mut polls = 0u64;
+        while started.elapsed() < run_for {
+            polls += 1;
+            let received = rxq.poll(BUDGET, &mut rx_pool, &nic, |page, len| {
+                dispatch.deliver(page, len)
+            });
+            txq.clean(&mut tx_pool);
+            let due = (args.tx_frames as f64
+                * (started.elapsed().as_secs_f64() / tx_window.as_secs_f64()).min(1.0))
+                as u64;
+            let mut posted = 0;
+            while tx_seq < due && txq.free() > 0 && posted < 16 {
+                let mut page = match tx_pool.alloc() {
+                    Ok(page) => page,
+                    Err(_) => {
+                        tx_alloc_failures += 1;
+                        break;
+                    }
+                };
+                let len = build_tx(page.as_mut_slice(), nic.mac, tx_seq);
+                page.sync_for_device(0..len)?;
+                if txq.post(page, len).is_err() {
+                    break;
+                }
+                tx_seq += 1;
+                posted += 1;
+            }
+            if posted > 0 {
+                txq.kick(&nic);
+            }
+            if received == 0 && posted == 0 {
+                sleep(Duration::from_micros(200));
+            }
+        }
+
+        // ---- remove, while traffic flows and consumers hold pages -------------
+        match nic.stop_dma(STOP_BOUND) {
+            Ok(waited) => checks.check(
+                true,
+                format!("remove: RCTL.EN/TCTL.EN cleared, DMA engines quiet after {waited:?}"),
+            ),
+            Err(e) => {
+                // It would not stop: cut it off the bus before anything it
+                // may still write is unmapped and freed.
+                nic.dev.set_bus_master(false)?;
+                checks.check(false, format!("remove: {e}; Bus Master Enable cleared"));
+            }
+        }
+        // Frames the device finished before it stopped still go up (no
+        // refill: the ring stays empty from here on).
+        let tail = rxq.clean(usize::MAX, &mut rx_pool, |page, len| {
+            dispatch.deliver(page, len)
+        });
+        txq.clean(&mut tx_pool);
+        // The buffers the device owned come back to the driver, then to
+        // their pools, in bulk. Their device addresses are kept for the
+        // unplug experiment.
+        let armed = rxq.take_armed();
+        let freed: Vec<DmaAddr> = armed.iter().map(|p| p.dma_addr()).collect();
+        put_bulk(armed);
+        put_bulk(txq.take_pending());
+        let (device_rx, device_tx) = nic.take_packet_counters();
+        let rx_stats = rxq.stats;
+        let tx_stats = txq.stats;
+        let held_at_unbind = shared.held.load(Ordering::Relaxed);
+        let vfio_before_unbind = dma.stats();
+        let report = device.unbind()?;
+        println!(
+            "e1000e: {report} (consumers holding about {held_at_unbind} pages, frames still \
+             flowing at the peer)"
+        );
+        let avail_unbound = dma.dma_avail()?;
+        checks.check(
+            report.mappings_left == 0,
+            "unbind reached every mapping (mappings_left 0)".to_owned(),
+        );
+        checks.check(
+            avail_unbound == avail_rings,
+            format!(
+                "after unbind returned: DMA_AVAIL {avail_unbound} = {avail_rings}, its value \
+                 before the pools mapped anything (only the driver's {RING_MAPPINGS} rings left)"
+            ),
+        );
+
+        // ---- what happened -------------------------------------------------
+        let seconds = started.elapsed().as_secs_f64();
+        println!(
+            "e1000e: RX {} frames, {} bytes into pool pages in {seconds:.1} s ({} polls, {} at \
+             stop); {} dropped for full channels, {} bad descriptors, {} refill failures",
+            rx_stats.frames,
+            rx_stats.bytes,
+            polls,
+            tail,
+            dispatch.dropped,
+            rx_stats.bad_descriptors,
+            rx_stats.alloc_failures
+        );
+        println!(
+            "e1000e: TX {} frames, {} bytes from pool pages ({} reclaimed unsent, {} allocation \
+             failures); device counters: {device_rx} received, {device_tx} sent",
+            tx_stats.frames, tx_stats.bytes, tx_stats.reclaimed, tx_alloc_failures
+        );
+        checks.check(
+            u64::from(device_rx) == rx_stats.frames + rx_stats.bad_descriptors,
+            format!(
+                "every frame the device received was polled ({device_rx} = {} + {})",
+                rx_stats.frames, rx_stats.bad_descriptors
+            ),
+        );
+        checks.check(
+            rx_stats.frames >= args.min_rx && rx_stats.bad_descriptors == 0,
+            format!(
+                "received {} frames (at least {}), no bad descriptor",
+                rx_stats.frames, args.min_rx
+            ),
+        );
+        checks.check(
+            tx_stats.frames == args.tx_frames && u64::from(device_tx) == tx_stats.frames,
+            format!(
+                "transmitted {} of {} frames, all completed (device sent {device_tx})",
+                tx_stats.frames, args.tx_frames
+            ),
+        );
+        if let (Some(peer), Some(before)) = (&args.peer, peer_before) {
+            // The peer's counters are the kernel's: wait until they settle.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            let mut after = peer_rx(peer)?;
+            while after.0 - before.0 < tx_stats.frames && Instant::now() < deadline {
+                sleep(Duration::from_millis(50));
+                after = peer_rx(peer)?;
+            }
+            checks.check(
+                after.0 - before.0 == tx_stats.frames,
+                format!(
+                    "the kernel's {peer} counted them: rx_packets {} -> {} (+{}), rx_bytes +{}",
+                    before.0,
+                    after.0,
+                    after.0 - before.0,
+                    after.1 - before.1
+                ),
+            );
+        }
+        // Consumers have checked every frame handed to them by now (give
+        // them a moment for the last few).
+        let delivered = rx_stats.frames - dispatch.dropped;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while shared.frames.load(Ordering::Relaxed) < delivered && Instant::now() < deadline {
+            sleep(Duration::from_millis(5));
+        }
+        let c = &shared;
+        let bad = c.bad.load(Ordering::Relaxed);
+        println!(
+            "e1000e: consumers checked {} frames, {} bytes: {} echo requests (payload {}), {} \
+             other ICMPv6 (MLD, ND), {} other IPv6, {bad} bad; {} pages dropped back so far",
+            c.frames.load(Ordering::Relaxed),
+            c.bytes.load(Ordering::Relaxed),
+            c.echo_requests.load(Ordering::Relaxed),
+            args.echo_pattern
+                .map_or("not checked".to_owned(), |p| format!("{p:#04x} checked")),
+            c.other_icmpv6.load(Ordering::Relaxed),
+            c.other_ipv6.load(Ordering::Relaxed),
+            c.dropped.load(Ordering::Relaxed),
+        );
+        if let Some(why) = c.first_bad.lock().unwrap().as_ref() {
+            println!("e1000e:   first bad frame: {why}");
+        }
+        checks.check(
+            bad == 0 && c.frames.load(Ordering::Relaxed) == delivered,
+            format!(
+                "content of all {delivered} delivered frames checked (Ethernet header from the \
+                 peer, IPv6 lengths, ICMPv6 checksums{}): {bad} bad",
+                if args.echo_pattern.is_some() {
+                    ", ping payload"
+                } else {
+                    ""
+                }
+            ),
+        );
+        let rx_pool_stats = rx_pool.stats();
+        let tx_pool_stats = tx_pool.stats();
+        print_pool("RX", &rx_pool_stats);
+        print_pool("TX", &tx_pool_stats);
+        let rx_mapped_total = vfio_before_unbind.map_calls - u64::from(RING_MAPPINGS);
+        println!(
+            "e1000e: pages recycled: {} through the RX pool's ring (dropped by consumers), {} \
+             straight into the TX cache on completion; {} frames received into {} RX+TX pages \
+             ever mapped",
+            rx_pool_stats.recycle.ring,
+            tx_pool_stats.recycle.cached,
+            rx_stats.frames,
+            rx_mapped_total
+        );
+        checks.check(
+            rx_pool_stats.alloc.refill > 0
+                && tx_pool_stats.recycle.cached > 0
+                && rx_stats.posted > rx_mapped_total,
+            format!(
+                "pages were reused: {} RX buffers posted from {rx_mapped_total} pages ever \
+                 mapped, {} cache refills from the ring",
+                rx_stats.posted, rx_pool_stats.alloc.refill
+            ),
+        );
+
+        // ---- the unplug experiment -------------------------------------------
+        let mut outcome = None;
+        if args.unplug_test {
+            let kmsg = kmsg.as_mut().expect("opened above");
+            outcome = Some(unplug::run(
+                &nic,
+                &mut rxq,
+                &dispatch.senders,
+                &freed,
+                kmsg,
+                &mut checks,
+            ));
+        }
+
+        // ---- the rest of remove: free the rings, bus mastering off -------------
+        rxq.ring_mut().unmap()?;
+        txq.ring_mut().unmap()?;
+        nic.dev.set_bus_master(false)?;
+        let avail_end = dma.dma_avail()?;
+        checks.check(
+            avail_end == avail_start,
+            format!(
+                "rings freed: DMA_AVAIL {avail_end} = {avail_start}, its value before the \
+                 driver started"
+            ),
+        );
+
+        // ---- consumers drop what they held: no VFIO call ----------------------
+        let vfio_before = dma.stats();
+        let held = shared.held.load(Ordering::Relaxed);
+        for tx in &dispatch.senders {
+            let _ = tx.send(Msg::Release);
+        }
+        for t in threads {
+            t.join().map_err(|_| "a consumer thread panicked")?;
+        }
+        drop(rx_pool);
+        drop(tx_pool);
+        drop(device);
+        let vfio_after = dma.stats();
+        print_vfio("before the drops", &vfio_before);
+        print_vfio("after", &vfio_after);
+        checks.check(
+            vfio_after == vfio_before,
+            format!(
+                "consumers dropped their {held} pages on their threads, the pools and the \
+                 Device were dropped: no VFIO call (ioctls {} -> {})",
+                vfio_before.ioctls, vfio_after.ioctls
+            ),
+        );
+
+        // ---- summary --------------------------------------------------------
+        println!("e1000e: ---- summary ----");
+        println!(
+            "e1000e: RX {} frames / {} bytes; TX {} frames / {} bytes",
+            rx_stats.frames, rx_stats.bytes, tx_stats.frames, tx_stats.bytes
+        );
+        println!(
+            "e1000e: pages recycled {} (RX ring) + {} (TX cache); pages held by consumers when \
+             unbind started: {held_at_unbind} ({} came back while or after it ran, freed with \
+             no device call)",
+            rx_pool_stats.recycle.ring,
+            tx_pool_stats.recycle.cached,
+            rx_pool_stats.recycle.released_refcnt
+        );
+        println!(
+            "e1000e: DMA_AVAIL {avail_start} before, {avail_rings} with the rings, \
+             {avail_unbound} after unbind, {avail_end} after remove"
+        );
+        if let Some(o) = outcome {
+            println!(
+                "e1000e: unplug: {} held pages ({} as Bytes) pattern-checked, {} stale \
+                 descriptors re-armed, {} written back by the device, {} DMAR faults seen, {} \
+                 bytes changed",
+                o.held,
+                o.held_as_bytes,
+                o.rearmed,
+                o.completed,
+                o.faults.len(),
+                o.bytes_changed
+            );
+        }
+        Ok(checks)
+    }
+}
