@@ -1,0 +1,22 @@
+//! Fuzz target: the input is a configuration and a sequence of operations
+//! over three logical threads (see `fuzz/interp.rs` for the format). Byte 0
+//! bit 0 chooses the mode: deterministic (one OS thread, the input picks
+//! which logical thread acts next, full reference-model check after every
+//! op) or real threads (each logical thread on its own OS thread). The
+//! checking device runs in record mode; any violation, leak, double free,
+//! wrong allocation result or content mismatch panics: a crash.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+#[path = "../interp.rs"]
+mod interp;
+
+fuzz_target!(|data: &[u8]| {
+    let (cfg, threaded, ops) = interp::decode(data);
+    if threaded {
+        interp::run_threaded(&cfg, &ops);
+    } else {
+        interp::run(&cfg, &ops);
+    }
+});

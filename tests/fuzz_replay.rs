@@ -1,0 +1,380 @@
+//! Replays the fuzz target's seed corpus (`fuzz/seeds/interleavings/`) and
+//! every saved fuzz regression (`fuzz/regressions/interleavings/`) on
+//! stable, as an ordinary `cargo test`, with the very interpreter the fuzz
+//! target runs (`fuzz/interp.rs`). Each input runs in both modes: the
+//! deterministic one with the full reference-model check, and the one with
+//! real threads.
+//!
+//! The seeds are generated from the sequences in [`seeds`]; after changing
+//! them (or the encoding) run
+//! `cargo test --features bytes --test fuzz_replay -- --ignored write_seeds`.
+
+#[path = "../fuzz/interp.rs"]
+mod interp;
+
+use std::path::{Path, PathBuf};
+
+use interp::{encode, pool_cfg_from, Config, How, Op, UnbindHow};
+
+fn inputs(dir: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .map(|e| e.expect("readable directory").path())
+        .filter(|p| {
+            p.is_file()
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+fn replay(path: &Path) {
+    let data = std::fs::read(path).expect("readable input");
+    let (cfg, _threaded, ops) = interp::decode(&data);
+    eprintln!("replaying {} ({} ops)", path.display(), ops.len());
+    interp::run(&cfg, &ops);
+    interp::run_threaded(&cfg, &ops);
+}
+
+#[test]
+fn replay_seed_corpus() {
+    let files = inputs("fuzz/seeds/interleavings");
+    assert!(files.len() >= 5, "the seed corpus is missing");
+    for f in &files {
+        replay(f);
+    }
+}
+
+#[test]
+fn replay_fuzz_regressions() {
+    for f in &inputs("fuzz/regressions/interleavings") {
+        replay(f);
+    }
+}
+
+/// Every seed in the repository is what [`seeds`] encodes (so the files
+/// cannot silently go stale when the encoding changes).
+#[test]
+fn seed_files_are_current() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/interleavings");
+    for (name, cfg, threaded, ops) in seeds() {
+        let want = encode(&cfg, threaded, &ops);
+        let got = std::fs::read(dir.join(name)).unwrap_or_default();
+        assert!(
+            got == want,
+            "fuzz/seeds/interleavings/{name} is stale: run \
+             `cargo test --features bytes --test fuzz_replay -- --ignored write_seeds`"
+        );
+        let (dcfg, dthreaded, dops) = interp::decode(&want);
+        assert_eq!(
+            (dcfg, dthreaded, dops),
+            (cfg, threaded, ops),
+            "{name}: encode/decode"
+        );
+    }
+}
+
+/// Writes the seed corpus.
+#[test]
+#[ignore = "writes fuzz/seeds/interleavings; run by hand"]
+fn write_seeds() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/interleavings");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, cfg, threaded, ops) in seeds() {
+        std::fs::write(dir.join(name), encode(&cfg, threaded, &ops)).unwrap();
+    }
+}
+
+/// The seeds: small sequences that each reach one area (the fuzzer mutates
+/// from there).
+fn seeds() -> Vec<(&'static str, Config, bool, Vec<Op>)> {
+    use Op::*;
+    // Pool 0: order 0, FromDevice, cache 4, batch 2, ring 2, sync on recycle
+    // (0, 1 + 7*61 = 428). Pool 1: order 1, Bidirectional, cache 2, batch 1,
+    // ring 1.
+    let basic = Config {
+        pools: [
+            pool_cfg_from([0x80, 0x0b, 0x01, 7]),
+            pool_cfg_from([0x03, 0x01, 0x00, 0]),
+        ],
+    };
+    // Pool 0: ToDevice with sync; pool 1: FromDevice, cache 1, ring 1.
+    let tx = Config {
+        pools: [
+            pool_cfg_from([0x84, 0x09, 0x0a, 3]),
+            pool_cfg_from([0x00, 0x00, 0x00, 0]),
+        ],
+    };
+    vec![
+        (
+            "alloc_recycle_drop",
+            basic.clone(),
+            false,
+            vec![
+                Alloc { t: 0 },
+                Alloc { t: 0 },
+                Alloc { t: 1 },
+                RecycleDirect { t: 0, item: 0 },
+                Send {
+                    t: 0,
+                    item: 0,
+                    to: 2,
+                },
+                Drop {
+                    t: 2,
+                    item: 0,
+                    how: How::Spawned,
+                },
+                RecycleDirect { t: 1, item: 0 },
+                Alloc { t: 0 },
+                Drop {
+                    t: 0,
+                    item: 0,
+                    how: How::Worker,
+                },
+            ],
+        ),
+        (
+            "fragments",
+            basic.clone(),
+            false,
+            vec![
+                AllocFrag { t: 0, size: 1500 },
+                AllocFrag { t: 0, size: 1500 },
+                AllocFrag { t: 0, size: 1500 },
+                Send {
+                    t: 0,
+                    item: 1,
+                    to: 2,
+                },
+                Sync {
+                    t: 2,
+                    item: 0,
+                    start: 7,
+                    len: 100,
+                    tag: 0x5a,
+                    to_device: false,
+                },
+                Drop {
+                    t: 0,
+                    item: 0,
+                    how: How::Here,
+                },
+                AllocFrag { t: 1, size: 0 },
+                AllocFrag { t: 1, size: 9000 },
+                DropPool { t: 0 },
+                Drop {
+                    t: 2,
+                    item: 0,
+                    how: How::Spawned,
+                },
+            ],
+        ),
+        (
+            "ring_overflow",
+            tx.clone(),
+            false,
+            vec![
+                FillRing {
+                    t: 0,
+                    extra: 2,
+                    how: How::Here,
+                },
+                FillRing {
+                    t: 1,
+                    extra: 0,
+                    how: How::Bulk,
+                },
+                Alloc { t: 0 },
+                Alloc { t: 0 },
+                PutBulk { t: 0, n: 7 },
+                FillRing {
+                    t: 0,
+                    extra: 1,
+                    how: How::Spawned,
+                },
+            ],
+        ),
+        (
+            "sync_and_bytes",
+            tx,
+            false,
+            vec![
+                Alloc { t: 0 },
+                Sync {
+                    t: 0,
+                    item: 0,
+                    start: 0,
+                    len: 60,
+                    tag: 0x43,
+                    to_device: true,
+                },
+                IntoBytes { t: 0, item: 0 },
+                CloneBytes { t: 0, item: 0 },
+                Send {
+                    t: 0,
+                    item: 1,
+                    to: 2,
+                },
+                Alloc { t: 1 },
+                Sync {
+                    t: 1,
+                    item: 0,
+                    start: 100,
+                    len: 20,
+                    tag: 0x16,
+                    to_device: false,
+                },
+                SyncOutOfRange {
+                    t: 1,
+                    item: 0,
+                    past: 9,
+                },
+                Check { t: 1, item: 0 },
+                Drop {
+                    t: 0,
+                    item: 0,
+                    how: How::Here,
+                },
+                Check { t: 2, item: 0 },
+            ],
+        ),
+        (
+            "unbind_while_held",
+            basic.clone(),
+            false,
+            vec![
+                Alloc { t: 0 },
+                AllocFrag { t: 1, size: 64 },
+                Alloc { t: 0 },
+                Send {
+                    t: 0,
+                    item: 1,
+                    to: 2,
+                },
+                IntoBytes { t: 1, item: 0 },
+                FillRing {
+                    t: 0,
+                    extra: 0,
+                    how: How::Here,
+                },
+                Unbind {
+                    how: UnbindHow::Call,
+                },
+                Alloc { t: 0 },
+                AllocFrag { t: 1, size: 64 },
+                Sync {
+                    t: 2,
+                    item: 0,
+                    start: 0,
+                    len: 8,
+                    tag: 0x98,
+                    to_device: false,
+                },
+                RecycleDirect { t: 0, item: 0 },
+                Drop {
+                    t: 2,
+                    item: 0,
+                    how: How::Spawned,
+                },
+                NewPool { t: 0 },
+                Unbind {
+                    how: UnbindHow::Call,
+                },
+            ],
+        ),
+        (
+            "drop_pool_then_device",
+            basic.clone(),
+            false,
+            vec![
+                Alloc { t: 0 },
+                AllocFrag { t: 0, size: 2000 },
+                DropPool { t: 0 },
+                Drop {
+                    t: 0,
+                    item: 0,
+                    how: How::Bulk,
+                },
+                NewPool { t: 0 },
+                Alloc { t: 0 },
+                Unbind {
+                    how: UnbindHow::DropDevice,
+                },
+                Drop {
+                    t: 0,
+                    item: 1,
+                    how: How::Worker,
+                },
+            ],
+        ),
+        (
+            "map_failures",
+            basic.clone(),
+            false,
+            vec![
+                FailMaps { n: 1 },
+                Alloc { t: 0 },
+                FailPageAllocs { n: 2 },
+                Alloc { t: 1 },
+                Alloc { t: 1 },
+                Alloc { t: 0 },
+                FailMaps { n: 3 },
+                AllocFrag { t: 1, size: 300 },
+            ],
+        ),
+        (
+            "threads_unbind_race",
+            basic,
+            true,
+            vec![
+                Alloc { t: 0 },
+                AllocFrag { t: 1, size: 200 },
+                AllocFrag { t: 1, size: 200 },
+                Send {
+                    t: 0,
+                    item: 0,
+                    to: 2,
+                },
+                Send {
+                    t: 1,
+                    item: 0,
+                    to: 2,
+                },
+                Sync {
+                    t: 2,
+                    item: 0,
+                    start: 0,
+                    len: 16,
+                    tag: 0x32,
+                    to_device: false,
+                },
+                FillRing {
+                    t: 0,
+                    extra: 1,
+                    how: How::Spawned,
+                },
+                Unbind {
+                    how: UnbindHow::OtherThread,
+                },
+                Drop {
+                    t: 2,
+                    item: 0,
+                    how: How::Here,
+                },
+                Alloc { t: 0 },
+                Drop {
+                    t: 1,
+                    item: 0,
+                    how: How::Here,
+                },
+            ],
+        ),
+    ]
+}
