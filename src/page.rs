@@ -104,7 +104,10 @@ pub(crate) unsafe fn release_pages<M: TrackingMode>(
     }
     match device.gate.enter() {
         Some(ops) => {
-            let mut batch: Vec<DmaMapping> = Vec::with_capacity(pages.len().min(UNMAP_BATCH));
+            // A small batch on the stack: a single-page release (ring full,
+            // late return) allocates nothing.
+            let mut batch = [EMPTY_MAPPING; RELEASE_BATCH];
+            let mut batched = 0;
             for &page in pages {
                 // SAFETY: owned by the caller, not yet freed.
                 let meta = unsafe { meta_ref(page) };
@@ -125,19 +128,20 @@ pub(crate) unsafe fn release_pages<M: TrackingMode>(
                     "a tracked page lost its record while the device is bound"
                 );
                 if owned {
-                    batch.push(meta.mapping());
+                    batch[batched] = meta.mapping();
+                    batched += 1;
                     meta.pool.pages_mapped.fetch_sub(1, Ordering::Relaxed);
-                    if batch.len() == UNMAP_BATCH {
+                    if batched == RELEASE_BATCH {
                         // SAFETY: each mapping came from `map`, and removing
                         // its record made it ours to unmap, once.
                         unsafe { ops.unmap_batch(&batch) };
-                        batch.clear();
+                        batched = 0;
                     }
                 }
             }
-            if !batch.is_empty() {
+            if batched > 0 {
                 // SAFETY: as above.
-                unsafe { ops.unmap_batch(&batch) };
+                unsafe { ops.unmap_batch(&batch[..batched]) };
             }
             drop(ops);
             for &page in pages {
@@ -164,8 +168,17 @@ pub(crate) unsafe fn release_pages<M: TrackingMode>(
     }
 }
 
-/// How many mappings go to one `unmap_batch` call.
+/// How many mappings go to one `unmap_batch` call at unbind.
 pub(crate) const UNMAP_BATCH: usize = 256;
+
+/// How many mappings `release_pages` batches on its stack.
+const RELEASE_BATCH: usize = 32;
+
+const EMPTY_MAPPING: DmaMapping = DmaMapping {
+    addr: DmaAddr(0),
+    len: 0,
+    direction: DmaDirection::Bidirectional,
+};
 
 /// Gives a page back from any thread: syncs it for the device if the pool
 /// asks for that, then pushes it into the shared ring; releases it if the
@@ -176,26 +189,36 @@ pub(crate) const UNMAP_BATCH: usize = 256;
 pub(crate) unsafe fn recycle_remote<M: TrackingMode>(page: NonNull<PageMeta<M>>, dirty_len: usize) {
     // SAFETY: owned by the caller, live.
     let meta = unsafe { meta_ref(page) };
-    // A strong reference of our own: releasing the page frees `meta`, which
-    // may hold the pool's last one.
-    let pool = Arc::clone(&meta.pool);
-    if pool.closed.load(Ordering::Acquire) || !sync_on_recycle(&pool, meta, dirty_len) {
-        pool.released_refcnt.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: owned by the caller.
-        unsafe { release_pages(&pool.device, &[page]) };
-        return;
-    }
-    let refused = pool.ring.lock().push(page);
-    match refused {
-        Ok(()) => {}
-        Err(why) => {
-            if why == PushRefused::Closed {
-                pool.released_refcnt.fetch_add(1, Ordering::Relaxed);
-            }
-            // SAFETY: the ring refused the page, so it is still ours.
-            unsafe { release_pages(&pool.device, &[page]) };
+    let pool: &PoolShared<M> = &meta.pool;
+    let refused = if pool.closed.load(Ordering::Acquire) || !sync_on_recycle(pool, meta, dirty_len)
+    {
+        PushRefused::Closed
+    } else {
+        // Once the ring lock is released with the page inside, the owner may
+        // take the page and the pool may go away: neither `meta` nor `pool`
+        // is touched after this statement unless the push was refused.
+        match pool.ring.lock().push(page) {
+            Ok(()) => return,
+            Err(why) => why,
         }
+    };
+    recycle_refused(page, refused);
+}
+
+/// The release path of [`recycle_remote`]: the page is still ours.
+#[cold]
+#[inline(never)]
+fn recycle_refused<M: TrackingMode>(page: NonNull<PageMeta<M>>, why: PushRefused) {
+    // SAFETY: refused pages stay owned by the caller of `recycle_remote`.
+    let meta = unsafe { meta_ref(page) };
+    // A strong reference of our own: releasing the page frees `meta`, which
+    // may hold the pool's (and through it the device's) last one.
+    let pool = Arc::clone(&meta.pool);
+    if why == PushRefused::Closed {
+        pool.released_refcnt.fetch_add(1, Ordering::Relaxed);
     }
+    // SAFETY: owned, not used afterwards.
+    unsafe { release_pages(&pool.device, &[page]) };
 }
 
 /// Syncs a recycled page for the device when the pool is configured to:
@@ -409,22 +432,24 @@ pub(crate) fn cpu_access_hook<M: TrackingMode>(
 /// that come in a row go into its ring under one lock (Linux's bulk put).
 pub fn put_bulk<M: TrackingMode>(pages: impl IntoIterator<Item = Page<M>>) {
     let mut pages = pages.into_iter().map(Page::into_raw).peekable();
-    let mut ready = Vec::new();
+    let mut ready = Vec::with_capacity(pages.size_hint().0);
     let mut release = Vec::new();
     while let Some((first, first_dirty)) = pages.next() {
         // SAFETY: the page came out of an owned handle.
         let pool = Arc::clone(&unsafe { meta_ref(first) }.pool);
+        let open = !pool.closed.load(Ordering::Acquire);
+        let syncs = pool.config.sync_for_device.is_some();
         let mut next = Some((first, first_dirty));
         let mut released_refcnt = 0;
         // Sync outside the ring lock: device calls never nest in it.
         while let Some((page, dirty)) = next {
             // SAFETY: owned, live.
             let meta = unsafe { meta_ref(page) };
-            if pool.closed.load(Ordering::Acquire) || !sync_on_recycle(&pool, meta, dirty) {
+            if open && (!syncs || sync_on_recycle(&pool, meta, dirty)) {
+                ready.push(page);
+            } else {
                 released_refcnt += 1;
                 release.push(page);
-            } else {
-                ready.push(page);
             }
             next = pages.next_if(|&(page, _)| {
                 // SAFETY: owned, live.
@@ -444,11 +469,15 @@ pub fn put_bulk<M: TrackingMode>(pages: impl IntoIterator<Item = Page<M>>) {
                 }
             }
         }
-        pool.released_refcnt
-            .fetch_add(released_refcnt, Ordering::Relaxed);
-        // SAFETY: every page here is owned: refused by the ring or never
-        // offered to it; all belong to `pool`'s device.
-        unsafe { release_pages(&pool.device, &release) };
-        release.clear();
+        if !release.is_empty() {
+            if released_refcnt > 0 {
+                pool.released_refcnt
+                    .fetch_add(released_refcnt, Ordering::Relaxed);
+            }
+            // SAFETY: every page here is owned: refused by the ring or never
+            // offered to it; all belong to `pool`'s device.
+            unsafe { release_pages(&pool.device, &release) };
+            release.clear();
+        }
     }
 }

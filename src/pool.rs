@@ -31,7 +31,7 @@ use core::ptr::NonNull;
 use std::time::SystemTime;
 
 use crate::device::{Device, DeviceShared, Tracked, TrackingMode};
-use crate::dma::{DmaDirection, DmaMapping};
+use crate::dma::DmaDirection;
 use crate::error::{AllocError, BuildError, ConfigError};
 use crate::memory::{GlobalPages, PageSource, MAX_ORDER, PAGE_SIZE};
 use crate::page::{free_page, meta_ref, release_pages, sync_on_recycle, Page, PageMeta};
@@ -101,7 +101,10 @@ impl<M: TrackingMode> PoolShared<M> {
             released_refcnt: self.released_refcnt.load(Ordering::Relaxed),
         };
         let returned = recycle.cached + recycle.ring + recycle.ring_full + recycle.released_refcnt;
-        let in_flight = o.handed_out.get().saturating_sub(returned);
+        // Every page handed out is counted once: by `fast`, or by the one
+        // slow-path event (refill, slow, slow_high_order) that produced it.
+        let handed_out = o.fast.get() + o.refill.get() + o.slow.get() + o.slow_high_order.get();
+        let in_flight = handed_out.saturating_sub(returned);
         let mapped = self.pages_mapped.load(Ordering::Relaxed) as u64;
         let page_len = self.config.page_len as u64;
         PoolStats {
@@ -288,6 +291,8 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
         Ok(PagePool {
             shared,
             cache: Vec::with_capacity(config.cache_size),
+            cache_size: config.cache_size,
+            sync_on_recycle: config.sync_for_device.is_some(),
             frag: None,
         })
     }
@@ -310,6 +315,10 @@ pub(crate) struct FragState<M: TrackingMode> {
 pub struct PagePool<M: TrackingMode = Tracked> {
     pub(crate) shared: Arc<PoolShared<M>>,
     pub(crate) cache: Vec<NonNull<PageMeta<M>>>,
+    /// `config.cache_size`, kept here so the fast path reads one cache line.
+    cache_size: usize,
+    /// Whether recycling syncs for the device (`config.sync_for_device`).
+    sync_on_recycle: bool,
     pub(crate) frag: Option<FragState<M>>,
 }
 
@@ -359,7 +368,6 @@ impl<M: TrackingMode> PagePool<M> {
         match self.cache.pop() {
             Some(page) => {
                 self.shared.owner.fast.add(1);
-                self.shared.owner.handed_out.add(1);
                 Ok(Page::from_meta(page))
             }
             None => self.alloc_slow(),
@@ -380,13 +388,12 @@ impl<M: TrackingMode> PagePool<M> {
             return;
         }
         if self.shared.closed.load(Ordering::Acquire)
-            || (self.shared.config.sync_for_device.is_some()
-                && !sync_on_recycle(&self.shared, meta, dirty_len))
+            || (self.sync_on_recycle && !sync_on_recycle(&self.shared, meta, dirty_len))
         {
             self.recycle_unbound(page);
             return;
         }
-        if self.cache.len() < self.shared.config.cache_size {
+        if self.cache.len() < self.cache_size {
             self.cache.push(page);
             self.shared.owner.cached.add(1);
         } else {
@@ -437,7 +444,6 @@ impl<M: TrackingMode> PagePool<M> {
             .cache
             .pop()
             .expect("the refill put at least one page in the cache");
-        self.shared.owner.handed_out.add(1);
         Ok(Page::from_meta(page))
     }
 
@@ -458,6 +464,7 @@ impl<M: TrackingMode> PagePool<M> {
         };
         let want = want.min(config.cache_size - self.cache.len());
         let mut failure = None;
+        let first_new = self.cache.len();
         for _ in 0..want {
             let Ok(cpu) = shared.source.alloc_pages(config.order) else {
                 failure = Some(AllocError::OutOfMemory {
@@ -485,34 +492,37 @@ impl<M: TrackingMode> PagePool<M> {
                 frag_refs: AtomicUsize::new(0),
             })));
             shared.pages_allocated.fetch_add(1, Ordering::Relaxed);
-            if M::TRACKED {
-                match device.tracker.insert(shared.tracker_shard, meta) {
-                    // SAFETY: the meta is not shared yet except as an opaque
-                    // record; `unbind`, the only other reader, cannot run
-                    // while we hold the gate, and never reads `record`.
-                    Ok(id) => unsafe { (*meta.as_ptr()).record = id },
-                    Err(e) => {
-                        let mapping = DmaMapping {
-                            addr: dma,
-                            len: config.page_len,
-                            direction: config.direction,
-                        };
-                        // SAFETY: mapped just above, unmapped once, here.
-                        unsafe { ops.unmap(mapping) };
-                        // SAFETY: unmapped; never shared.
-                        unsafe { free_page(meta) };
-                        failure = Some(match e {
-                            InsertError::Closed => AllocError::Unbound,
-                            InsertError::Full => {
-                                AllocError::Map(crate::DmaError::MappingLimit { limit: None })
-                            }
-                        });
-                        break;
-                    }
-                }
-            }
             shared.pages_mapped.fetch_add(1, Ordering::Relaxed);
             self.cache.push(meta);
+        }
+        if M::TRACKED {
+            // One shard lock for the whole batch. The metas are not shared
+            // yet except as opaque records; `unbind`, the only other reader
+            // of a record, cannot run while we hold the gate, and never reads
+            // `record`.
+            let recorded = device.tracker.insert_batch(
+                shared.tracker_shard,
+                &self.cache[first_new..],
+                // SAFETY: see above; each meta is ours alone.
+                |meta, id| unsafe { (*meta.as_ptr()).record = id },
+            );
+            if let Err((done, e)) = recorded {
+                for meta in self.cache.drain(first_new + done..) {
+                    // SAFETY: mapped above, never recorded nor shared:
+                    // unmapped once, here, then freed.
+                    unsafe {
+                        ops.unmap(meta_ref(meta).mapping());
+                        shared.pages_mapped.fetch_sub(1, Ordering::Relaxed);
+                        free_page(meta);
+                    }
+                }
+                failure = Some(match e {
+                    InsertError::Closed => AllocError::Unbound,
+                    InsertError::Full => {
+                        AllocError::Map(crate::DmaError::MappingLimit { limit: None })
+                    }
+                });
+            }
         }
         match failure {
             Some(e) if self.cache.is_empty() => Err(e),

@@ -112,7 +112,6 @@ pub(crate) struct OwnerCounters {
     pub(crate) refill: OwnerCounter,
     pub(crate) cached: OwnerCounter,
     pub(crate) cache_full: OwnerCounter,
-    pub(crate) handed_out: OwnerCounter,
 }
 
 /// Counters of the ring, kept under the ring's lock.

@@ -185,6 +185,7 @@ impl<T> InFlightTracker<T> {
     }
 
     /// Records `item` in shard `shard_hint % SHARDS`.
+    #[cfg(test)]
     pub(crate) fn insert(
         &self,
         shard_hint: usize,
@@ -197,6 +198,27 @@ impl<T> InFlightTracker<T> {
         }
         let slot = shard.slab.insert(item).ok_or(InsertError::Full)?;
         Ok(RecordId::new(shard_index, slot))
+    }
+
+    /// Records every item of `items` in shard `shard_hint % SHARDS` under
+    /// one lock, telling `on_insert` each record id. On failure returns how
+    /// many were recorded (a prefix of `items`) and why the next was not.
+    pub(crate) fn insert_batch(
+        &self,
+        shard_hint: usize,
+        items: &[NonNull<T>],
+        mut on_insert: impl FnMut(NonNull<T>, RecordId),
+    ) -> Result<(), (usize, InsertError)> {
+        let shard_index = shard_hint % SHARDS;
+        let mut shard = self.shards[shard_index].0.lock();
+        if shard.closed {
+            return Err((0, InsertError::Closed));
+        }
+        for (done, &item) in items.iter().enumerate() {
+            let slot = shard.slab.insert(item).ok_or((done, InsertError::Full))?;
+            on_insert(item, RecordId::new(shard_index, slot));
+        }
+        Ok(())
     }
 
     /// Removes the record `id` if it still names `item`. Returns whether it
@@ -278,6 +300,26 @@ mod tests {
             "wrong item must not remove"
         );
         assert_eq!(tracker.len(), 2);
+    }
+
+    #[test]
+    fn batch_insert_names_every_item() {
+        let tracker = InFlightTracker::new();
+        let mut xs = items(5);
+        let ptrs: Vec<_> = xs.iter_mut().map(ptr).collect();
+        let mut ids = Vec::new();
+        tracker
+            .insert_batch(3, &ptrs, |p, id| ids.push((p, id)))
+            .unwrap();
+        assert_eq!(ids.len(), 5);
+        for (p, id) in ids {
+            assert!(tracker.remove(id, p));
+        }
+        tracker.close_and_drain(|_| {});
+        assert_eq!(
+            tracker.insert_batch(3, &ptrs, |_, _| {}),
+            Err((0, InsertError::Closed))
+        );
     }
 
     #[test]
