@@ -83,7 +83,7 @@ fn broken_unbind_no_wait_is_caught() {
     pagepool_loom_tests::expect_caught(
         "broken_unbind_no_wait_is_caught",
         "unbind-no-wait",
-        "the slow path reached the device after unbind",
+        "calls map after the device was released",
         || model(|| slow_path_racing_unbind(None)),
     );
 }
