@@ -394,6 +394,9 @@ impl<M: TrackingMode> PagePool<M> {
             return;
         }
         if self.cache.len() < self.cache_size {
+            // `cache_size` is the capacity the cache was allocated with, so
+            // this never reallocates (the fast path allocates nothing).
+            debug_assert!(self.cache.len() < self.cache.capacity());
             self.cache.push(page);
             self.shared.owner.cached.add(1);
         } else {
