@@ -1,6 +1,7 @@
 //! Every synchronisation primitive the crate uses, in one place.
 //!
-//! Normal builds get `std` atomics and `Arc` and `parking_lot` locks. Builds
+//! Normal builds get `std` atomics and `Arc` and `parking_lot` locks (`std`
+//! locks under Miri, see `std_locks`). Builds
 //! with `RUSTFLAGS="--cfg loom"` get loom's versions of all of them, wrapped
 //! to the same (non-poisoning) API, so the loom models in `loom-tests/`
 //! explore every interleaving of the real pool code.
@@ -13,7 +14,12 @@
 
 #[cfg(not(loom))]
 mod imp {
-    pub(crate) use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
+    #[cfg(miri)]
+    pub(crate) use super::std_locks::{
+        Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
+    };
+    #[cfg(not(miri))]
+    pub(crate) use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
     pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
     pub(crate) use std::sync::Arc;
 
@@ -114,6 +120,48 @@ mod imp {
 
 pub(crate) use imp::*;
 
+/// Under Miri, `std`'s locks with `parking_lot`'s non-poisoning API:
+/// `parking_lot_core` makes its futex system call with an argument type
+/// recent Miri rejects, and `std`'s locks are what Miri models natively.
+/// What Miri checks is the pool's own memory safety, which does not depend
+/// on the lock implementation.
+#[cfg(all(miri, not(loom)))]
+mod std_locks {
+    pub(crate) struct Mutex<T>(std::sync::Mutex<T>);
+    pub(crate) type MutexGuard<'a, T> = std::sync::MutexGuard<'a, T>;
+
+    impl<T> Mutex<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Self(std::sync::Mutex::new(value))
+        }
+        pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        }
+    }
+
+    pub(crate) struct RwLock<T>(std::sync::RwLock<T>);
+    pub(crate) type RwLockReadGuard<'a, T> = std::sync::RwLockReadGuard<'a, T>;
+    pub(crate) type RwLockWriteGuard<'a, T> = std::sync::RwLockWriteGuard<'a, T>;
+
+    impl<T> RwLock<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Self(std::sync::RwLock::new(value))
+        }
+        pub(crate) fn read(&self) -> RwLockReadGuard<'_, T> {
+            self.0
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        }
+        pub(crate) fn write(&self) -> RwLockWriteGuard<'_, T> {
+            self.0
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        }
+    }
+}
+
 /// A process-unique pool id. The counter is a plain `std` atomic: it hands
 /// out names, it orders nothing, so there is nothing to model.
 #[cfg(not(loom))]
@@ -135,8 +183,6 @@ pub(crate) fn next_pool_id() -> u32 {
     }
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
-#[cfg(not(loom))]
-pub(crate) use parking_lot::RwLockWriteGuard;
 
 /// TEST-ONLY, `--cfg pagepool_broken` builds only: whether the deliberately
 /// broken variant `name` of the core is switched on (environment variable
