@@ -287,42 +287,8 @@ impl<M: TrackingMode> Device<M> {
             pools: pools.len(),
             ..UnbindReport::default()
         };
-        let mut batch = Vec::with_capacity(UNMAP_BATCH);
-
-        // 3. Drain the rings: these pages are the pool's, so free them too.
-        for pool in &pools {
-            let pages = pool.ring.close();
-            for &page in &pages {
-                // SAFETY: the closed ring handed these pages to us.
-                let meta = unsafe { meta_ref(page) };
-                if !M::TRACKED || shared.tracker.remove(meta.record, page) {
-                    push_unmap(ops, &mut batch, &mut report, meta);
-                }
-            }
-            flush_unmaps(ops, &mut batch);
-            report.pages_from_rings += pages.len();
-            for page in pages {
-                // SAFETY: unmapped above (its record was ours), owned.
-                unsafe { free_page(page) };
-            }
-        }
-
-        // 4. Unmap every mapping still recorded, wherever its page is.
-        if M::TRACKED {
-            report.pages_in_flight = shared.tracker.close_and_drain(|page| {
-                // SAFETY: a recorded page is live: it is freed only after its
-                // record is removed, and removal needs the gate we hold.
-                let meta = unsafe { meta_ref(page) };
-                push_unmap(ops, &mut batch, &mut report, meta);
-            });
-            flush_unmaps(ops, &mut batch);
-        } else {
-            report.mappings_left = pools
-                .iter()
-                .chain(&detached)
-                .map(|p| p.pages_mapped.load(Ordering::Relaxed))
-                .sum();
-        }
+        // 3. and 4.
+        unmap_everything(shared, ops, &pools, &detached, &mut report);
 
         // 5. Tell the backend, then drop it: the gate is closed for good.
         ops.on_unbind();
@@ -350,36 +316,63 @@ fn broken_unbind_no_wait<M: TrackingMode>(
         pools: pools.len(),
         ..UnbindReport::default()
     };
-    let mut batch = Vec::new();
-    for pool in &pools {
-        let pages = pool.ring.close();
-        for &page in &pages {
-            // SAFETY: as in `unbind`.
-            let meta = unsafe { meta_ref(page) };
-            if !M::TRACKED || shared.tracker.remove(meta.record, page) {
-                push_unmap(ops, &mut batch, &mut report, meta);
-            }
-        }
-        flush_unmaps(ops, &mut batch);
-        report.pages_from_rings += pages.len();
-        for page in pages {
-            // SAFETY: as in `unbind`.
-            unsafe { free_page(page) };
-        }
-    }
-    report.pages_in_flight = shared.tracker.close_and_drain(|page| {
-        // SAFETY: as in `unbind` (the shard lock keeps the page's releaser
-        // from freeing it while this runs).
-        let meta = unsafe { meta_ref(page) };
-        push_unmap(ops, &mut batch, &mut report, meta);
-    });
-    flush_unmaps(ops, &mut batch);
+    unmap_everything(shared, ops, &pools, &[], &mut report);
     ops.on_unbind();
     drop(hold);
     shared.gate.close().retire();
     drop(pools);
     report.duration = started.elapsed();
     report
+}
+
+/// Steps 3 and 4 of [`Device::unbind`], with `ops` still valid: drains
+/// every ring (unmapping and freeing its pages), then unmaps every mapping
+/// still recorded, wherever its page is (or, untracked, counts the mappings
+/// it cannot reach).
+fn unmap_everything<M: TrackingMode>(
+    shared: &DeviceShared<M>,
+    ops: &dyn DmaOps,
+    pools: &[Arc<PoolShared<M>>],
+    detached: &[Arc<PoolShared<M>>],
+    report: &mut UnbindReport,
+) {
+    let mut batch = Vec::with_capacity(UNMAP_BATCH);
+
+    // 3. Drain the rings: these pages are the pool's, so free them too.
+    for pool in pools {
+        let pages = pool.ring.close();
+        for &page in &pages {
+            // SAFETY: the closed ring handed these pages to us.
+            let meta = unsafe { meta_ref(page) };
+            if !M::TRACKED || shared.tracker.remove(meta.record, page) {
+                push_unmap(ops, &mut batch, report, meta);
+            }
+        }
+        flush_unmaps(ops, &mut batch);
+        report.pages_from_rings += pages.len();
+        for page in pages {
+            // SAFETY: unmapped above (its record was ours), owned.
+            unsafe { free_page(page) };
+        }
+    }
+
+    // 4. Unmap every mapping still recorded, wherever its page is.
+    if M::TRACKED {
+        report.pages_in_flight = shared.tracker.close_and_drain(|page| {
+            // SAFETY: a recorded page is live: it is freed only after its
+            // record is removed, and removal takes the record's shard lock,
+            // which this walk holds (and, in `unbind`, needs the gate too).
+            let meta = unsafe { meta_ref(page) };
+            push_unmap(ops, &mut batch, report, meta);
+        });
+        flush_unmaps(ops, &mut batch);
+    } else {
+        report.mappings_left = pools
+            .iter()
+            .chain(detached)
+            .map(|p| p.pages_mapped.load(Ordering::Relaxed))
+            .sum();
+    }
 }
 
 fn push_unmap<M: TrackingMode>(
