@@ -5,8 +5,9 @@
 //!
 //! - **Fast path** ([`PagePool::alloc`], [`PagePool::recycle_direct`]): the
 //!   local cache, a `Vec` of page pointers owned through `&mut PagePool` by
-//!   one context (the driver's RX/NAPI loop). Pop or push, one relaxed load
-//!   of the `closed` flag on alloc, single-writer counters: no lock, no
+//!   one context (the driver's RX/NAPI loop). Pop or push, an acquire load
+//!   of the `closed` flag (a plain load on x86), a check that a recycled
+//!   page is the pool's own, single-writer counters: no lock, no
 //!   atomic read-modify-write, no allocation, no tracker access. (With
 //!   sync-for-device configured, recycling makes that device call, which
 //!   takes the device gate.)
