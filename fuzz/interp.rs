@@ -44,8 +44,8 @@ use std::thread;
 
 use pagepool::checking::{CheckMode, CheckingDevice};
 use pagepool::{
-    put_bulk, AllocError, AlreadyUnbound, BuildError, Device, DmaAddr, DmaDirection, DmaError,
-    Frag, GlobalPages, OutOfMemory, Page, PagePool, PageSource, SyncError, FRAG_ALIGN, PAGE_SIZE,
+    put_bulk, AllocError, BuildError, Device, DmaAddr, DmaDirection, DmaError, Frag, GlobalPages,
+    OutOfMemory, Page, PagePool, PageSource, SyncError, UnbindError, FRAG_ALIGN, PAGE_SIZE,
 };
 
 /// Logical threads.
@@ -1396,7 +1396,7 @@ impl Harness {
             if how == UnbindHow::DropDevice {
                 self.device = None;
             } else {
-                assert_eq!(device.unbind(), Err(AlreadyUnbound), "{ctx}");
+                assert_eq!(device.unbind(), Err(UnbindError::AlreadyUnbound), "{ctx}");
             }
             return;
         }

@@ -5,37 +5,47 @@
 //!
 //! ```text
 //!  unbind()                                   other threads
-//!  1. registry: bound = false, take pools     alloc() -> Err(Unbound)
-//!     every pool: closed = true               dropped pages -> released
-//!  2. gate.close(): wait for device calls     (map/unmap/sync running now:
-//!     already running (bounded)                each is one device call)
+//!  1. registry: bound = false, take pools     build() -> Err(Unbound)
+//!     every pool: closed = true               alloc() -> Err(Unbound)
+//!  2. every pool's call gate: close, then     a device call already running
+//!     wait until idle (one call per thread    finishes; none starts: syncs
+//!     at most, never a batch or a source)     -> Err(Unbound), pages coming
+//!                                             back are handed to unbind
 //!  3. drain every ring: unmap + free
-//!  4. walk the tracker: unmap every mapping   pages held outside stay valid
-//!     left (cached, held by the stack, ...)   memory; dropping them later
-//!  5. ops.on_unbind(); drop the ops           frees them, no device call
+//!  4. take every tracker record: unmap the    pages held outside stay valid
+//!     mappings left (cached, held, ...)       memory; dropping them later
+//!  5. ops.on_unbind(); retire the ops         frees them, no device call
+//!  6. free the pages handed over in 2-5
 //! ```
 //!
 //! # Invariants
 //!
-//! - After `unbind` returns no [`DmaOps`] method runs again: the gate is
-//!   closed and the ops dropped (invariant 2).
+//! - After `unbind` returns no [`DmaOps`] method runs again: every gate is
+//!   closed and idle and the ops are dropped (invariant 2).
 //! - `unbind` waits only for device calls in progress, never for a page to
-//!   come back (invariant 3).
+//!   come back, a page source, or a batch (invariant 3).
 //! - Tracked mode: every mapping is recorded, so step 4 reaches every
 //!   mapping that step 3 and earlier releases did not, and the tracker's
 //!   remove-once rule unmaps each exactly once (invariant 1).
+//! - Whatever a callback does in steps 3-6 (panic, drop pages or pools, call
+//!   back in), every step still runs: the remaining mappings are unmapped
+//!   once, the ops retired, the pages freed; then the first panic is resumed
+//!   to the caller of `unbind`.
 
 use core::fmt;
+use core::ptr::NonNull;
 use std::time::{Duration, Instant};
 
-use crate::dma::{DmaMapping, DmaOps};
-use crate::error::{AlreadyUnbound, BuildError};
-use crate::gate::DeviceGate;
-use crate::page::{free_page, meta_ref, PageMeta, UNMAP_BATCH};
+use crate::dma::DmaOps;
+use crate::error::{BuildError, UnbindError};
+use crate::gate::{held, OpsCell};
+use crate::mapping::{free_pages, Unmapper};
+use crate::page::{meta_ref, PageMeta};
 use crate::pool::{PagePoolBuilder, PoolShared};
 use crate::stats::PoolInfo;
 use crate::sync::{Arc, AtomicUsize, Mutex, Ordering};
 use crate::tracker::InFlightTracker;
+use crate::unwind::Panics;
 
 mod sealed {
     pub trait Sealed {}
@@ -86,15 +96,29 @@ struct Registry<M: TrackingMode> {
 impl<M: TrackingMode> Registry<M> {
     fn prune_detached(&mut self) {
         self.detached
-            .retain(|p| p.pages_allocated.load(Ordering::Relaxed) > 0);
+            .retain(|p| p.pages_allocated.load(Ordering::Acquire) > 0);
     }
 }
 
+/// Pages that came back while `unbind` was running, waiting for it to
+/// finish its unmaps before they are freed.
+struct AfterClose<M: TrackingMode> {
+    /// `unbind` has unmapped everything: pages coming back are freed at once.
+    unbound: bool,
+    pages: Vec<NonNull<PageMeta<M>>>,
+}
+
+// SAFETY: the pointers are owned pages handed over by their last owner;
+// the metadata is Send + Sync.
+unsafe impl<M: TrackingMode> Send for AfterClose<M> {}
+
 /// State shared by a device, its pools and their pages.
 pub(crate) struct DeviceShared<M: TrackingMode> {
-    pub(crate) gate: DeviceGate,
-    pub(crate) tracker: InFlightTracker<PageMeta<M>>,
+    pub(crate) ops: OpsCell,
+    /// The backend's [`DmaOps::needs_sync`], read once at bind.
+    pub(crate) needs_sync: bool,
     pub(crate) checks_cpu_access: bool,
+    pub(crate) tracker: InFlightTracker<PageMeta<M>>,
     /// Untracked builds: pages whose memory had to be leaked (see
     /// [`Untracked`]).
     pub(crate) leaked_pages: AtomicUsize,
@@ -102,9 +126,15 @@ pub(crate) struct DeviceShared<M: TrackingMode> {
     /// Held for the whole of `unbind`, so a second caller waits for the
     /// first to finish.
     unbinding: Mutex<()>,
+    after_close: Mutex<AfterClose<M>>,
 }
 
 impl<M: TrackingMode> DeviceShared<M> {
+    /// How the device is named in the per-thread list of device calls.
+    pub(crate) fn key(&self) -> usize {
+        core::ptr::from_ref(self).addr()
+    }
+
     pub(crate) fn register(&self, pool: Arc<PoolShared<M>>) -> Result<(), BuildError> {
         let mut registry = self.registry.lock();
         if !registry.bound {
@@ -118,9 +148,27 @@ impl<M: TrackingMode> DeviceShared<M> {
         let mut registry = self.registry.lock();
         registry.pools.retain(|p| !Arc::ptr_eq(p, pool));
         registry.prune_detached();
-        if registry.bound && pool.pages_allocated.load(Ordering::Relaxed) > 0 {
+        if registry.bound && pool.pages_allocated.load(Ordering::Acquire) > 0 {
             registry.detached.push(Arc::clone(pool));
         }
+    }
+
+    /// Hands `pages` to a running `unbind`; returns `false` (keeping
+    /// nothing) if `unbind` has already finished its unmaps.
+    pub(crate) fn defer_until_unbound(&self, pages: &[NonNull<PageMeta<M>>]) -> bool {
+        let mut after_close = self.after_close.lock();
+        if after_close.unbound {
+            return false;
+        }
+        after_close.pages.extend_from_slice(pages);
+        true
+    }
+
+    /// Marks the unmaps done and takes the pages handed over meanwhile.
+    fn finish_unbind(&self) -> Vec<NonNull<PageMeta<M>>> {
+        let mut after_close = self.after_close.lock();
+        after_close.unbound = true;
+        core::mem::take(&mut after_close.pages)
     }
 }
 
@@ -186,9 +234,11 @@ impl Device<Untracked> {
 impl<M: TrackingMode> Device<M> {
     fn bind(ops: Box<dyn DmaOps>) -> Self {
         let checks_cpu_access = ops.checks_cpu_access();
+        let needs_sync = ops.needs_sync();
         Self {
             shared: Arc::new(DeviceShared {
-                gate: DeviceGate::new(ops),
+                ops: OpsCell::new(ops),
+                needs_sync,
                 tracker: InFlightTracker::new(),
                 checks_cpu_access,
                 leaked_pages: AtomicUsize::new(0),
@@ -198,6 +248,10 @@ impl<M: TrackingMode> Device<M> {
                     detached: Vec::new(),
                 }),
                 unbinding: Mutex::new(()),
+                after_close: Mutex::new(AfterClose {
+                    unbound: false,
+                    pages: Vec::new(),
+                }),
             }),
         }
     }
@@ -249,94 +303,103 @@ impl<M: TrackingMode> Device<M> {
     /// The driver's remove path: synchronously unmaps every mapping of the
     /// device, including pages held outside any pool, then drops the ops.
     ///
-    /// Waits only for device calls already running on other threads, never
-    /// for page holders. A second call (from any thread) waits for the first
-    /// to finish and returns [`AlreadyUnbound`].
-    pub fn unbind(&self) -> Result<UnbindReport, AlreadyUnbound> {
-        let started = Instant::now();
+    /// Waits only for device calls already running on other threads (one
+    /// call per thread at most), never for page holders, page sources or
+    /// batches. A second call from another thread waits for the first to
+    /// finish and returns [`UnbindError::AlreadyUnbound`]; a call from inside
+    /// a callback of this device returns [`UnbindError::InsideCallback`] at
+    /// once (see [`DmaOps`] for what callbacks may do).
+    ///
+    /// If a callback panics while `unbind` runs (`unmap_batch`, `on_unbind`,
+    /// the ops' `Drop`, `PageSource::free_pages`), `unbind` still completes
+    /// every step: every remaining mapping is unmapped exactly once, the ops
+    /// are retired, every page it owns is freed. Then the first panic is
+    /// resumed to the caller; the device is unbound either way.
+    pub fn unbind(&self) -> Result<UnbindReport, UnbindError> {
         let shared = &*self.shared;
+        let key = shared.key();
+        if held::contains(key) {
+            return Err(UnbindError::InsideCallback);
+        }
+        let started = Instant::now();
         let _one_at_a_time = shared.unbinding.lock();
+        // From here on a callback that calls `unbind` is refused, not
+        // deadlocked on `unbinding`.
+        let _marker = held::Marker::new(key);
 
-        // 1. Stop new allocations and recycling on every pool.
-        let detached;
+        // 1. Stop new pools, allocations and recycling.
         let pools = {
             let mut registry = shared.registry.lock();
             if !registry.bound {
-                return Err(AlreadyUnbound);
+                return Err(UnbindError::AlreadyUnbound);
             }
             registry.bound = false;
-            detached = core::mem::take(&mut registry.detached);
-            core::mem::take(&mut registry.pools)
+            let mut pools = core::mem::take(&mut registry.pools);
+            let open = pools.len();
+            pools.append(&mut registry.detached);
+            (pools, open)
         };
+        let (pools, open_pools) = pools;
         for pool in &pools {
             pool.closed.store(true, Ordering::Release);
+            pool.gate.close();
+        }
+        // 2. Wait for the device calls already running; none starts now.
+        for pool in &pools {
+            pool.gate.wait_idle();
         }
 
-        // BROKEN VARIANT (test-only, `--cfg pagepool_broken`,
-        // PAGEPOOL_BROKEN=unbind-no-wait): do not wait for device calls in
-        // flight. Caught by loom models c and e (a call after on_unbind).
-        #[cfg(pagepool_broken)]
-        if crate::sync::broken("unbind-no-wait") {
-            return Ok(broken_unbind_no_wait(shared, pools, started));
-        }
-
-        // 2. Wait for device calls already running; none starts after this.
-        let closing = shared.gate.close();
-        let ops = closing.ops().expect("a bound device has ops");
+        // SAFETY: this is the device's unbind, before the ops are retired.
+        let ops = unsafe { shared.ops.get() };
+        let mut panics = Panics::new();
         let mut report = UnbindReport {
-            pools: pools.len(),
+            pools: open_pools,
             ..UnbindReport::default()
         };
-        // 3. and 4.
-        unmap_everything(shared, ops, &pools, &detached, &mut report);
-
-        // 5. Tell the backend, then drop it: the gate is closed for good.
-        ops.on_unbind();
-        closing.retire();
-        drop(pools);
-        drop(detached);
+        if let Some(ops) = ops {
+            // 3. and 4.
+            unmap_everything(shared, ops, &pools, &mut report, &mut panics);
+            // 5. The last call the device gets.
+            panics.run(|| ops.on_unbind());
+        }
+        // SAFETY: every gate is closed and idle; `ops` is not used again.
+        let retired = unsafe { shared.ops.take() };
+        // 6. The device is gone: free what came back meanwhile.
+        let handed_over = shared.finish_unbind();
+        panics.run(|| drop(retired));
+        // SAFETY: every page handed over was unmapped in step 3 or 4 (its
+        // record was still in the tracker when it was handed over).
+        panics.run(|| unsafe { free_pages(&handed_over) });
+        panics.run(|| drop(pools));
         report.duration = started.elapsed();
+        panics.resume();
         Ok(report)
     }
 }
 
-/// BROKEN VARIANT of steps 2-5 of [`Device::unbind`] (test-only, see
-/// there): the same steps under a *shared* hold on the gate, so device calls
-/// already running (and new ones) overlap them; the gate is closed only at
-/// the very end.
-#[cfg(pagepool_broken)]
-fn broken_unbind_no_wait<M: TrackingMode>(
-    shared: &DeviceShared<M>,
-    pools: Vec<Arc<PoolShared<M>>>,
-    started: Instant,
-) -> UnbindReport {
-    let hold = shared.gate.enter().expect("a bound device has ops");
-    let ops: &dyn DmaOps = &*hold;
-    let mut report = UnbindReport {
-        pools: pools.len(),
-        ..UnbindReport::default()
-    };
-    unmap_everything(shared, ops, &pools, &[], &mut report);
-    ops.on_unbind();
-    drop(hold);
-    shared.gate.close().retire();
-    drop(pools);
-    report.duration = started.elapsed();
-    report
-}
-
-/// Steps 3 and 4 of [`Device::unbind`], with `ops` still valid: drains
-/// every ring (unmapping and freeing its pages), then unmaps every mapping
-/// still recorded, wherever its page is (or, untracked, counts the mappings
-/// it cannot reach).
+/// Steps 3 and 4 of [`Device::unbind`], with `ops` still valid and no other
+/// device call possible: drains every ring (unmapping and freeing its
+/// pages), then unmaps every mapping still recorded, wherever its page is
+/// (or, untracked, counts the mappings it cannot reach).
 fn unmap_everything<M: TrackingMode>(
     shared: &DeviceShared<M>,
     ops: &dyn DmaOps,
     pools: &[Arc<PoolShared<M>>],
-    detached: &[Arc<PoolShared<M>>],
     report: &mut UnbindReport,
+    panics: &mut Panics,
 ) {
-    let mut batch = Vec::with_capacity(UNMAP_BATCH);
+    let mut unmapper = Unmapper::new();
+    let unmap = |meta: &PageMeta<M>,
+                 unmapper: &mut Unmapper,
+                 report: &mut UnbindReport,
+                 panics: &mut Panics| {
+        report.bytes_unmapped += meta.pool.config.page_len as u64;
+        if unmapper.push(meta) {
+            // SAFETY: every mapping pushed had its record removed by this
+            // unbind (or, untracked, sat in a closed ring): unmapped once.
+            panics.run(|| unsafe { unmapper.flush(ops) });
+        }
+    };
 
     // 3. Drain the rings: these pages are the pool's, so free them too.
     for pool in pools {
@@ -345,64 +408,39 @@ fn unmap_everything<M: TrackingMode>(
             // SAFETY: the closed ring handed these pages to us.
             let meta = unsafe { meta_ref(page) };
             if !M::TRACKED || shared.tracker.remove(meta.record, page) {
-                push_unmap(ops, &mut batch, report, meta);
+                unmap(meta, &mut unmapper, report, panics);
             }
         }
-        flush_unmaps(ops, &mut batch);
+        // SAFETY: as in `unmap`.
+        panics.run(|| unsafe { unmapper.flush(ops) });
         report.pages_from_rings += pages.len();
-        for page in pages {
-            // SAFETY: unmapped above (its record was ours), owned.
-            unsafe { free_page(page) };
-        }
+        // SAFETY: unmapped above (their records were ours), owned.
+        panics.run(|| unsafe { free_pages(&pages) });
     }
 
     // 4. Unmap every mapping still recorded, wherever its page is.
     if M::TRACKED {
         report.pages_in_flight = shared.tracker.close_and_drain(|page| {
-            // SAFETY: a recorded page is live: it is freed only after its
-            // record is removed, and removal takes the record's shard lock,
-            // which this walk holds (and, in `unbind`, needs the gate too).
+            // SAFETY: a recorded page is live until its record is removed
+            // and it is unmapped: its holder cannot free it now (the gates
+            // are closed, so it hands the page to this unbind instead).
             let meta = unsafe { meta_ref(page) };
-            push_unmap(ops, &mut batch, report, meta);
+            unmap(meta, &mut unmapper, report, panics);
         });
-        flush_unmaps(ops, &mut batch);
+        // SAFETY: as in `unmap`.
+        panics.run(|| unsafe { unmapper.flush(ops) });
     } else {
         report.mappings_left = pools
             .iter()
-            .chain(detached)
             .map(|p| p.pages_mapped.load(Ordering::Relaxed))
             .sum();
     }
 }
 
-fn push_unmap<M: TrackingMode>(
-    ops: &dyn DmaOps,
-    batch: &mut Vec<DmaMapping>,
-    report: &mut UnbindReport,
-    meta: &PageMeta<M>,
-) {
-    let mapping = meta.mapping();
-    meta.pool.pages_mapped.fetch_sub(1, Ordering::Relaxed);
-    report.bytes_unmapped += mapping.len as u64;
-    batch.push(mapping);
-    if batch.len() == UNMAP_BATCH {
-        flush_unmaps(ops, batch);
-    }
-}
-
-fn flush_unmaps(ops: &dyn DmaOps, batch: &mut Vec<DmaMapping>) {
-    if !batch.is_empty() {
-        // SAFETY: each mapping came from `map` and its record was removed by
-        // this unbind (or, untracked, it sat in a closed ring), so it is
-        // unmapped exactly once, here.
-        unsafe { ops.unmap_batch(batch) };
-        batch.clear();
-    }
-}
-
 impl<M: TrackingMode> Drop for Device<M> {
     fn drop(&mut self) {
-        // Unbinding an unbound device is a no-op; nothing to report here.
+        // Unbinding an unbound device is a no-op; nothing to report here. A
+        // callback's panic is resumed (or dropped if already unwinding).
         let _ = self.unbind();
     }
 }
@@ -465,7 +503,7 @@ mod tests {
         let checker = CheckingDevice::new(CheckMode::Panic);
         let device = Device::new(checker.clone());
         assert!(device.unbind().is_ok());
-        assert_eq!(device.unbind(), Err(AlreadyUnbound));
+        assert_eq!(device.unbind(), Err(UnbindError::AlreadyUnbound));
         assert!(!device.is_bound());
         assert!(matches!(
             device.pool_builder().build(),

@@ -217,6 +217,16 @@ pub trait DmaOps: Send + Sync + 'static {
     /// write the range (bounce buffers, shadow copies).
     unsafe fn sync_for_cpu(&self, mapping: DmaMapping, offset: usize, len: usize);
 
+    /// Whether this backend's syncs do anything (Linux's `dma_need_sync`).
+    /// Read once, when the device is bound. A backend on coherent DMA with
+    /// no bounce buffers returns `false`: the pool then never calls
+    /// [`sync_for_cpu`](Self::sync_for_cpu) or
+    /// [`sync_for_device`](Self::sync_for_device), and a page's syncs and
+    /// sync-on-recycle cost nothing. The default is `true`.
+    fn needs_sync(&self) -> bool {
+        true
+    }
+
     /// Whether [`cpu_access`](Self::cpu_access) wants to be called. Read
     /// once, when the device is bound; the default is `false`, so real
     /// backends cost nothing.

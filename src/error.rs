@@ -145,15 +145,31 @@ impl fmt::Display for SyncError {
 
 impl std::error::Error for SyncError {}
 
-/// `unbind` was already called on this device (by this or another thread);
-/// when this is returned, that earlier unbind has finished.
+/// Why [`Device::unbind`](crate::Device::unbind) did nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AlreadyUnbound;
+#[non_exhaustive]
+pub enum UnbindError {
+    /// `unbind` was already called on this device (by this or another
+    /// thread); when this is returned, that earlier unbind has finished.
+    AlreadyUnbound,
+    /// `unbind` was called from inside a callback of this device: a
+    /// [`DmaOps`](crate::DmaOps) method the pool is running for it, or a
+    /// callback that `unbind` itself runs. Waiting there would wait for the
+    /// caller itself, so it returns at once and unbinds nothing; call
+    /// `unbind` once the callback has returned (from the driver's remove
+    /// path, or another thread).
+    InsideCallback,
+}
 
-impl fmt::Display for AlreadyUnbound {
+impl fmt::Display for UnbindError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the device is already unbound")
+        f.write_str(match self {
+            Self::AlreadyUnbound => "the device is already unbound",
+            Self::InsideCallback => {
+                "cannot unbind a device from inside one of its own callbacks; unbind after it returns"
+            }
+        })
     }
 }
 
-impl std::error::Error for AlreadyUnbound {}
+impl std::error::Error for UnbindError {}

@@ -14,16 +14,18 @@ mod frag;
 mod gate;
 #[cfg(feature = "bytes")]
 mod into_bytes;
+mod mapping;
 mod memory;
 mod page;
 mod pool;
 mod ring;
 mod stats;
 mod tracker;
+mod unwind;
 
 pub use device::{Device, Tracked, TrackingMode, UnbindReport, Untracked};
 pub use dma::{CpuAccess, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
-pub use error::{AllocError, AlreadyUnbound, BuildError, ConfigError, SyncError};
+pub use error::{AllocError, BuildError, ConfigError, SyncError, UnbindError};
 pub use frag::{Frag, FRAG_ALIGN};
 pub use memory::{GlobalPages, OutOfMemory, PageSource, MAX_ORDER, PAGE_SIZE};
 pub use page::{put_bulk, Page};

@@ -9,8 +9,8 @@
 //! # Invariants
 //!
 //! - A `PageMeta` is created when its page is mapped (slow path) and freed,
-//!   together with the page memory, only after the mapping is gone: by
-//!   [`release_pages`] after an unmap, or after `unbind` unmapped it.
+//!   together with the page memory, only after the mapping is gone (see
+//!   `mapping.rs`).
 //! - All fields but `frag_refs` are written before the meta is shared and
 //!   never again, so any holder (the tracker during `unbind`, a `Page` on
 //!   another thread) may read them without synchronisation.
@@ -22,9 +22,10 @@ use core::mem::ManuallyDrop;
 use core::ops::Range;
 use core::ptr::NonNull;
 
-use crate::device::{DeviceShared, Tracked, TrackingMode};
+use crate::device::{Tracked, TrackingMode};
 use crate::dma::{CpuAccess, DmaAddr, DmaDirection, DmaMapping};
 use crate::error::SyncError;
+use crate::mapping::release_pages;
 use crate::pool::PoolShared;
 use crate::ring::PushRefused;
 use crate::sync::{Arc, AtomicUsize, Ordering};
@@ -73,112 +74,29 @@ pub(crate) unsafe fn meta_ref<'a, M: TrackingMode>(meta: NonNull<PageMeta<M>>) -
     unsafe { meta.as_ref() }
 }
 
-/// Frees the page memory and its metadata.
-///
-/// # Safety
-/// The page is not mapped (its unmap has returned, or `unbind` unmapped it),
-/// and `meta` is owned by the caller and not used again.
-pub(crate) unsafe fn free_page<M: TrackingMode>(meta: NonNull<PageMeta<M>>) {
-    // SAFETY: metas are created with `Box::into_raw` in the slow path and
-    // freed only here, once (caller contract).
-    let meta = unsafe { Box::from_raw(meta.as_ptr()) };
-    let pool = &meta.pool;
-    // SAFETY: the block came from this source with this order and is no
-    // longer mapped, so no device can reach it (invariant 4).
-    unsafe { pool.source.free_pages(meta.cpu, pool.config.order) };
-    pool.pages_allocated.fetch_sub(1, Ordering::Relaxed);
-}
+/// An owned page on its way back to its pool. If it is dropped before
+/// [`into_raw`](Self::into_raw) (a sync on recycle panicked), the page is
+/// released: unmapped and freed, so a panicking callback leaks nothing.
+pub(crate) struct Returning<M: TrackingMode>(NonNull<PageMeta<M>>);
 
-/// Releases pages leaving their pool: unmaps each one whose record the
-/// caller removes (exactly once, racing `unbind`), then frees it.
-///
-/// # Safety
-/// The caller owns every page in `pages` (they come from one device) and
-/// uses none of them afterwards.
-pub(crate) unsafe fn release_pages<M: TrackingMode>(
-    device: &DeviceShared<M>,
-    pages: &[NonNull<PageMeta<M>>],
-) {
-    if pages.is_empty() {
-        return;
+impl<M: TrackingMode> Returning<M> {
+    /// # Safety
+    /// The caller owns `page` and gives it to the guard.
+    pub(crate) unsafe fn new(page: NonNull<PageMeta<M>>) -> Self {
+        Self(page)
     }
-    match device.gate.enter() {
-        Some(ops) => {
-            // A small batch on the stack: a single-page release (ring full,
-            // late return) allocates nothing.
-            let mut batch = [EMPTY_MAPPING; RELEASE_BATCH];
-            let mut batched = 0;
-            for &page in pages {
-                // SAFETY: owned by the caller, not yet freed.
-                let meta = unsafe { meta_ref(page) };
-                // Tracked: whoever removes the record unmaps. Untracked: the
-                // page is ours to unmap while the gate is open.
-                #[cfg(not(pagepool_broken))]
-                let owned = !M::TRACKED || device.tracker.remove(meta.record, page);
-                // BROKEN VARIANT (test-only, `--cfg pagepool_broken`,
-                // PAGEPOOL_BROKEN=release-keeps-record): unmap without
-                // removing the record, so unbind unmaps the page again.
-                // Caught by loom model f (double unmap).
-                #[cfg(pagepool_broken)]
-                let owned = !M::TRACKED
-                    || crate::sync::broken("release-keeps-record")
-                    || device.tracker.remove(meta.record, page);
-                debug_assert!(
-                    owned,
-                    "a tracked page lost its record while the device is bound"
-                );
-                if owned {
-                    batch[batched] = meta.mapping();
-                    batched += 1;
-                    meta.pool.pages_mapped.fetch_sub(1, Ordering::Relaxed);
-                    if batched == RELEASE_BATCH {
-                        // SAFETY: each mapping came from `map`, and removing
-                        // its record made it ours to unmap, once.
-                        unsafe { ops.unmap_batch(&batch) };
-                        batched = 0;
-                    }
-                }
-            }
-            if batched > 0 {
-                // SAFETY: as above.
-                unsafe { ops.unmap_batch(&batch[..batched]) };
-            }
-            drop(ops);
-            for &page in pages {
-                // SAFETY: unmapped above; owned by the caller.
-                unsafe { free_page(page) };
-            }
-        }
-        None if M::TRACKED => {
-            // The device is unbound: `unbind` removed every record and
-            // unmapped every page before closing the gate.
-            for &page in pages {
-                // SAFETY: unmapped by unbind; owned by the caller.
-                unsafe { free_page(page) };
-            }
-        }
-        None => {
-            // Untracked build after unbind: these mappings were never
-            // unmapped and never will be; freeing the memory could let the
-            // device write into reused memory, so it is leaked on purpose.
-            device
-                .leaked_pages
-                .fetch_add(pages.len(), Ordering::Relaxed);
-        }
+
+    pub(crate) fn into_raw(self) -> NonNull<PageMeta<M>> {
+        ManuallyDrop::new(self).0
     }
 }
 
-/// How many mappings go to one `unmap_batch` call at unbind.
-pub(crate) const UNMAP_BATCH: usize = 256;
-
-/// How many mappings `release_pages` batches on its stack.
-const RELEASE_BATCH: usize = 32;
-
-const EMPTY_MAPPING: DmaMapping = DmaMapping {
-    addr: DmaAddr(0),
-    len: 0,
-    direction: DmaDirection::Bidirectional,
-};
+impl<M: TrackingMode> Drop for Returning<M> {
+    #[cold]
+    fn drop(&mut self) {
+        recycle_refused(self.0, PushRefused::Full);
+    }
+}
 
 /// Gives a page back from any thread: syncs it for the device if the pool
 /// asks for that, then pushes it into the shared ring; releases it if the
@@ -190,16 +108,24 @@ pub(crate) unsafe fn recycle_remote<M: TrackingMode>(page: NonNull<PageMeta<M>>,
     // SAFETY: owned by the caller, live.
     let meta = unsafe { meta_ref(page) };
     let pool: &PoolShared<M> = &meta.pool;
-    let refused = if pool.closed.load(Ordering::Acquire) || !sync_on_recycle(pool, meta, dirty_len)
-    {
+    let refused = if pool.closed.load(Ordering::Acquire) {
         PushRefused::Closed
     } else {
-        // Once the ring lock is released with the page inside, the owner may
-        // take the page and the pool may go away: neither `meta` nor `pool`
-        // is touched after this statement unless the push was refused.
-        match pool.ring.lock().push(page) {
-            Ok(()) => return,
-            Err(why) => why,
+        // SAFETY: owned by the caller; the guard releases it on unwind.
+        let returning = unsafe { Returning::new(page) };
+        let synced = sync_on_recycle(pool, meta, dirty_len);
+        let page = returning.into_raw();
+        if !synced {
+            PushRefused::Closed
+        } else {
+            // Once the ring lock is released with the page inside, the owner
+            // may take the page and the pool may go away: neither `meta` nor
+            // `pool` is touched after this statement unless the push was
+            // refused.
+            match pool.ring.lock().push(page) {
+                Ok(()) => return,
+                Err(why) => why,
+            }
         }
     };
     recycle_refused(page, refused);
@@ -218,21 +144,27 @@ fn recycle_refused<M: TrackingMode>(page: NonNull<PageMeta<M>>, why: PushRefused
         pool.released_refcnt.fetch_add(1, Ordering::Relaxed);
     }
     // SAFETY: owned, not used afterwards.
-    unsafe { release_pages(&pool.device, &[page]) };
+    unsafe { release_pages(&pool, &[page]) };
 }
 
 /// Syncs a recycled page for the device when the pool is configured to:
 /// `min(dirty_len, max_len)` bytes from `offset`. Returns `false` when the
-/// device is unbound (nothing may be synced; the page must be released).
+/// page must be released instead of recycled: the device is unbinding (no
+/// sync may reach it), or the thread is unwinding from a panic (a page
+/// whose sync cannot be trusted leaves the pool, and a second panic from
+/// the backend here would abort the process).
 pub(crate) fn sync_on_recycle<M: TrackingMode>(
     pool: &PoolShared<M>,
     meta: &PageMeta<M>,
     dirty_len: usize,
 ) -> bool {
-    let Some(sync) = pool.config.sync_for_device else {
+    let Some(sync) = pool.recycle_sync else {
         return true;
     };
-    let Some(ops) = pool.device.gate.enter() else {
+    if std::thread::panicking() {
+        return false;
+    }
+    let Some(call) = pool.device_call() else {
         return false;
     };
     let len = dirty_len.min(sync.max_len);
@@ -241,7 +173,7 @@ pub(crate) fn sync_on_recycle<M: TrackingMode>(
         // has not left the pool), the range lies inside it (checked by the
         // builder), and its owner is recycling it, so no CPU reference
         // exists.
-        unsafe { ops.sync_for_device(meta.mapping(), sync.offset, len) };
+        unsafe { call.sync_for_device(meta.mapping(), sync.offset, len) };
     }
     true
 }
@@ -396,19 +328,40 @@ pub(crate) unsafe fn sync_range<M: TrackingMode>(
             len,
         });
     }
-    let Some(ops) = meta.pool.device.gate.enter() else {
+    let pool = &*meta.pool;
+    if !pool.needs_sync {
+        // The backend's syncs do nothing (coherent DMA): no device call, no
+        // gate hold, just the same answer once the device is going away.
+        return if pool.gate.is_closed() {
+            Err(SyncError::Unbound)
+        } else {
+            Ok(())
+        };
+    }
+    sync_through_device(meta, base + range.start, range.len(), to)
+}
+
+/// The device call of [`sync_range`], kept out of line so the no-sync path
+/// stays small.
+#[inline(never)]
+fn sync_through_device<M: TrackingMode>(
+    meta: &PageMeta<M>,
+    offset: usize,
+    len: usize,
+    to: SyncTo,
+) -> Result<(), SyncError> {
+    let Some(call) = meta.pool.device_call() else {
         return Err(SyncError::Unbound);
     };
-    if range.is_empty() {
+    if len == 0 {
         return Ok(());
     }
-    let offset = base + range.start;
     match to {
         // SAFETY: the mapping is live (gate open, page owned by the caller),
         // the range is inside it, and no CPU reference exists (caller).
-        SyncTo::Cpu => unsafe { ops.sync_for_cpu(meta.mapping(), offset, range.len()) },
+        SyncTo::Cpu => unsafe { call.sync_for_cpu(meta.mapping(), offset, len) },
         // SAFETY: as above.
-        SyncTo::Device => unsafe { ops.sync_for_device(meta.mapping(), offset, range.len()) },
+        SyncTo::Device => unsafe { call.sync_for_device(meta.mapping(), offset, len) },
     }
     Ok(())
 }
@@ -420,64 +373,82 @@ pub(crate) fn cpu_access_hook<M: TrackingMode>(
     len: usize,
     access: CpuAccess,
 ) {
-    let device = &meta.pool.device;
-    if device.checks_cpu_access {
-        if let Some(ops) = device.gate.enter() {
-            ops.cpu_access(meta.mapping(), offset, len, access);
+    let pool = &*meta.pool;
+    if pool.device.checks_cpu_access {
+        if let Some(call) = pool.device_call() {
+            call.cpu_access(meta.mapping(), offset, len, access);
         }
     }
 }
 
 /// Gives many pages back at once, from any thread: pages of the same pool
 /// that come in a row go into its ring under one lock (Linux's bulk put).
+///
+/// If a sync on recycle panics, every page already taken from `pages` is
+/// released (unmapped and freed) before the panic goes on; the pages not yet
+/// taken are dropped as usual.
 pub fn put_bulk<M: TrackingMode>(pages: impl IntoIterator<Item = Page<M>>) {
-    let mut pages = pages.into_iter().map(Page::into_raw).peekable();
-    let mut ready = Vec::with_capacity(pages.size_hint().0);
-    let mut release = Vec::new();
-    while let Some((first, first_dirty)) = pages.next() {
-        // SAFETY: the page came out of an owned handle.
-        let pool = Arc::clone(&unsafe { meta_ref(first) }.pool);
+    let mut pages = pages.into_iter().peekable();
+    let mut run = PageRun {
+        ready: Vec::new(),
+        release: Vec::new(),
+    };
+    while let Some(first) = pages.next() {
+        let pool = Arc::clone(&first.meta().pool);
         let open = !pool.closed.load(Ordering::Acquire);
-        let syncs = pool.config.sync_for_device.is_some();
-        let mut next = Some((first, first_dirty));
+        let mut next = Some(first);
         let mut released_refcnt = 0;
         // Sync outside the ring lock: device calls never nest in it.
-        while let Some((page, dirty)) = next {
-            // SAFETY: owned, live.
+        while let Some(page) = next {
+            let (page, dirty) = page.into_raw();
+            run.ready.push(page);
+            // SAFETY: owned (by `run` now), live.
             let meta = unsafe { meta_ref(page) };
-            if open && (!syncs || sync_on_recycle(&pool, meta, dirty)) {
-                ready.push(page);
-            } else {
+            if !(open && sync_on_recycle(&pool, meta, dirty)) {
+                run.ready.pop();
+                run.release.push(page);
                 released_refcnt += 1;
-                release.push(page);
             }
-            next = pages.next_if(|&(page, _)| {
-                // SAFETY: owned, live.
-                Arc::ptr_eq(&unsafe { meta_ref(page) }.pool, &pool)
-            });
+            next = pages.next_if(|page| Arc::ptr_eq(&page.meta().pool, &pool));
         }
         {
             let mut ring = pool.ring.lock();
-            for page in ready.drain(..) {
+            for page in run.ready.drain(..) {
                 match ring.push(page) {
                     Ok(()) => {}
-                    Err(PushRefused::Full) => release.push(page),
+                    Err(PushRefused::Full) => run.release.push(page),
                     Err(PushRefused::Closed) => {
                         released_refcnt += 1;
-                        release.push(page);
+                        run.release.push(page);
                     }
                 }
             }
         }
-        if !release.is_empty() {
-            if released_refcnt > 0 {
-                pool.released_refcnt
-                    .fetch_add(released_refcnt, Ordering::Relaxed);
-            }
+        if released_refcnt > 0 {
+            pool.released_refcnt
+                .fetch_add(released_refcnt, Ordering::Relaxed);
+        }
+        if !run.release.is_empty() {
+            let release = core::mem::take(&mut run.release);
             // SAFETY: every page here is owned: refused by the ring or never
-            // offered to it; all belong to `pool`'s device.
-            unsafe { release_pages(&pool.device, &release) };
-            release.clear();
+            // offered to it; all belong to `pool`.
+            unsafe { release_pages(&pool, &release) };
+        }
+    }
+}
+
+/// The pages of one run of [`put_bulk`] that are out of their `Page`
+/// handles and not yet in a ring: released if dropped with any left (a sync
+/// panicked).
+struct PageRun<M: TrackingMode> {
+    ready: Vec<NonNull<PageMeta<M>>>,
+    release: Vec<NonNull<PageMeta<M>>>,
+}
+
+impl<M: TrackingMode> Drop for PageRun<M> {
+    fn drop(&mut self) {
+        for page in self.ready.drain(..).chain(self.release.drain(..)) {
+            recycle_refused(page, PushRefused::Full);
         }
     }
 }

@@ -9,14 +9,15 @@
 //!   of the `closed` flag (a plain load on x86), a check that a recycled
 //!   page is the pool's own, single-writer counters: no lock, no
 //!   atomic read-modify-write, no allocation, no tracker access. (With
-//!   sync-for-device configured, recycling makes that device call, which
-//!   takes the device gate.)
+//!   sync-for-device configured on a device that needs syncs, recycling
+//!   makes that device call inside the pool's own call gate.)
 //! - **Ring path**: pages dropped on other threads go into the pool's
 //!   bounded shared ring ([`crate::ring`]); the owner refills its cache from
 //!   it `refill_batch` pages at a time under one lock.
 //! - **Slow path** ([`PagePool::alloc_slow`]): cache and ring empty, so
-//!   allocate a batch of pages from the page source, map each through the
-//!   device and record it in the in-flight tracker.
+//!   allocate pages from the page source one at a time, outside any gate,
+//!   and map and record each in one device call (`mapping::map_page`), up to
+//!   a refill batch.
 //!
 //! # Invariants
 //!
@@ -34,12 +35,13 @@ use std::time::SystemTime;
 use crate::device::{Device, DeviceShared, Tracked, TrackingMode};
 use crate::dma::DmaDirection;
 use crate::error::{AllocError, BuildError, ConfigError};
+use crate::gate::{CallGate, DeviceCall};
+use crate::mapping::{map_page, release_pages};
 use crate::memory::{GlobalPages, PageSource, MAX_ORDER, PAGE_SIZE};
-use crate::page::{free_page, meta_ref, release_pages, sync_on_recycle, Page, PageMeta};
+use crate::page::{meta_ref, sync_on_recycle, Page, PageMeta, Returning};
 use crate::ring::{PushRefused, Ring};
 use crate::stats::{AllocStats, OwnerCounters, PoolInfo, PoolStats, RecycleStats};
 use crate::sync::{self, Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
-use crate::tracker::{InsertError, RecordId};
 
 /// Linux's `PP_ALLOC_CACHE_SIZE`.
 pub const DEFAULT_CACHE_SIZE: usize = 128;
@@ -75,11 +77,20 @@ pub(crate) struct PoolConfig {
 
 /// What a pool shares with its pages and its device.
 pub(crate) struct PoolShared<M: TrackingMode> {
+    /// Device calls made for this pool (see `gate.rs`); on its own line.
+    pub(crate) gate: CallGate,
     pub(crate) id: u32,
     pub(crate) device: Arc<DeviceShared<M>>,
     pub(crate) config: PoolConfig,
     pub(crate) source: Box<dyn PageSource>,
+    /// The device's `needs_sync`: when `false`, syncs skip the device.
+    pub(crate) needs_sync: bool,
+    /// `config.sync_for_device` if the device needs syncs, else `None`.
+    pub(crate) recycle_sync: Option<SyncForDevice>,
     /// Set when the pool stops accepting pages: at its drop or at unbind.
+    /// Advisory for recycling (a page may still reach the ring just after
+    /// it is set; the ring's own close is what stops that), authoritative
+    /// for allocation.
     pub(crate) closed: AtomicBool,
     pub(crate) ring: Ring<PageMeta<M>>,
     pub(crate) owner: OwnerCounters,
@@ -91,6 +102,14 @@ pub(crate) struct PoolShared<M: TrackingMode> {
 }
 
 impl<M: TrackingMode> PoolShared<M> {
+    /// Starts one device call for this pool, or `None` once its device has
+    /// begun to unbind.
+    #[inline]
+    pub(crate) fn device_call(&self) -> Option<DeviceCall<'_>> {
+        // SAFETY: the gate belongs to this pool's device, whose ops these are.
+        unsafe { DeviceCall::enter(&self.gate, &self.device.ops) }
+    }
+
     pub(crate) fn stats(&self) -> PoolStats {
         let o = &self.owner;
         let ring = self.ring.counters();
@@ -275,10 +294,13 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
         let device = &self.device.shared;
         let id = sync::next_pool_id();
         let shared = Arc::new(PoolShared {
+            gate: CallGate::new(device.key()),
             id,
             device: Arc::clone(device),
             config,
             source: self.source.unwrap_or_else(|| Box::new(GlobalPages)),
+            needs_sync: device.needs_sync,
+            recycle_sync: config.sync_for_device.filter(|_| device.needs_sync),
             closed: AtomicBool::new(false),
             ring: Ring::with_capacity(config.ring_size),
             owner: OwnerCounters::default(),
@@ -293,7 +315,7 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
             shared,
             cache: Vec::with_capacity(config.cache_size),
             cache_size: config.cache_size,
-            sync_on_recycle: config.sync_for_device.is_some(),
+            sync_on_recycle: config.sync_for_device.is_some() && device.needs_sync,
             frag: None,
         })
     }
@@ -318,7 +340,7 @@ pub struct PagePool<M: TrackingMode = Tracked> {
     pub(crate) cache: Vec<NonNull<PageMeta<M>>>,
     /// `config.cache_size`, kept here so the fast path reads one cache line.
     cache_size: usize,
-    /// Whether recycling syncs for the device (`config.sync_for_device`).
+    /// Whether recycling syncs for the device (`shared.recycle_sync`).
     sync_on_recycle: bool,
     pub(crate) frag: Option<FragState<M>>,
 }
@@ -389,7 +411,7 @@ impl<M: TrackingMode> PagePool<M> {
             return;
         }
         if self.shared.closed.load(Ordering::Acquire)
-            || (self.sync_on_recycle && !sync_on_recycle(&self.shared, meta, dirty_len))
+            || (self.sync_on_recycle && !self.sync_for_recycle(page, dirty_len))
         {
             self.recycle_unbound(page);
             return;
@@ -406,13 +428,25 @@ impl<M: TrackingMode> PagePool<M> {
         }
     }
 
+    /// The sync on recycle of [`recycle_direct`](Self::recycle_direct);
+    /// if the backend panics, the page is released, not leaked.
+    fn sync_for_recycle(&self, page: NonNull<PageMeta<M>>, dirty_len: usize) -> bool {
+        // SAFETY: owned by the caller, who hands it to the guard until the
+        // sync returned.
+        let returning = unsafe { Returning::new(page) };
+        // SAFETY: owned, live.
+        let synced = sync_on_recycle(&self.shared, unsafe { meta_ref(page) }, dirty_len);
+        returning.into_raw();
+        synced
+    }
+
     /// A page came back after unbind began: it is released (unmapped by
-    /// unbind, freed here).
+    /// unbind, freed here or by unbind).
     #[cold]
     fn recycle_unbound(&mut self, page: NonNull<PageMeta<M>>) {
         self.shared.released_refcnt.fetch_add(1, Ordering::Relaxed);
         // SAFETY: owned; not used afterwards.
-        unsafe { release_pages(&self.shared.device, &[page]) };
+        unsafe { release_pages(&self.shared, &[page]) };
     }
 
     /// Cache full: the ring takes it, or it leaves the pool.
@@ -424,7 +458,7 @@ impl<M: TrackingMode> PagePool<M> {
                 self.shared.released_refcnt.fetch_add(1, Ordering::Relaxed);
             }
             // SAFETY: refused, so still owned.
-            unsafe { release_pages(&self.shared.device, &[page]) };
+            unsafe { release_pages(&self.shared, &[page]) };
         }
     }
 
@@ -452,86 +486,28 @@ impl<M: TrackingMode> PagePool<M> {
     }
 
     /// Allocates and maps up to `refill_batch` order-0 pages (one page for
-    /// higher orders) into the empty cache. Fails only if none could be
-    /// made; nothing is leaked either way.
+    /// higher orders) into the empty cache, one device call per page, so an
+    /// `unbind` waits for one `map`, never for the batch. Fails if none
+    /// could be made, or if the device began to unbind (the pages already
+    /// mapped stay in the cache, recorded, for `unbind` to unmap); nothing
+    /// is leaked either way, also if the page source or `map` panics.
     fn map_fresh_pages(&mut self) -> Result<(), AllocError> {
-        let shared = &self.shared;
-        let config = shared.config;
-        let device = &shared.device;
-        let Some(ops) = device.gate.enter() else {
-            return Err(AllocError::Unbound);
-        };
+        let config = self.shared.config;
         let want = if config.order == 0 {
             config.refill_batch
         } else {
             1
         };
         let want = want.min(config.cache_size - self.cache.len());
-        let mut failure = None;
-        let first_new = self.cache.len();
         for _ in 0..want {
-            let Ok(cpu) = shared.source.alloc_pages(config.order) else {
-                failure = Some(AllocError::OutOfMemory {
-                    bytes: config.page_len,
-                });
-                break;
-            };
-            // SAFETY: `cpu` is a fresh block of page_len bytes that stays
-            // allocated until this page's unmap has returned (free_page runs
-            // only after it); no CPU reference to it exists.
-            let dma = match unsafe { ops.map(cpu, config.page_len, config.direction) } {
-                Ok(dma) => dma,
-                Err(e) => {
-                    // SAFETY: never mapped, never shared.
-                    unsafe { shared.source.free_pages(cpu, config.order) };
-                    failure = Some(AllocError::Map(e));
-                    break;
-                }
-            };
-            let meta = NonNull::from(Box::leak(Box::new(PageMeta {
-                cpu,
-                dma,
-                record: RecordId::NONE,
-                pool: Arc::clone(shared),
-                frag_refs: AtomicUsize::new(0),
-            })));
-            shared.pages_allocated.fetch_add(1, Ordering::Relaxed);
-            shared.pages_mapped.fetch_add(1, Ordering::Relaxed);
-            self.cache.push(meta);
-        }
-        if M::TRACKED {
-            // One shard lock for the whole batch. The metas are not shared
-            // yet except as opaque records; `unbind`, the only other reader
-            // of a record, cannot run while we hold the gate, and never reads
-            // `record`.
-            let recorded = device.tracker.insert_batch(
-                shared.tracker_shard,
-                &self.cache[first_new..],
-                // SAFETY: see above; each meta is ours alone.
-                |meta, id| unsafe { (*meta.as_ptr()).record = id },
-            );
-            if let Err((done, e)) = recorded {
-                for meta in self.cache.drain(first_new + done..) {
-                    // SAFETY: mapped above, never recorded nor shared:
-                    // unmapped once, here, then freed.
-                    unsafe {
-                        ops.unmap(meta_ref(meta).mapping());
-                        shared.pages_mapped.fetch_sub(1, Ordering::Relaxed);
-                        free_page(meta);
-                    }
-                }
-                failure = Some(match e {
-                    InsertError::Closed => AllocError::Unbound,
-                    InsertError::Full => {
-                        AllocError::Map(crate::DmaError::MappingLimit { limit: None })
-                    }
-                });
+            match map_page(&self.shared) {
+                Ok(page) => self.cache.push(page),
+                Err(AllocError::Unbound) => return Err(AllocError::Unbound),
+                Err(e) if self.cache.is_empty() => return Err(e),
+                Err(_) => break,
             }
         }
-        match failure {
-            Some(e) if self.cache.is_empty() => Err(e),
-            _ => Ok(()),
-        }
+        Ok(())
     }
 
     /// This pool's counters (see [`PoolStats`]).
@@ -552,7 +528,7 @@ impl<M: TrackingMode> Drop for PagePool<M> {
         let mut pages = core::mem::take(&mut self.cache);
         pages.extend(self.shared.ring.close());
         // SAFETY: the cache and the (now closed) ring owned these pages.
-        unsafe { release_pages(&self.shared.device, &pages) };
+        unsafe { release_pages(&self.shared, &pages) };
         *self.shared.detach_time.lock() = Some(SystemTime::now());
         self.shared.device.unregister(&self.shared);
     }

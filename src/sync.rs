@@ -15,11 +15,9 @@
 #[cfg(not(loom))]
 mod imp {
     #[cfg(miri)]
-    pub(crate) use super::std_locks::{
-        Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
-    };
+    pub(crate) use super::std_locks::{Mutex, MutexGuard};
     #[cfg(not(miri))]
-    pub(crate) use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+    pub(crate) use parking_lot::{Mutex, MutexGuard};
     pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
     pub(crate) use std::sync::Arc;
 
@@ -47,6 +45,21 @@ mod imp {
             std::thread::sleep(delay);
         }
     }
+
+    /// One round of waiting for another thread to finish a bounded piece
+    /// of work (a device call): spin briefly, then yield, then sleep a
+    /// little, so a long device call does not burn a core.
+    pub(crate) fn backoff(round: u32) {
+        if round < 64 {
+            core::hint::spin_loop();
+        } else if round < 128 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
+    }
+
+    pub(crate) use core::cell::UnsafeCell as RawUnsafeCell;
 }
 
 #[cfg(loom)]
@@ -65,24 +78,6 @@ mod imp {
         }
         pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
             self.0.lock().expect("loom mutex poisoned")
-        }
-    }
-
-    /// A loom reader-writer lock with `parking_lot`'s non-poisoning API.
-    #[derive(Debug)]
-    pub(crate) struct RwLock<T>(loom::sync::RwLock<T>);
-    pub(crate) type RwLockReadGuard<'a, T> = loom::sync::RwLockReadGuard<'a, T>;
-    pub(crate) type RwLockWriteGuard<'a, T> = loom::sync::RwLockWriteGuard<'a, T>;
-
-    impl<T> RwLock<T> {
-        pub(crate) fn new(value: T) -> Self {
-            Self(loom::sync::RwLock::new(value))
-        }
-        pub(crate) fn read(&self) -> RwLockReadGuard<'_, T> {
-            self.0.read().expect("loom rwlock poisoned")
-        }
-        pub(crate) fn write(&self) -> RwLockWriteGuard<'_, T> {
-            self.0.write().expect("loom rwlock poisoned")
         }
     }
 
@@ -116,9 +111,47 @@ mod imp {
             loom::thread::yield_now();
         }
     }
+
+    /// Under loom every round of a wait loop yields, so the model explores
+    /// the other threads instead of spinning.
+    pub(crate) fn backoff(_round: u32) {
+        loom::thread::yield_now();
+    }
+
+    pub(crate) use loom::cell::UnsafeCell as RawUnsafeCell;
 }
 
 pub(crate) use imp::*;
+
+/// An `UnsafeCell` that loom checks: every access goes through
+/// [`with`](Self::with) / [`with_mut`](Self::with_mut), which loom records
+/// and checks for causality (a write must happen-after every earlier read).
+/// Outside loom it is `core::cell::UnsafeCell` with the same two methods.
+pub(crate) struct UnsafeCell<T>(RawUnsafeCell<T>);
+
+impl<T> UnsafeCell<T> {
+    pub(crate) fn new(value: T) -> Self {
+        Self(RawUnsafeCell::new(value))
+    }
+
+    /// Reads through a shared pointer.
+    #[inline]
+    pub(crate) fn with<R>(&self, f: impl FnOnce(*const T) -> R) -> R {
+        #[cfg(loom)]
+        return self.0.with(f);
+        #[cfg(not(loom))]
+        f(self.0.get())
+    }
+
+    /// Writes through a unique pointer.
+    #[inline]
+    pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+        #[cfg(loom)]
+        return self.0.with_mut(f);
+        #[cfg(not(loom))]
+        f(self.0.get())
+    }
+}
 
 /// Under Miri, `std`'s locks with `parking_lot`'s non-poisoning API:
 /// `parking_lot_core` makes its futex system call with an argument type
@@ -137,26 +170,6 @@ mod std_locks {
         pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
             self.0
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        }
-    }
-
-    pub(crate) struct RwLock<T>(std::sync::RwLock<T>);
-    pub(crate) type RwLockReadGuard<'a, T> = std::sync::RwLockReadGuard<'a, T>;
-    pub(crate) type RwLockWriteGuard<'a, T> = std::sync::RwLockWriteGuard<'a, T>;
-
-    impl<T> RwLock<T> {
-        pub(crate) fn new(value: T) -> Self {
-            Self(std::sync::RwLock::new(value))
-        }
-        pub(crate) fn read(&self) -> RwLockReadGuard<'_, T> {
-            self.0
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        }
-        pub(crate) fn write(&self) -> RwLockWriteGuard<'_, T> {
-            self.0
-                .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         }
     }

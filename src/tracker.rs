@@ -1,7 +1,7 @@
 //! The in-flight tracker: a record of every live DMA mapping of a device.
 //!
-//! Every page the pool maps gets a record here, inserted right after `map`
-//! succeeds and removed right before `unmap`. `unbind` walks the tracker and
+//! Every page the pool maps gets a record here, inserted in the device call that
+//! mapped it and removed right before `unmap`. `unbind` walks the tracker and
 //! unmaps what is left, including pages held far outside the pool, so no
 //! mapping outlives the driver.
 //!
@@ -35,8 +35,9 @@ use crate::sync::Mutex;
 /// Number of shards; a power of two.
 pub(crate) const SHARDS: usize = 16;
 const SHARD_BITS: u32 = SHARDS.trailing_zeros();
-/// Largest slot index a record id can name.
-const MAX_SLOT: usize = (u32::MAX >> SHARD_BITS) as usize;
+/// Largest slot index a record id can name. One below the field's maximum:
+/// shard `SHARDS - 1` with the maximum slot would spell [`RecordId::NONE`].
+const MAX_SLOT: usize = (u32::MAX >> SHARD_BITS) as usize - 1;
 
 /// Names one record: shard in the low bits, slot above.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,7 +186,6 @@ impl<T> InFlightTracker<T> {
     }
 
     /// Records `item` in shard `shard_hint % SHARDS`.
-    #[cfg(test)]
     pub(crate) fn insert(
         &self,
         shard_hint: usize,
@@ -198,27 +198,6 @@ impl<T> InFlightTracker<T> {
         }
         let slot = shard.slab.insert(item).ok_or(InsertError::Full)?;
         Ok(RecordId::new(shard_index, slot))
-    }
-
-    /// Records every item of `items` in shard `shard_hint % SHARDS` under
-    /// one lock, telling `on_insert` each record id. On failure returns how
-    /// many were recorded (a prefix of `items`) and why the next was not.
-    pub(crate) fn insert_batch(
-        &self,
-        shard_hint: usize,
-        items: &[NonNull<T>],
-        mut on_insert: impl FnMut(NonNull<T>, RecordId),
-    ) -> Result<(), (usize, InsertError)> {
-        let shard_index = shard_hint % SHARDS;
-        let mut shard = self.shards[shard_index].0.lock();
-        if shard.closed {
-            return Err((0, InsertError::Closed));
-        }
-        for (done, &item) in items.iter().enumerate() {
-            let slot = shard.slab.insert(item).ok_or((done, InsertError::Full))?;
-            on_insert(item, RecordId::new(shard_index, slot));
-        }
-        Ok(())
     }
 
     /// Removes the record `id` if it still names `item`. Returns whether it
@@ -236,12 +215,20 @@ impl<T> InFlightTracker<T> {
 
     /// Closes every shard (no insertion succeeds afterwards) and removes
     /// every record, handing each to `f`. Returns how many there were.
+    ///
+    /// Each shard's records are removed under its lock, all at once, and
+    /// handed to `f` after the lock is released: `f` may call back into the
+    /// tracker (a callback that drops a page) without deadlocking, and a
+    /// record is always removed before `f` sees it.
     pub(crate) fn close_and_drain(&self, mut f: impl FnMut(NonNull<T>)) -> usize {
         let mut drained = 0;
         for shard in self.shards.iter() {
-            let mut shard = shard.0.lock();
-            shard.closed = true;
-            shard.slab.drain(|item| {
+            let mut slab = {
+                let mut shard = shard.0.lock();
+                shard.closed = true;
+                core::mem::replace(&mut shard.slab, CompactSlab::new())
+            };
+            slab.drain(|item| {
                 drained += 1;
                 f(item)
             });
@@ -303,23 +290,13 @@ mod tests {
     }
 
     #[test]
-    fn batch_insert_names_every_item() {
+    fn closed_tracker_refuses_records() {
         let tracker = InFlightTracker::new();
-        let mut xs = items(5);
-        let ptrs: Vec<_> = xs.iter_mut().map(ptr).collect();
-        let mut ids = Vec::new();
-        tracker
-            .insert_batch(3, &ptrs, |p, id| ids.push((p, id)))
-            .unwrap();
-        assert_eq!(ids.len(), 5);
-        for (p, id) in ids {
-            assert!(tracker.remove(id, p));
-        }
-        tracker.close_and_drain(|_| {});
-        assert_eq!(
-            tracker.insert_batch(3, &ptrs, |_, _| {}),
-            Err((0, InsertError::Closed))
-        );
+        let mut xs = items(2);
+        let id = tracker.insert(3, ptr(&mut xs[0])).unwrap();
+        assert!(tracker.remove(id, ptr(&mut xs[0])));
+        assert_eq!(tracker.close_and_drain(|_| {}), 0);
+        assert_eq!(tracker.insert(3, ptr(&mut xs[1])), Err(InsertError::Closed));
     }
 
     #[test]
@@ -361,6 +338,15 @@ mod tests {
             !tracker.remove(ids[1], ptr(&mut xs[1])),
             "drained records are gone"
         );
+    }
+
+    #[test]
+    fn no_record_id_spells_none() {
+        for shard in 0..SHARDS {
+            let id = RecordId::new(shard, MAX_SLOT);
+            assert_ne!(id, RecordId::NONE);
+            assert_eq!((id.shard(), id.slot()), (shard, MAX_SLOT));
+        }
     }
 
     #[test]

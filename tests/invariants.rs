@@ -224,7 +224,10 @@ fn inv2_nothing_reaches_the_device_after_unbind() {
         device.pool_builder().build(),
         Err(BuildError::Unbound)
     ));
-    assert_eq!(device.unbind().unwrap_err(), pagepool::AlreadyUnbound);
+    assert_eq!(
+        device.unbind().unwrap_err(),
+        pagepool::UnbindError::AlreadyUnbound
+    );
     drop(device);
 
     assert_eq!(checker.stats(), after, "the device was called after unbind");
@@ -380,8 +383,9 @@ fn inv3_unbind_does_not_wait_for_page_holders() {
 }
 
 /// A device call in progress (slow, 20 ms) is the only thing unbind waits
-/// for: it returns once that call is done, with the slow thread's pages
-/// unmapped.
+/// for: not the rest of the slow path's batch of four. It returns once that
+/// one map is done, with that page unmapped; the owner's allocation then
+/// fails with `Unbound`.
 #[test]
 fn inv3_unbind_waits_only_for_a_call_in_progress() {
     let checker = slow_checker(Duration::ZERO);
@@ -402,10 +406,18 @@ fn inv3_unbind_waits_only_for_a_call_in_progress() {
     }
     let report = device.unbind().unwrap();
     assert_eq!(state.active(), 0);
+    assert_eq!(
+        checker.stats().maps,
+        1,
+        "unbind waited for the map in progress, not for the batch"
+    );
     let (pool, page) = owner.join().unwrap();
-    let page = page.expect("the maps began before unbind closed the gate");
-    assert_eq!(report.pages_in_flight, 4, "the batch mapped before unbind");
-    drop((page, pool));
+    assert_eq!(page.unwrap_err(), AllocError::Unbound);
+    assert_eq!(
+        report.pages_in_flight, 1,
+        "the one page mapped before unbind"
+    );
+    drop(pool);
     assert_unbound_clean(&checker);
 }
 

@@ -15,8 +15,8 @@ use common::{CountingOps, CountingPages};
 use harness::{assert_unbound_clean, checker, GuardedPages, LimitedPages, SpyOps, SyncCall};
 use pagepool::checking::{CheckingDevice, Violation};
 use pagepool::{
-    put_bulk, AllocError, AlreadyUnbound, BuildError, ConfigError, Device, DmaDirection, DmaError,
-    Frag, Page, PagePool, SyncError, Tracked, DEFAULT_CACHE_SIZE, DEFAULT_REFILL_BATCH,
+    put_bulk, AllocError, BuildError, ConfigError, Device, DmaDirection, DmaError, Frag, Page,
+    PagePool, SyncError, Tracked, UnbindError, DEFAULT_CACHE_SIZE, DEFAULT_REFILL_BATCH,
     DEFAULT_RING_SIZE, FRAG_ALIGN, MAX_CACHE_SIZE, MAX_ORDER, MAX_RING_SIZE, PAGE_SIZE,
 };
 
@@ -673,9 +673,11 @@ fn unbind_twice_is_already_unbound() {
     assert!(device.is_bound());
     let first = device.unbind().unwrap();
     assert_eq!(first.pages_in_flight, 64);
-    assert_eq!(device.unbind(), Err(AlreadyUnbound));
-    assert_eq!(device.unbind(), Err(AlreadyUnbound));
-    assert!(AlreadyUnbound.to_string().contains("already unbound"));
+    assert_eq!(device.unbind(), Err(UnbindError::AlreadyUnbound));
+    assert_eq!(device.unbind(), Err(UnbindError::AlreadyUnbound));
+    assert!(UnbindError::AlreadyUnbound
+        .to_string()
+        .contains("already unbound"));
     assert!(!device.is_bound());
     assert_unbound_clean(&checker);
 }
@@ -708,7 +710,7 @@ fn concurrent_unbind_from_two_threads_unbinds_once() {
         let ok: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
         assert_eq!(ok.len(), 1, "exactly one unbind does the work: {results:?}");
         assert_eq!(ok[0].pages_in_flight, 128);
-        assert!(results.contains(&Err(AlreadyUnbound)));
+        assert!(results.contains(&Err(UnbindError::AlreadyUnbound)));
         assert_unbound_clean(&checker);
         drop((held, pool));
         pages.assert_all_freed_once_unmapped();

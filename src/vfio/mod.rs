@@ -930,6 +930,14 @@ impl DmaOps for VfioDma {
     /// Nothing to do: VFIO devices do cache-coherent DMA straight into the
     /// mapped pages (see the module documentation).
     unsafe fn sync_for_cpu(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
+
+    /// `false`: VFIO type1 gives userspace no cache maintenance and no
+    /// bounce buffers, so both syncs are no-ops and the pool skips them (and
+    /// their call gate) entirely, as Linux skips syncs when
+    /// `dma_need_sync()` is false.
+    fn needs_sync(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

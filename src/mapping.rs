@@ -1,0 +1,294 @@
+//! A page's mapping, from `map` to free: the one place where a mapping
+//! begins ([`map_page`]) and ends ([`release_pages`], and `unbind` through
+//! [`Unmapper`]), and the one owner of the `pages_mapped` and
+//! `pages_allocated` counters.
+//!
+//! # The rule
+//!
+//! **Whoever removes a page's tracker record unmaps it, and only after the
+//! unmap may the page be freed.** A page leaving its pool removes its own
+//! record inside a device call ([`PoolShared::device_call`]), unmaps it in
+//! the same call, then frees the page outside it. `unbind` removes every
+//! record left, and so unmaps every mapping left, only after it has closed
+//! every gate and waited for the calls in progress; pages that come back
+//! meanwhile are handed to it ([`DeviceShared::free_after_unbind`]) and
+//! freed once its unmaps are done.
+//!
+//! # Invariants
+//!
+//! - No mapping without a record: [`map_page`] records a page in the same
+//!   device call that mapped it, so an `unbind` either waits for that call
+//!   (and then finds the record) or closed the gate before it (and then the
+//!   page was never mapped). Memory allocated for a page that is not mapped
+//!   in the end (error, panic, unbind) goes back to its source at once.
+//! - A record is removed before its mapping is handed to `unmap_batch`, so a
+//!   backend that panics can never see the same mapping twice.
+//! - Page memory is freed only after its unmap returned (or, if the unmap
+//!   panicked, after the call that counts as made), and never inside a
+//!   device call: `PageSource` calls run outside every gate.
+//! - Every `PageSource::free_pages` of a batch is made even if one panics;
+//!   the first panic is resumed afterwards.
+
+use core::ptr::NonNull;
+
+use crate::device::{DeviceShared, TrackingMode};
+use crate::dma::{DmaAddr, DmaDirection, DmaMapping, DmaOps};
+use crate::error::AllocError;
+use crate::page::{meta_ref, PageMeta};
+use crate::pool::PoolShared;
+use crate::sync::{Arc, AtomicUsize, Ordering};
+use crate::tracker::{InsertError, RecordId};
+use crate::unwind::Panics;
+
+/// Mappings handed to one `unmap_batch` call.
+pub(crate) const UNMAP_BATCH: usize = 64;
+
+const EMPTY_MAPPING: DmaMapping = DmaMapping {
+    addr: DmaAddr(0),
+    len: 0,
+    direction: DmaDirection::Bidirectional,
+};
+
+/// Mappings waiting for one `unmap_batch` call, on the stack.
+pub(crate) struct Unmapper {
+    batch: [DmaMapping; UNMAP_BATCH],
+    len: usize,
+}
+
+impl Unmapper {
+    pub(crate) const fn new() -> Self {
+        Self {
+            batch: [EMPTY_MAPPING; UNMAP_BATCH],
+            len: 0,
+        }
+    }
+
+    /// Adds the mapping of `meta`, whose record the caller removed (or, in
+    /// an untracked build, whose page the caller owns). Returns whether the
+    /// batch is now full and must be flushed.
+    pub(crate) fn push<M: TrackingMode>(&mut self, meta: &PageMeta<M>) -> bool {
+        self.batch[self.len] = meta.mapping();
+        self.len += 1;
+        meta.pool.pages_mapped.fetch_sub(1, Ordering::Relaxed);
+        self.len == UNMAP_BATCH
+    }
+
+    /// Unmaps the batch in one call and empties it (also if the call
+    /// panics: a call that panics counts as made, never repeated).
+    ///
+    /// # Safety
+    /// Every mapping pushed came from a successful `map` on `ops` and had
+    /// its record removed by the caller; none is unmapped elsewhere.
+    pub(crate) unsafe fn flush(&mut self, ops: &dyn DmaOps) {
+        let len = core::mem::take(&mut self.len);
+        if len > 0 {
+            // SAFETY: forwarded caller contract.
+            unsafe { ops.unmap_batch(&self.batch[..len]) };
+        }
+    }
+}
+
+/// Page memory taken from a source and not (yet) part of a page: goes back
+/// to the source when dropped, also on unwind.
+struct FreshBlock<'a, M: TrackingMode> {
+    pool: &'a PoolShared<M>,
+    cpu: NonNull<u8>,
+}
+
+impl<M: TrackingMode> FreshBlock<'_, M> {
+    fn into_page(self) -> NonNull<u8> {
+        let cpu = self.cpu;
+        core::mem::forget(self);
+        cpu
+    }
+}
+
+impl<M: TrackingMode> Drop for FreshBlock<'_, M> {
+    fn drop(&mut self) {
+        // SAFETY: the block came from this source with this order and was
+        // never mapped (or its map failed or panicked, which counts as
+        // mapping nothing, see `DmaOps::map`); nobody else has it.
+        unsafe {
+            self.pool
+                .source
+                .free_pages(self.cpu, self.pool.config.order)
+        };
+    }
+}
+
+/// Allocates one page from the pool's source, maps it and records it: the
+/// slow path for one page. The source is called outside every gate; the map
+/// and the record are one device call.
+pub(crate) fn map_page<M: TrackingMode>(
+    pool: &Arc<PoolShared<M>>,
+) -> Result<NonNull<PageMeta<M>>, AllocError> {
+    let config = pool.config;
+    if pool.gate.is_closed() {
+        return Err(AllocError::Unbound);
+    }
+    let cpu = pool
+        .source
+        .alloc_pages(config.order)
+        .map_err(|_| AllocError::OutOfMemory {
+            bytes: config.page_len,
+        })?;
+    // Declared before the call, so on every exit (and unwind) the call ends
+    // first and the block goes back to its source outside the gate.
+    let block = FreshBlock { pool, cpu };
+    let Some(call) = pool.device_call() else {
+        return Err(AllocError::Unbound);
+    };
+    // SAFETY: `cpu` is a fresh block of page_len bytes that stays allocated
+    // until this page's unmap has returned (pages are freed only after
+    // that); no CPU reference to it exists.
+    let dma =
+        unsafe { call.map(cpu, config.page_len, config.direction) }.map_err(AllocError::Map)?;
+    let meta = NonNull::from(Box::leak(Box::new(PageMeta {
+        cpu: block.into_page(),
+        dma,
+        record: RecordId::NONE,
+        pool: Arc::clone(pool),
+        frag_refs: AtomicUsize::new(0),
+    })));
+    pool.pages_allocated.fetch_add(1, Ordering::Relaxed);
+    pool.pages_mapped.fetch_add(1, Ordering::Relaxed);
+    if M::TRACKED {
+        // The gate is open (we are inside a call), so `unbind` has not yet
+        // walked the tracker: the shard cannot be closed.
+        match pool.device.tracker.insert(pool.tracker_shard, meta) {
+            // SAFETY: the meta is not shared yet: the tracker keeps it as an
+            // opaque key and only `unbind` reads through it, after this call
+            // has ended.
+            Ok(id) => unsafe { (*meta.as_ptr()).record = id },
+            Err(why) => {
+                // Never recorded, never shared: unmapped here, once.
+                let mut unmapper = Unmapper::new();
+                // SAFETY: the meta is live and ours.
+                unmapper.push(unsafe { meta_ref(meta) });
+                // SAFETY: mapped above, never recorded.
+                unsafe { unmapper.flush(&*call) };
+                drop(call);
+                // SAFETY: unmapped, ours alone.
+                unsafe { free_pages(&[meta]) };
+                return Err(match why {
+                    InsertError::Closed => AllocError::Unbound,
+                    InsertError::Full => {
+                        AllocError::Map(crate::DmaError::MappingLimit { limit: None })
+                    }
+                });
+            }
+        }
+    }
+    drop(call);
+    Ok(meta)
+}
+
+/// Frees the memory and metadata of every page, making every
+/// `PageSource::free_pages` call even if one panics (the first panic is
+/// resumed at the end, unless the thread is already unwinding).
+///
+/// # Safety
+/// No page is mapped any more (its unmap has returned, or `unbind` unmapped
+/// it), the caller owns every page, and none is used afterwards.
+pub(crate) unsafe fn free_pages<M: TrackingMode>(pages: &[NonNull<PageMeta<M>>]) {
+    let mut panics = Panics::new();
+    for &page in pages {
+        // SAFETY: forwarded caller contract, for each page once.
+        panics.run(|| unsafe { free_page(page) });
+    }
+    panics.resume();
+}
+
+/// Frees one page's memory and metadata.
+///
+/// # Safety
+/// As for [`free_pages`].
+unsafe fn free_page<M: TrackingMode>(meta: NonNull<PageMeta<M>>) {
+    // SAFETY: metas are created with `Box::leak` in `map_page` and freed
+    // only here, once (caller contract).
+    let meta = unsafe { Box::from_raw(meta.as_ptr()) };
+    let pool = &meta.pool;
+    // Release: the page's last device call happened-before a reader that
+    // sees the count drop (the registry prunes detached pools by it).
+    pool.pages_allocated.fetch_sub(1, Ordering::Release);
+    // SAFETY: the block came from this source with this order and is no
+    // longer mapped, so no device can reach it (invariant 4).
+    unsafe { pool.source.free_pages(meta.cpu, pool.config.order) };
+}
+
+/// Releases pages leaving `pool` (ring full, pool dropped, late return):
+/// each is unmapped by whoever removes its record, then freed; pages that
+/// come back while `unbind` runs are handed to it.
+///
+/// Each batch of up to [`UNMAP_BATCH`] pages is one device call, so an
+/// `unbind` waits for one batch of this release, never for all of it.
+///
+/// # Safety
+/// Every page in `pages` belongs to `pool`, the caller owns it and does not
+/// use it afterwards.
+pub(crate) unsafe fn release_pages<M: TrackingMode>(
+    pool: &PoolShared<M>,
+    pages: &[NonNull<PageMeta<M>>],
+) {
+    let mut panics = Panics::new();
+    let mut start = 0;
+    while start < pages.len() {
+        let chunk = &pages[start..pages.len().min(start + UNMAP_BATCH)];
+        let Some(call) = pool.device_call() else {
+            // `unbind` has begun: it unmaps these pages (tracked), and they
+            // must not be freed before it has; the same for the rest.
+            // SAFETY: forwarded caller contract.
+            panics.run(|| unsafe { pool.device.free_after_unbind(&pages[start..]) });
+            break;
+        };
+        start += chunk.len();
+        let mut unmapper = Unmapper::new();
+        for &page in chunk {
+            // SAFETY: owned by the caller, not yet freed.
+            let meta = unsafe { meta_ref(page) };
+            // Tracked: the gate is open, so `unbind` has not taken this
+            // record; only this page's owner, the caller, can remove it.
+            #[cfg(not(pagepool_broken))]
+            let owned = !M::TRACKED || pool.device.tracker.remove(meta.record, page);
+            // BROKEN VARIANT (test-only, `--cfg pagepool_broken`,
+            // PAGEPOOL_BROKEN=release-keeps-record): unmap without removing
+            // the record, so unbind unmaps the page again. Caught by the
+            // ring-full loom model (double unmap).
+            #[cfg(pagepool_broken)]
+            let owned = !M::TRACKED
+                || crate::sync::broken("release-keeps-record")
+                || pool.device.tracker.remove(meta.record, page);
+            if owned {
+                unmapper.push(meta);
+            }
+        }
+        // SAFETY: each mapping came from `map` on this device and its record
+        // was removed just above; unmapped once, here.
+        panics.run(|| unsafe { unmapper.flush(&*call) });
+        drop(call);
+        // SAFETY: unmapped (a panicking unmap counts as made); owned.
+        panics.run(|| unsafe { free_pages(chunk) });
+    }
+    panics.resume();
+}
+
+impl<M: TrackingMode> DeviceShared<M> {
+    /// Pages that came back after `unbind` closed the gates: tracked, they
+    /// are freed once `unbind` has unmapped them (at once if it has
+    /// finished); untracked, they stay mapped forever, so their memory is
+    /// leaked on purpose rather than freed under a live mapping.
+    ///
+    /// # Safety
+    /// The caller owns every page and does not use it afterwards.
+    pub(crate) unsafe fn free_after_unbind(&self, pages: &[NonNull<PageMeta<M>>]) {
+        if !M::TRACKED {
+            self.leaked_pages.fetch_add(pages.len(), Ordering::Relaxed);
+            return;
+        }
+        if self.defer_until_unbound(pages) {
+            return;
+        }
+        // SAFETY: `unbind` finished: it unmapped every recorded page.
+        unsafe { free_pages(pages) };
+    }
+}
