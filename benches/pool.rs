@@ -1,6 +1,7 @@
-//! Benchmarks of issue 4: the pool's fast, ring and slow paths with tracking
-//! on and off, cross-thread recycling, unbind, and the pools a Rust user
-//! would pick instead, all in one harness so every ratio comes from one run.
+//! Benchmarks of the pool's fast, ring and slow paths with tracking on and
+//! off, cross-thread recycling, the RX loop's per-packet sync, unbind, and
+//! the pools a Rust user would pick instead, all in one harness so every
+//! ratio comes from one run.
 //!
 //! Run: `cargo bench --bench pool` (a few minutes; see BENCHMARKS.md).
 //! A filter runs a part: `cargo bench --bench pool -- single_thread`.
@@ -23,6 +24,13 @@
 //!   wall time per page (needs two idle cores). See the section comment.
 //! - `unbind`: `Device::unbind` with 1 K, 64 K and 1 M pages held outside the
 //!   pool; only the `unbind` call is timed.
+//! - `sync`: the RX loop's alloc + `sync_for_cpu(0..64)` + `recycle_direct`
+//!   against the fast path alone, with a backend whose syncs are needed
+//!   (no-op body) and one that says none are (`needs_sync() == false`).
+//!   `sync_two_queues`: two threads, one pool each, syncing every page, with
+//!   both pools on one device or each on its own.
+//! - `unbind_during_slow_map`: `unbind` while another thread's slow path maps
+//!   a batch of 1024 pages with a 1 ms `map`.
 //!
 //! With `PAGEPOOL_COUNT=<workload>:<n>` in the environment the binary runs
 //! one workload `n` times instead, for instruction counts under callgrind
@@ -70,6 +78,54 @@ impl DmaOps for NoopOps {
         _direction: DmaDirection,
     ) -> Result<DmaAddr, DmaError> {
         Ok(DmaAddr(cpu.as_ptr() as u64))
+    }
+    unsafe fn unmap(&self, _mapping: DmaMapping) {}
+    unsafe fn sync_for_device(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
+    unsafe fn sync_for_cpu(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
+}
+
+/// [`NoopOps`] that says its syncs do nothing (`needs_sync() == false`, as
+/// VFIO does): the pool then skips every sync.
+struct CoherentOps;
+
+impl DmaOps for CoherentOps {
+    unsafe fn map(
+        &self,
+        cpu: NonNull<u8>,
+        len: usize,
+        direction: DmaDirection,
+    ) -> Result<DmaAddr, DmaError> {
+        // SAFETY: forwarded contract.
+        unsafe { NoopOps.map(cpu, len, direction) }
+    }
+    unsafe fn unmap(&self, _mapping: DmaMapping) {}
+    unsafe fn sync_for_device(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
+    unsafe fn sync_for_cpu(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
+    fn needs_sync(&self) -> bool {
+        false
+    }
+}
+
+/// [`NoopOps`] whose `map` takes [`SLOW_MAP`] (a sleep), and which tells
+/// when the first map began.
+struct SlowMapOps {
+    mapping: std::sync::Arc<AtomicBool>,
+}
+
+/// How long one [`SlowMapOps::map`] takes.
+const SLOW_MAP: Duration = Duration::from_millis(1);
+
+impl DmaOps for SlowMapOps {
+    unsafe fn map(
+        &self,
+        cpu: NonNull<u8>,
+        len: usize,
+        direction: DmaDirection,
+    ) -> Result<DmaAddr, DmaError> {
+        self.mapping.store(true, Ordering::Release);
+        thread::sleep(SLOW_MAP);
+        // SAFETY: forwarded contract.
+        unsafe { NoopOps.map(cpu, len, direction) }
     }
     unsafe fn unmap(&self, _mapping: DmaMapping) {}
     unsafe fn sync_for_device(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
@@ -256,7 +312,7 @@ fn lfop_spinlock() -> SpinLockObjectPool<Box<PageBuf>> {
 }
 
 // ---------------------------------------------------------------------------
-// 1, 7: one thread, alloc + free.
+// One thread, alloc + free.
 
 fn pool_fast<M: Mode>(c: &mut Group<'_>) {
     let device = M::device();
@@ -380,7 +436,7 @@ fn single_thread(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------
-// 2: the ring path, one thread.
+// The ring path, one thread.
 
 fn pool_ring<M: Mode>(g: &mut Group<'_>) {
     let device = M::device();
@@ -410,7 +466,7 @@ fn ring(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------
-// 3: the slow path.
+// The slow path.
 
 /// Every alloc maps a fresh page, every release unmaps and frees it: a ring
 /// of one page and rounds of `SLOW_ROUND` allocs then drops. Per round one
@@ -476,7 +532,7 @@ fn slow(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------
-// 5, 7: cross-thread.
+// Cross-thread.
 //
 // Two measurements, both "alloc on one thread, free on another":
 //
@@ -911,7 +967,138 @@ fn cross_thread(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------
-// 6: unbind with pages in flight.
+// The RX loop's per-packet sync: alloc + `sync_for_cpu(0..64)` +
+// `recycle_direct`, against the fast path alone, in one group.
+
+/// Bytes of each received page synced for the CPU (a frame's headers).
+const RX_SYNC: usize = 64;
+
+fn rx_loop<M: TrackingMode>(pool: &mut PagePool<M>, ops: u64) {
+    for _ in 0..ops {
+        let mut page = pool.alloc().unwrap();
+        page.sync_for_cpu(0..RX_SYNC).unwrap();
+        pool.recycle_direct(black_box(page));
+    }
+}
+
+fn fast_loop<M: TrackingMode>(pool: &mut PagePool<M>, ops: u64) {
+    for _ in 0..ops {
+        let page = pool.alloc().unwrap();
+        pool.recycle_direct(black_box(page));
+    }
+}
+
+fn warm<M: TrackingMode>(pool: &mut PagePool<M>) {
+    let page = pool.alloc().unwrap();
+    pool.recycle_direct(page);
+}
+
+fn sync(c: &mut Criterion) {
+    let mut g = c.benchmark_group("sync");
+    g.throughput(Throughput::Elements(OPS));
+    let device = Device::new(NoopOps);
+    let mut pool = device.pool_builder().build().unwrap();
+    warm(&mut pool);
+    g.bench_function("fast_path", |b| b.iter(|| fast_loop(&mut pool, OPS)));
+    let coherent = Device::new(CoherentOps);
+    let mut coherent_pool = coherent.pool_builder().build().unwrap();
+    warm(&mut coherent_pool);
+    g.bench_function("rx_loop/no_sync_needed", |b| {
+        b.iter(|| rx_loop(&mut coherent_pool, OPS))
+    });
+    g.bench_function("rx_loop/sync_needed", |b| {
+        b.iter(|| rx_loop(&mut pool, OPS))
+    });
+    g.finish();
+
+    // Two RX loops on two threads, one pool each, syncing every page: both
+    // pools on one device, or each on its own. Wall time of the slower
+    // thread per page; both threads start together behind a barrier.
+    let mut g = c.benchmark_group("sync_two_queues");
+    g.throughput(Throughput::Elements(OPS));
+    for (name, shared_device) in [("one_device", true), ("two_devices", false)] {
+        let first = Device::new(NoopOps);
+        let second = Device::new(NoopOps);
+        let mut pools = [
+            first.pool_builder().build().unwrap(),
+            if shared_device { &first } else { &second }
+                .pool_builder()
+                .build()
+                .unwrap(),
+        ];
+        for pool in &mut pools {
+            warm(pool);
+        }
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let start = std::sync::Barrier::new(2);
+                thread::scope(|s| {
+                    let runs: Vec<_> = pools
+                        .iter_mut()
+                        .map(|pool| {
+                            let start = &start;
+                            s.spawn(move || {
+                                start.wait();
+                                let began = Instant::now();
+                                rx_loop(pool, iters * OPS);
+                                began.elapsed()
+                            })
+                        })
+                        .collect();
+                    runs.into_iter()
+                        .map(|run| run.join().unwrap())
+                        .max()
+                        .unwrap()
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------
+// Unbind while another thread's slow path maps a batch of 1024 pages, each
+// `map` taking 1 ms: unbind waits for the one map in progress, not for the
+// batch. Only the `unbind` call is timed.
+
+fn unbind_during_slow_map(c: &mut Criterion) {
+    let mut g = c.benchmark_group("unbind_during_slow_map");
+    g.sampling_mode(criterion::SamplingMode::Flat);
+    g.sample_size(10);
+    g.bench_function("batch1024_map1ms", |b| {
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iters {
+                let mapping = std::sync::Arc::new(AtomicBool::new(false));
+                let device = Device::new(SlowMapOps {
+                    mapping: std::sync::Arc::clone(&mapping),
+                });
+                let mut pool = device
+                    .pool_builder()
+                    .cache_size(1024)
+                    .refill_batch(1024)
+                    .page_source(ArenaPages)
+                    .build()
+                    .unwrap();
+                thread::scope(|s| {
+                    let owner = s.spawn(move || pool.alloc().map(drop));
+                    while !mapping.load(Ordering::Acquire) {
+                        thread::yield_now();
+                    }
+                    let start = Instant::now();
+                    device.unbind().unwrap();
+                    timed += start.elapsed();
+                    assert!(owner.join().unwrap().is_err(), "the batch was cut short");
+                });
+            }
+            timed
+        })
+    });
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------
+// Unbind with pages in flight.
 
 fn unbind(c: &mut Criterion) {
     let mut g = c.benchmark_group("unbind");
@@ -1025,6 +1212,18 @@ fn count(spec: &str) {
         "slow_arena_batch64_tracked" => count_slow::<Tracked>(n, 64),
         "slow_arena_batch64_untracked" => count_slow::<Untracked>(n, 64),
         "bulk_tracked" => count_bulk::<Tracked>(n),
+        "rx_sync_needed" => {
+            let device = Device::new(NoopOps);
+            let mut pool = device.pool_builder().build().unwrap();
+            warm(&mut pool);
+            rx_loop(&mut pool, n);
+        }
+        "rx_no_sync_needed" => {
+            let device = Device::new(CoherentOps);
+            let mut pool = device.pool_builder().build().unwrap();
+            warm(&mut pool);
+            rx_loop(&mut pool, n);
+        }
         "bulk_untracked" => count_bulk::<Untracked>(n),
         "vec_floor" => {
             let bufs: Vec<Box<PageBuf>> = (0..64).map(|_| new_buf()).collect();
@@ -1096,7 +1295,7 @@ fn count(spec: &str) {
 criterion_group! {
     name = benches;
     config = config();
-    targets = single_thread, ring, slow, cross_thread, unbind
+    targets = single_thread, ring, slow, cross_thread, unbind, sync, unbind_during_slow_map
 }
 
 fn main() {

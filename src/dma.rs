@@ -19,6 +19,35 @@
 //!   other method, for different mappings.
 //! - `on_unbind` is the last call the pool ever makes; after it returns the
 //!   pool drops its handle to the backend.
+//! - Return when done: `unbind` waits for every call already in progress
+//!   (and only for those), so a call that blocks makes `unbind` wait for it.
+//!
+//! # What a callback may do
+//!
+//! The pool calls every method outside its own locks, each inside a hold of
+//! the calling pool's call gate that covers this one call. From inside any
+//! method a backend may:
+//!
+//! - **panic.** The pool treats a call that panicked as made and never
+//!   repeats it: a panicking `map` mapped nothing (its page memory goes back
+//!   to the page source, so it must not stay mapped), a panicking `unmap` or
+//!   `unmap_batch` unmapped what it was given, a panicking sync synced. The
+//!   pool's state stays consistent and the panic reaches the pool's caller;
+//!   inside `unbind`, every remaining step still runs first (see
+//!   [`Device::unbind`](crate::Device::unbind)). A page whose sync on
+//!   recycle panicked is released (unmapped and freed), not leaked.
+//! - **drop pages, fragments, `Bytes` and pools**, of any pool and device,
+//!   including pages of the pool the call is made for. That never waits:
+//!   during `unbind`, a page dropped is handed to `unbind`, which frees it
+//!   once its mapping is gone.
+//! - **call back into the pool**: allocate from a pool it owns, sync other
+//!   pages, read stats, build pools on other devices.
+//! - **not unbind its own device**: [`Device::unbind`](crate::Device::unbind)
+//!   called from inside a call of the same device (or from a callback that
+//!   `unbind` itself runs) returns
+//!   [`UnbindError::InsideCallback`](crate::UnbindError::InsideCallback) at
+//!   once. Unbind from another thread, or after the call returned.
+//! - **block**, at the price above: `unbind` waits for that one call.
 //!
 //! # What the pool guarantees in return
 //!

@@ -33,6 +33,18 @@ impl std::error::Error for OutOfMemory {}
 
 /// A supplier of page memory.
 ///
+/// The pool never calls a page source inside a device call or under one of
+/// its locks, so a source may block (waiting for memory to come back), panic
+/// (an `alloc_pages` that panics allocated nothing; a `free_pages` that
+/// panics is not repeated, and the pool still frees the other pages of the
+/// batch), drop pages and pools, or allocate from other pools. `unbind`
+/// never waits for a page source: a slow path blocked in `alloc_pages` finds
+/// the device unbound when it returns, gives the block back, and fails with
+/// [`AllocError::Unbound`](crate::AllocError::Unbound). Calling
+/// [`Device::unbind`](crate::Device::unbind) from `alloc_pages` works; from a
+/// `free_pages` that `unbind` itself runs it returns
+/// [`UnbindError::InsideCallback`](crate::UnbindError::InsideCallback).
+///
 /// # Safety
 /// An implementation must return blocks that are valid for reads and writes
 /// of `PAGE_SIZE << order` bytes, aligned to [`PAGE_SIZE`], not aliased by

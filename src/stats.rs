@@ -20,13 +20,17 @@ use crate::sync::{AtomicU64, Ordering};
 pub struct AllocStats {
     /// Pages handed out from the local cache.
     pub fast: u64,
-    /// Order-0 pages allocated and mapped on the slow path.
+    /// Slow-path batches of order-0 pages: allocations that found cache
+    /// and ring empty and mapped fresh pages (up to a refill batch each).
+    /// Counts events, not pages, as Linux's `slow` does.
     pub slow: u64,
-    /// Higher-order pages allocated and mapped on the slow path.
+    /// Slow-path allocations of a higher-order page (one page each).
     pub slow_high_order: u64,
     /// Times the shared ring was empty when the cache needed a refill.
     pub empty: u64,
-    /// Pages moved from the shared ring into the local cache.
+    /// Refills of the local cache from the shared ring (up to a refill
+    /// batch of pages each). Counts events, not pages, as Linux's `refill`
+    /// does.
     pub refill: u64,
     /// Linux counts pages dropped on refill for being on the wrong NUMA
     /// node here. This pool has no NUMA placement policy, so it never waives
