@@ -325,7 +325,7 @@ impl<M: TrackingMode> Device<M> {
         let _one_at_a_time = shared.unbinding.lock();
         // From here on a callback that calls `unbind` is refused, not
         // deadlocked on `unbinding`.
-        let _marker = held::Marker::new(key);
+        let _unbinding = held::Unbinding::new(key);
 
         // 1. Stop new pools, allocations and recycling.
         let pools = {
@@ -345,6 +345,7 @@ impl<M: TrackingMode> Device<M> {
             pool.gate.close();
         }
         // 2. Wait for the device calls already running; none starts now.
+        held::wait_for_threads(key);
         for pool in &pools {
             pool.gate.wait_idle();
         }

@@ -1,43 +1,57 @@
-//! The call gate: who may call the device's [`DmaOps`](crate::DmaOps), and
+//! The call gates: who may call the device's [`DmaOps`](crate::DmaOps), and
 //! until when.
 //!
-//! Every pool has its own gate, one word on its own cache line: the number of
-//! device calls in progress for the pool, plus a `CLOSED` bit. Every device
-//! call made outside `unbind` (a `map` on the slow path, the unmap of a page
-//! leaving its pool, a sync, a CPU-access report) runs inside one
-//! [`CallGate::enter`] hold. `unbind` sets `CLOSED` on the gate of every pool
-//! of the device ([`CallGate::close`]), then waits until no call is in
-//! progress ([`CallGate::wait_idle`]).
+//! Every device call made outside `unbind` (a `map` on the slow path, the
+//! unmap of a batch of pages leaving their pool, a sync, a CPU-access report)
+//! runs inside one [`CallGate::enter`] hold of the pool it is made for.
+//! `unbind` closes the gate of every pool of the device, then waits until no
+//! call is in progress. A hold is announced in one of two ways:
+//!
+//! - **Fast**: in the calling thread's own slot ([`held`]): a plain store of
+//!   the device's key into a cache line only that thread writes, then a
+//!   *light* fence, then a plain load of the gate's `CLOSED` bit. `unbind`
+//!   sets `CLOSED`, issues the matching *heavy* fence
+//!   ([`crate::sync::asymmetric`]), and scans every thread's slots until none
+//!   names the device. The two fences order the store before the load on
+//!   both sides (Dekker's pattern), so either the caller sees `CLOSED` and
+//!   backs out, or `unbind` sees the slot and waits. On Linux the heavy fence
+//!   is `membarrier(2)` and the light one costs nothing at run time, so a
+//!   device call adds no atomic read-modify-write and no shared write to the
+//!   per-packet path; elsewhere both are full fences.
+//! - **Counted**: when the thread's slots are all in use (deeply nested
+//!   callbacks) or gone (thread-local destructors running), the gate's word
+//!   counts the call with a read-modify-write, which the same word's
+//!   `CLOSED` bit orders; `unbind` waits for the count to reach zero.
 //!
 //! # Invariants
 //!
-//! - `CLOSED` is set once and never cleared. `enter` succeeds only if it was
-//!   clear when the count went up (one read-modify-write orders the two), so
-//!   once `close` and `wait_idle` have returned, no call through the gate
-//!   runs or will start (invariant 2).
+//! - `CLOSED` is set once and never cleared. Once `unbind` has closed the
+//!   gates and both waits returned, no call through them runs or will start
+//!   (invariant 2).
 //! - A hold covers one device call (a single `map`, `unmap_batch`, sync or
 //!   CPU-access report) and the bookkeeping next to it, never a `PageSource`
 //!   call, a wait for another thread, or a batch of calls. So `unbind` waits
 //!   for at most one device call per thread (invariant 3), and a call that
 //!   blocks makes `unbind` wait for that call only.
 //! - Holds nest: a callback may drop a page (which enters a gate again)
-//!   without waiting for anything. Threads working for different pools write
-//!   different lines: the read side shares nothing across the pools of a
-//!   device.
-//! - Every thread lists the devices it is inside a call of ([`held`]), so an
-//!   `unbind` from inside a device call of the same device refuses at once
-//!   instead of waiting for its own caller.
-//! - Whoever holds a [`CallGuard`] may use the device's ops: `unbind` retires
-//!   them only after every gate of the device is closed and idle.
+//!   without waiting for anything.
+//! - On the fast path a thread writes only its own slot line; the gate's
+//!   word is read, and written only by `unbind` and the counted path. Pools
+//!   of a device, and threads of a pool, share no written line.
+//! - A thread's slots also tell whether it is inside a call of a device
+//!   ([`held::contains`]), so an `unbind` from inside a device call of the
+//!   same device refuses at once instead of waiting for its own caller.
+//! - Whoever holds a [`CallGuard`] may use the device's ops: `unbind`
+//!   retires them only after every gate of the device is closed and idle.
 
 use core::ops::Deref;
 
 use crate::dma::DmaOps;
-use crate::sync::{backoff, AtomicUsize, Ordering, UnsafeCell};
+use crate::sync::{asymmetric, backoff, AtomicUsize, Ordering, UnsafeCell};
 
 /// Set once `unbind` began: no new hold is granted.
 const CLOSED: usize = 1;
-/// One call in progress (the count sits above the `CLOSED` bit).
+/// One counted call in progress (the count sits above the `CLOSED` bit).
 const ONE_CALL: usize = 2;
 
 /// A pool's gate. See the [module docs](self).
@@ -53,11 +67,15 @@ pub(crate) struct CallGate {
 #[must_use]
 pub(crate) struct CallGuard<'a> {
     gate: &'a CallGate,
+    /// Announced in the thread's slot `Some(index)`, or counted in the gate.
+    slot: Option<usize>,
 }
 
 impl CallGate {
     /// An open gate of the device named `device` (see [`held`]).
     pub(crate) fn new(device: usize) -> Self {
+        // Both sides of this gate's handshake use the fence mode fixed here.
+        asymmetric::prepare();
         Self {
             state: AtomicUsize::new(0),
             device,
@@ -65,18 +83,39 @@ impl CallGate {
     }
 
     /// Starts one device call, or returns `None` once `unbind` has begun.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn enter(&self) -> Option<CallGuard<'_>> {
-        // Acquire pairs with nothing on the open path (the ops were set
-        // before the pool existed); on the closed path it keeps the caller's
-        // later reads after unbind's close.
+        match held::announce(self.device) {
+            Some(slot) => {
+                // The slot store above, then this fence, then the load: see
+                // the module docs (unbind: close, heavy fence, scan).
+                asymmetric::light();
+                if self.state.load(Ordering::Relaxed) & CLOSED != 0 {
+                    held::withdraw(slot);
+                    return None;
+                }
+                Some(CallGuard {
+                    gate: self,
+                    slot: Some(slot),
+                })
+            }
+            None => self.enter_counted(),
+        }
+    }
+
+    /// The counted path of [`enter`](Self::enter).
+    #[cold]
+    fn enter_counted(&self) -> Option<CallGuard<'_>> {
         let before = self.state.fetch_add(ONE_CALL, Ordering::Acquire);
         if before & CLOSED != 0 {
             self.state.fetch_sub(ONE_CALL, Ordering::Release);
             return None;
         }
-        held::push(self.device);
-        Some(CallGuard { gate: self })
+        held::note_counted(1);
+        Some(CallGuard {
+            gate: self,
+            slot: None,
+        })
     }
 
     /// Whether `unbind` has begun (a plain load: for paths that skip the
@@ -86,27 +125,24 @@ impl CallGate {
         self.state.load(Ordering::Acquire) & CLOSED != 0
     }
 
-    /// Refuses every later `enter`. Calls already in progress go on.
+    /// Refuses every later `enter`. Calls already in progress go on; wait
+    /// for them with [`held::wait_for_threads`] (once per device, after
+    /// closing all its gates) and [`wait_idle`](Self::wait_idle).
     pub(crate) fn close(&self) {
-        self.state.fetch_or(CLOSED, Ordering::AcqRel);
+        self.state.fetch_or(CLOSED, Ordering::SeqCst);
     }
 
-    /// Waits until no call is in progress. After `close`, this waits for the
-    /// calls that were running when it was closed, and for nothing else.
+    /// Waits until no counted call is in progress.
     pub(crate) fn wait_idle(&self) {
-        let mut round = 0;
         // BROKEN VARIANT (test-only, `--cfg pagepool_broken`,
-        // PAGEPOOL_BROKEN=unbind-no-wait): return without waiting for calls
-        // in progress, so unbind unmaps and retires the ops while a sync or
-        // a map still runs. Caught by the sync-on-recycle and slow-path loom
-        // models (a call after `on_unbind`).
+        // PAGEPOOL_BROKEN=unbind-no-wait): see `held::wait_for_threads`.
         #[cfg(pagepool_broken)]
         if crate::sync::broken("unbind-no-wait") {
             return;
         }
-        // Acquire: each call's effects (a record inserted after `map`, a
-        // page's record removed before its unmap) happen-before unbind's
-        // walk, through the release of the call's exit.
+        let mut round = 0;
+        // Acquire: each call's effects happen-before unbind's walk, through
+        // the release of the call's exit.
         while self.state.load(Ordering::Acquire) >= ONE_CALL {
             backoff(round);
             round = round.saturating_add(1);
@@ -167,7 +203,7 @@ impl<'a> DeviceCall<'a> {
     ///
     /// # Safety
     /// `cell` holds the ops of the device `gate` belongs to.
-    #[inline]
+    #[inline(always)]
     pub(crate) unsafe fn enter(gate: &'a CallGate, cell: &'a OpsCell) -> Option<Self> {
         let call = gate.enter()?;
         // SAFETY: inside a device call of one of the device's pools.
@@ -186,90 +222,239 @@ impl Deref for DeviceCall<'_> {
 }
 
 impl Drop for CallGuard<'_> {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
-        held::pop();
-        // Release: the call and its bookkeeping happen-before the
-        // `wait_idle` that sees the count drop.
-        self.gate.state.fetch_sub(ONE_CALL, Ordering::Release);
+        match self.slot {
+            // Release: the call and its bookkeeping happen-before the scan
+            // that sees the slot cleared.
+            Some(slot) => held::withdraw(slot),
+            None => {
+                held::note_counted(-1);
+                self.gate.state.fetch_sub(ONE_CALL, Ordering::Release);
+            }
+        }
     }
 }
 
-/// The devices the current thread is inside a call of, innermost last.
+/// Every thread's announcement slots: which devices it is inside a call of.
 ///
-/// A few entries suffice: holds nest only when a callback drops a page, and
-/// beyond [`held::DEPTH`] the list answers "maybe" ([`held::contains`] is
-/// then `true`), which makes an `unbind` from there refuse rather than risk
-/// waiting for itself.
+/// A thread gets its slots on its first device call: one cache line of
+/// [`held::DEPTH`] words, registered in a process-wide list that `unbind`
+/// scans, and removed from it when the thread exits. Slot `i` holds the
+/// device of the thread's `i`-th nested call, or 0.
 pub(crate) mod held {
     use core::cell::Cell;
 
-    /// Entries kept exactly.
+    use crate::sync::{asymmetric, backoff, Arc, AtomicUsize, Mutex, Ordering};
+
+    /// Nested calls announced in slots; deeper ones are counted.
     pub(crate) const DEPTH: usize = 4;
 
-    struct Held {
+    /// One thread's slots, on a line of their own.
+    #[repr(align(128))]
+    struct Slots([AtomicUsize; DEPTH]);
+
+    /// The calling thread's state. Constant-initialised and without `Drop`,
+    /// so reaching it is a plain thread-local access, valid even while the
+    /// thread's destructors run.
+    struct State {
+        /// The thread's registered slots: null before its first call,
+        /// [`gone`] once its registration was dropped (thread exit).
+        slots: Cell<*const Slots>,
+        /// Slots in use.
         depth: Cell<usize>,
-        devices: [Cell<usize>; DEPTH],
+        /// Calls of this thread counted in a gate instead.
+        counted: Cell<isize>,
+        /// The device this thread is unbinding, or 0.
+        unbinding: Cell<usize>,
+    }
+
+    /// Owns the thread's slots and their place in the registry; dropped at
+    /// thread exit.
+    struct Registration {
+        slots: Arc<Slots>,
+    }
+
+    impl Registration {
+        fn new() -> Self {
+            let slots = Arc::new(Slots(core::array::from_fn(|_| AtomicUsize::new(0))));
+            registry().lock().push(Arc::clone(&slots));
+            Self { slots }
+        }
+    }
+
+    impl Drop for Registration {
+        fn drop(&mut self) {
+            // From here on the thread's calls are counted, not announced.
+            let _ = STATE.try_with(|state| state.slots.set(gone()));
+            registry()
+                .lock()
+                .retain(|slots| !Arc::ptr_eq(slots, &self.slots));
+        }
+    }
+
+    /// The `slots` value of a thread whose registration is gone.
+    fn gone() -> *const Slots {
+        core::ptr::NonNull::dangling().as_ptr()
+    }
+
+    #[cfg(not(loom))]
+    fn registry() -> &'static Mutex<Vec<Arc<Slots>>> {
+        static REGISTRY: std::sync::OnceLock<Mutex<Vec<Arc<Slots>>>> = std::sync::OnceLock::new();
+        REGISTRY.get_or_init(|| Mutex::new(Vec::new()))
+    }
+
+    #[cfg(loom)]
+    fn registry() -> &'static Mutex<Vec<Arc<Slots>>> {
+        loom::lazy_static! {
+            static ref REGISTRY: Mutex<Vec<Arc<Slots>>> = Mutex::new(Vec::new());
+        }
+        &*REGISTRY
     }
 
     #[cfg(not(loom))]
     std::thread_local! {
-        static HELD: Held = const {
-            Held {
+        static STATE: State = const {
+            State {
+                slots: Cell::new(core::ptr::null()),
                 depth: Cell::new(0),
-                devices: [const { Cell::new(0) }; DEPTH],
+                counted: Cell::new(0),
+                unbinding: Cell::new(0),
             }
         };
+        static REGISTRATION: Registration = Registration::new();
     }
 
     #[cfg(loom)]
     loom::thread_local! {
-        static HELD: Held = Held {
+        static STATE: State = State {
+            slots: Cell::new(core::ptr::null()),
             depth: Cell::new(0),
-            devices: [const { Cell::new(0) }; DEPTH],
+            counted: Cell::new(0),
+            unbinding: Cell::new(0),
         };
+        static REGISTRATION: Registration = Registration::new();
     }
 
-    /// Notes that this thread entered a call of `device`.
-    #[inline]
-    pub(crate) fn push(device: usize) {
-        HELD.with(|held| {
-            let depth = held.depth.get();
-            if let Some(slot) = held.devices.get(depth) {
-                slot.set(device);
-            }
-            held.depth.set(depth + 1);
-        });
+    /// The calling thread's slots, registering them on first use; `None`
+    /// once the thread's registration is gone.
+    #[inline(always)]
+    fn slots(state: &State) -> Option<&Slots> {
+        let mut slots = state.slots.get();
+        if slots.is_null() {
+            slots = register(state);
+        }
+        if slots == gone() {
+            return None;
+        }
+        // SAFETY: a pointer other than null and `gone()` came from the
+        // thread's live `Registration`, whose `Arc` keeps the slots alive;
+        // its drop replaces the pointer with `gone()` first.
+        Some(unsafe { &*slots })
     }
 
-    /// Notes that this thread left its innermost call.
-    #[inline]
-    pub(crate) fn pop() {
-        HELD.with(|held| held.depth.set(held.depth.get().saturating_sub(1)));
+    #[cold]
+    #[inline(never)]
+    fn register(state: &State) -> *const Slots {
+        let slots = REGISTRATION
+            .try_with(|registration| Arc::as_ptr(&registration.slots))
+            .unwrap_or_else(|_| gone());
+        state.slots.set(slots);
+        slots
     }
 
-    /// Whether this thread may be inside a call of `device`.
-    pub(crate) fn contains(device: usize) -> bool {
-        HELD.with(|held| {
-            let depth = held.depth.get();
-            depth > DEPTH || held.devices[..depth].iter().any(|d| d.get() == device)
+    /// Announces a call of `device` in the calling thread's next free slot
+    /// (a plain store; the caller fences) and returns its index, or `None`
+    /// if the thread has no free slot (the call is then counted).
+    #[inline(always)]
+    pub(crate) fn announce(device: usize) -> Option<usize> {
+        STATE.with(|state| {
+            let depth = state.depth.get();
+            let slot = slots(state)?.0.get(depth)?;
+            slot.store(device, Ordering::Relaxed);
+            state.depth.set(depth + 1);
+            Some(depth)
         })
     }
 
-    /// Marks the current thread as working for `device` until dropped:
-    /// `unbind` wears it, so that a callback it runs cannot unbind again.
-    pub(crate) struct Marker(());
+    /// Ends the call announced in slot `index` (the innermost).
+    #[inline(always)]
+    pub(crate) fn withdraw(index: usize) {
+        STATE.with(|state| {
+            state.depth.set(index);
+            if let Some(slots) = slots(state) {
+                slots.0[index].store(0, Ordering::Release);
+            }
+        });
+    }
 
-    impl Marker {
-        pub(crate) fn new(device: usize) -> Self {
-            push(device);
-            Marker(())
+    /// Counts a call of this thread made on the counted path (`+1`, `-1`).
+    pub(crate) fn note_counted(delta: isize) {
+        STATE.with(|state| state.counted.set(state.counted.get() + delta));
+    }
+
+    /// Whether this thread may be inside a call of `device`: it has
+    /// announced one, is unbinding it, or has counted calls (which name no
+    /// device, so the answer is "maybe").
+    pub(crate) fn contains(device: usize) -> bool {
+        STATE.with(|state| {
+            state.counted.get() > 0
+                || state.unbinding.get() == device
+                || slots(state).is_some_and(|slots| {
+                    slots.0[..state.depth.get()]
+                        .iter()
+                        .any(|slot| slot.load(Ordering::Relaxed) == device)
+                })
+        })
+    }
+
+    /// Waits until no thread has a call of `device` announced. Call after
+    /// closing every gate of the device: the heavy fence pairs with each
+    /// caller's light one, so a call not seen here sees its gate closed.
+    pub(crate) fn wait_for_threads(device: usize) {
+        // BROKEN VARIANT (test-only, `--cfg pagepool_broken`,
+        // PAGEPOOL_BROKEN=unbind-no-wait): return without waiting for calls
+        // in progress, so unbind unmaps and retires the ops while a sync or
+        // a map still runs. Caught by the sync-on-recycle and slow-path loom
+        // models (a call after `on_unbind`).
+        #[cfg(pagepool_broken)]
+        if crate::sync::broken("unbind-no-wait") {
+            return;
+        }
+        asymmetric::heavy();
+        // A snapshot: a thread that registers later sees the gates closed
+        // (the registry lock orders its first call after the close), and a
+        // callback we wait for may start a thread without waiting on us.
+        let threads: Vec<Arc<Slots>> = registry().lock().clone();
+        for slots in &threads {
+            for slot in &slots.0 {
+                let mut round = 0;
+                // Acquire: pairs with `withdraw`'s release.
+                while slot.load(Ordering::Acquire) == device {
+                    backoff(round);
+                    round = round.saturating_add(1);
+                }
+            }
         }
     }
 
-    impl Drop for Marker {
+    /// Marks the current thread as unbinding `device` until dropped, so
+    /// that a callback `unbind` runs cannot unbind the same device again.
+    /// Not announced in a slot: `unbind`'s own wait must not see it.
+    pub(crate) struct Unbinding {
+        outer: usize,
+    }
+
+    impl Unbinding {
+        pub(crate) fn new(device: usize) -> Self {
+            let outer = STATE.with(|state| state.unbinding.replace(device));
+            Self { outer }
+        }
+    }
+
+    impl Drop for Unbinding {
         fn drop(&mut self) {
-            pop();
+            STATE.with(|state| state.unbinding.set(self.outer));
         }
     }
 }
@@ -288,7 +473,10 @@ mod tests {
         assert!(gate.is_closed());
         assert!(gate.enter().is_none(), "closed: no new call");
         std::thread::scope(|s| {
-            let waiter = s.spawn(|| gate.wait_idle());
+            let waiter = s.spawn(|| {
+                held::wait_for_threads(1);
+                gate.wait_idle();
+            });
             std::thread::sleep(std::time::Duration::from_millis(5));
             assert!(!waiter.is_finished(), "waits for the running call");
             drop(running);
@@ -311,15 +499,24 @@ mod tests {
         assert!(result.is_err());
         assert!(!held::contains(7), "the unwind left the call");
         gate.close();
+        held::wait_for_threads(7);
         gate.wait_idle();
     }
 
     #[test]
-    fn deep_nesting_answers_maybe() {
+    fn deep_nesting_is_counted_and_waited_for() {
         let gates: Vec<_> = (0..=held::DEPTH).map(|i| CallGate::new(100 + i)).collect();
         let holds: Vec<_> = gates.iter().map(|g| g.enter().unwrap()).collect();
-        assert!(held::contains(999), "past DEPTH the answer is maybe");
-        drop(holds);
+        assert!(held::contains(999), "a counted call answers maybe");
+        let deepest = gates.last().unwrap();
+        deepest.close();
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| deepest.wait_idle());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            assert!(!waiter.is_finished(), "waits for the counted call");
+            drop(holds);
+            waiter.join().unwrap();
+        });
         assert!(!held::contains(999));
     }
 }

@@ -175,6 +175,105 @@ mod std_locks {
     }
 }
 
+/// Asymmetric fences: a [`light`](asymmetric::light) one on the frequent
+/// side of a store-then-load handshake (a device call starting), a
+/// [`heavy`](asymmetric::heavy) one on the rare side (`unbind`). Together
+/// they order each side's store before its load, as two `SeqCst` fences
+/// would.
+///
+/// On Linux (not under Miri or loom) the heavy fence is
+/// `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, which runs a full memory
+/// barrier on every CPU currently running a thread of this process, and the
+/// light fence is then a compiler fence only: no instruction at run time.
+/// The process registers for it the first time [`asymmetric::prepare`] runs;
+/// where that fails, and on other targets, both fences are `SeqCst` fences.
+///
+/// Invariant: the two sides of one handshake agree on the mode. The mode
+/// changes at most once, inside the first `prepare`, and every handshake
+/// runs on an object (a call gate) built after `prepare` returned, so both
+/// of its sides read the final mode.
+pub(crate) mod asymmetric {
+    #[cfg(all(target_os = "linux", not(miri), not(loom)))]
+    mod imp {
+        use std::sync::atomic::{compiler_fence, fence, AtomicU8, Ordering};
+        use std::sync::Once;
+
+        const FULL_FENCES: u8 = 1;
+        const MEMBARRIER: u8 = 2;
+
+        static MODE: AtomicU8 = AtomicU8::new(FULL_FENCES);
+        static PREPARE: Once = Once::new();
+
+        const MEMBARRIER_CMD_QUERY: libc::c_long = 0;
+        const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
+        const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
+
+        fn membarrier(cmd: libc::c_long) -> libc::c_long {
+            // SAFETY: membarrier takes two integer arguments and touches no
+            // memory of ours; an unsupported command returns an error.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_membarrier,
+                    cmd,
+                    0 as libc::c_long,
+                    0 as libc::c_long,
+                )
+            }
+        }
+
+        pub(crate) fn prepare() {
+            PREPARE.call_once(|| {
+                let supported = membarrier(MEMBARRIER_CMD_QUERY);
+                if supported >= 0
+                    && supported & MEMBARRIER_CMD_PRIVATE_EXPEDITED != 0
+                    && membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) == 0
+                {
+                    MODE.store(MEMBARRIER, Ordering::SeqCst);
+                }
+            });
+        }
+
+        #[inline]
+        pub(crate) fn light() {
+            if MODE.load(Ordering::Relaxed) == MEMBARRIER {
+                compiler_fence(Ordering::SeqCst);
+            } else {
+                fence(Ordering::SeqCst);
+            }
+        }
+
+        pub(crate) fn heavy() {
+            if MODE.load(Ordering::SeqCst) == MEMBARRIER {
+                // Cannot fail once registered (the kernel checks nothing
+                // else); if it ever did, the pairing would be lost, which is
+                // no state to go on in.
+                let done = membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED);
+                assert_eq!(done, 0, "membarrier failed after registration");
+            } else {
+                fence(Ordering::SeqCst);
+            }
+        }
+    }
+
+    #[cfg(not(all(target_os = "linux", not(miri), not(loom))))]
+    mod imp {
+        use super::super::{fence, Ordering};
+
+        pub(crate) fn prepare() {}
+
+        #[inline]
+        pub(crate) fn light() {
+            fence(Ordering::SeqCst);
+        }
+
+        pub(crate) fn heavy() {
+            fence(Ordering::SeqCst);
+        }
+    }
+
+    pub(crate) use imp::{heavy, light, prepare};
+}
+
 /// A process-unique pool id. The counter is a plain `std` atomic: it hands
 /// out names, it orders nothing, so there is nothing to model.
 #[cfg(not(loom))]
