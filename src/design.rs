@@ -1,0 +1,125 @@
+//! How the pool keeps its promises: the invariants, the unbind protocol,
+//! the rules for callbacks, and the races the model checker covers. This
+//! module has no code; it is the one place where the protocol is written
+//! down whole, and every other module's docs state only their own part.
+//!
+//! # Layers
+//!
+//! ```text
+//!  handles      Device (device.rs)   PagePool (pool.rs)   Page (page.rs)   Frag (frag.rs)
+//!                    │  unbind            │  slow path          │ recycle / release
+//!  lifecycle         └──────────── mapping.rs: map_page, release_pages, Unmapper,
+//!                                  free_pages (the one place a mapping begins and ends)
+//!  mechanisms   gate.rs (call gates, OpsCell)  ring.rs  tracker.rs  memory.rs  unwind.rs
+//!  seam         dma.rs (DmaOps)                                  sync.rs (all primitives)
+//! ```
+//!
+//! # The invariants
+//!
+//! 1. **Every mapping is unmapped exactly once.** Tracked devices record
+//!    each mapping in the in-flight tracker in the same device call that
+//!    mapped it; *whoever removes the record unmaps*, and a record is
+//!    removed once (`tracker.rs`). Records are removed before their
+//!    mappings are handed to `unmap_batch`, so a backend that panics never
+//!    sees a mapping twice.
+//! 2. **After `unbind` returns, no `DmaOps` method runs or will ever run
+//!    again.** Every device call outside `unbind` runs inside a hold of its
+//!    pool's call gate; `unbind` closes every gate, waits for the holds in
+//!    progress, and only then unmaps, calls `on_unbind` and drops the ops.
+//! 3. **`unbind` finishes in bounded time.** A hold covers one device call,
+//!    never a batch, a `PageSource` call or a wait for another thread; so
+//!    `unbind` waits for at most one device call per thread, and walks the
+//!    tracker without waiting for any holder.
+//! 4. **Page memory is never freed, reused or handed out while mapped.**
+//!    Pages are freed only after their unmap returned (`mapping.rs`); a
+//!    page that comes back while `unbind` runs is handed to `unbind`, which
+//!    frees it after its own unmaps.
+//! 5. **Pages held outside stay valid after unbind**: `unbind` unmaps them
+//!    but leaves their memory alone; when they come back, the closed gate
+//!    sends them straight to be freed, with no device call.
+//! 6. **Allocation after unbind fails** with `AllocError::Unbound` (the
+//!    pool's `closed` flag, and the closed gate on the slow path).
+//! 7. **Whatever a callback does**, 1-6 hold: see the rules below.
+//!
+//! # Unbind, step by step
+//!
+//! 1. The registry stops new pools; every pool (open or detached) gets
+//!    `closed` set and its call gate closed. From here no device call
+//!    starts: syncs return `SyncError::Unbound`, the slow path gives its
+//!    fresh block back and fails, releases hand their pages to `unbind`.
+//! 2. Wait for the device calls in progress: the heavy fence, then every
+//!    thread's announcement slots, then every gate's counted calls.
+//! 3. Close and drain every ring: remove each page's record, unmap, free.
+//! 4. Close the tracker and take every record left, shard by shard (the
+//!    records leave the shard under its lock; the unmaps happen after the
+//!    lock is released): unmap each, wherever its page is.
+//! 5. `on_unbind`, then take the ops out of their cell and drop them.
+//! 6. Free the pages handed over since step 1.
+//!
+//! Each step runs whatever the previous one did: a callback's panic is kept
+//! (`unwind.rs`) and resumed after step 6.
+//!
+//! # The four closes
+//!
+//! | what | set by | means |
+//! | --- | --- | --- |
+//! | `PoolShared::closed` | pool drop, unbind | authoritative for allocation; advisory for recycling (a page may still reach the ring just after) |
+//! | `Ring::close` | pool drop, unbind | no page enters the ring again; what it held is handed back in the same critical section |
+//! | `CallGate::close` | unbind | no device call starts for the pool; pages coming back go to `unbind` |
+//! | the tracker's shard `closed` | unbind | no record is inserted again (a second guard: the gates already stop the slow path) |
+//!
+//! # Locks and waits
+//!
+//! No lock is held across a callback, and no callback runs under a lock of
+//! the pool's: the ring's mutex, a tracker shard's mutex, the registry, the
+//! hand-over list and the slot registry each guard a few instructions. A
+//! gate hold is not a lock: holds nest and never wait. The only waits are
+//! `unbind`'s, for holds in progress, and a second `unbind`'s, for the
+//! first.
+//!
+//! The call gate's handshake is Dekker's: a caller stores its announcement
+//! and then loads the gate's `CLOSED` bit; `unbind` stores `CLOSED` and
+//! then loads every announcement. An asymmetric pair of fences orders both
+//! (`sync::asymmetric`): on Linux the caller's is a compiler fence and
+//! `unbind`'s a `membarrier(2)`, so the per-packet path has no atomic
+//! read-modify-write and writes only its thread's own line.
+//!
+//! # Rules for callbacks
+//!
+//! The rules a `DmaOps` or `PageSource` implementation may rely on are in
+//! [`DmaOps`](crate::DmaOps#what-a-callback-may-do) and
+//! [`PageSource`](crate::PageSource). In short: panic (a call that panicked
+//! counts as made), drop pages, fragments, `Bytes` and pools, call back in,
+//! block (then `unbind` waits for that one call); `unbind` from inside a
+//! callback of the same device returns `UnbindError::InsideCallback`.
+//!
+//! # The races and the loom models that cover them
+//!
+//! The models live in `loom-tests/tests/`, one file per subject, and run
+//! the real pool code on loom's primitives (`sync.rs`). Each checks, for
+//! every interleaving, that no device call happens after `unbind` returned,
+//! that nothing is unmapped twice or left mapped, and that no memory leaks.
+//!
+//! | race | model |
+//! | --- | --- |
+//! | a page dropped on another thread while unbinding | `page_drop` |
+//! | a page recycled into the ring while unbind drains it | `ring_recycle` |
+//! | sync-for-device on recycle racing unbind | `sync_on_recycle` |
+//! | fragments of one page dropped on several threads, and unbind | `fragments` |
+//! | the slow path mapping while unbinding | `slow_path` |
+//! | a page released because the ring is full, racing unbind's walk | `ring_full` |
+//! | the owner dropping its pool while pages come back | `pool_drop` |
+//! | `Bytes` clones dropped on several threads | `bytes_clones` |
+//! | two unbinds at once, and unbind by drop | `unbind_twice` |
+//! | a pool built while the device unbinds | `build_racing_unbind` |
+//! | a sync and a release entering the call gate while it closes | `call_gate` |
+//! | an `unmap_batch` that panics during unbind | `panicking_unmap` |
+//! | a page dropped from inside a callback while another thread drops one | `reentrant_drop` |
+//!
+//! Deliberately broken variants of the core (`--cfg pagepool_broken`) show
+//! that the models can fail: `unbind-no-wait` (unbind does not wait for
+//! device calls in progress), `release-keeps-record` (a release unmaps
+//! without removing the record), `ring-push-after-close` (a ring drained
+//! but left open), `free-before-unbind` (a page coming back during unbind
+//! is freed at once instead of after unbind's unmaps). `loom-tests/README.md`
+//! says which model catches each.
