@@ -33,144 +33,18 @@
 //!   to the caller of `unbind`.
 
 use core::fmt;
-use core::ptr::NonNull;
 use std::time::{Duration, Instant};
 
 use crate::dma::DmaOps;
-use crate::error::{BuildError, UnbindError};
-use crate::gate::{held, OpsCell};
+use crate::error::UnbindError;
+use crate::gate::held;
 use crate::mapping::{free_pages, Unmapper};
-use crate::page::{meta_ref, PageMeta};
-use crate::pool::{PagePoolBuilder, PoolShared};
+use crate::mode::{Tracked, TrackingMode, Untracked};
+use crate::pool::PagePoolBuilder;
+use crate::shared::{meta_ref, DeviceShared, PageMeta, PoolShared};
 use crate::stats::PoolInfo;
-use crate::sync::{Arc, AtomicUsize, Mutex, Ordering};
-use crate::tracker::InFlightTracker;
+use crate::sync::{Arc, Ordering};
 use crate::unwind::Panics;
-
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for super::Tracked {}
-    impl Sealed for super::Untracked {}
-}
-
-/// Whether a device records its mappings: a build-time choice, made by the
-/// type, so the pool's code has no runtime branch on it.
-pub trait TrackingMode: sealed::Sealed + Send + Sync + Sized + 'static {
-    /// Whether mappings are recorded in the in-flight tracker.
-    const TRACKED: bool;
-}
-
-/// Every mapping is recorded; `unbind` unmaps pages held anywhere. The
-/// default, and the only mode that keeps all of the crate's invariants.
-#[derive(Debug)]
-pub enum Tracked {}
-
-/// No tracking: for measuring what tracking costs, and nothing else.
-///
-/// `unbind` can then unmap only the pages in the rings; pages held outside
-/// keep their mappings forever, and their memory is leaked when they come
-/// back rather than freed while mapped (Linux before 2025, minus the crash).
-/// [`UnbindReport::mappings_left`] counts them.
-#[derive(Debug)]
-pub enum Untracked {}
-
-impl TrackingMode for Tracked {
-    const TRACKED: bool = true;
-}
-impl TrackingMode for Untracked {
-    const TRACKED: bool = false;
-}
-
-/// The pools of a device, while it is bound.
-struct Registry<M: TrackingMode> {
-    bound: bool,
-    pools: Vec<Arc<PoolShared<M>>>,
-    /// Pools dropped by their owner while some of their pages were still
-    /// out: listed by [`Device::detached_pools`] (with their detach time)
-    /// until the last page comes back, as Linux's `page-pool-get` lists
-    /// them, and counted by an untracked unbind. Pruned lazily; emptied by
-    /// `unbind`.
-    detached: Vec<Arc<PoolShared<M>>>,
-}
-
-impl<M: TrackingMode> Registry<M> {
-    fn prune_detached(&mut self) {
-        self.detached
-            .retain(|p| p.pages_allocated.load(Ordering::Acquire) > 0);
-    }
-}
-
-/// Pages that came back while `unbind` was running, waiting for it to
-/// finish its unmaps before they are freed.
-struct AfterClose<M: TrackingMode> {
-    /// `unbind` has unmapped everything: pages coming back are freed at once.
-    unbound: bool,
-    pages: Vec<NonNull<PageMeta<M>>>,
-}
-
-// SAFETY: the pointers are owned pages handed over by their last owner;
-// the metadata is Send + Sync.
-unsafe impl<M: TrackingMode> Send for AfterClose<M> {}
-
-/// State shared by a device, its pools and their pages.
-pub(crate) struct DeviceShared<M: TrackingMode> {
-    pub(crate) ops: OpsCell,
-    /// The backend's [`DmaOps::needs_sync`], read once at bind.
-    pub(crate) needs_sync: bool,
-    pub(crate) checks_cpu_access: bool,
-    pub(crate) tracker: InFlightTracker<PageMeta<M>>,
-    /// Untracked builds: pages whose memory had to be leaked (see
-    /// [`Untracked`]).
-    pub(crate) leaked_pages: AtomicUsize,
-    registry: Mutex<Registry<M>>,
-    /// Held for the whole of `unbind`, so a second caller waits for the
-    /// first to finish.
-    unbinding: Mutex<()>,
-    after_close: Mutex<AfterClose<M>>,
-}
-
-impl<M: TrackingMode> DeviceShared<M> {
-    /// How the device is named in the per-thread list of device calls.
-    pub(crate) fn key(&self) -> usize {
-        core::ptr::from_ref(self).addr()
-    }
-
-    pub(crate) fn register(&self, pool: Arc<PoolShared<M>>) -> Result<(), BuildError> {
-        let mut registry = self.registry.lock();
-        if !registry.bound {
-            return Err(BuildError::Unbound);
-        }
-        registry.pools.push(pool);
-        Ok(())
-    }
-
-    pub(crate) fn unregister(&self, pool: &Arc<PoolShared<M>>) {
-        let mut registry = self.registry.lock();
-        registry.pools.retain(|p| !Arc::ptr_eq(p, pool));
-        registry.prune_detached();
-        if registry.bound && pool.pages_allocated.load(Ordering::Acquire) > 0 {
-            registry.detached.push(Arc::clone(pool));
-        }
-    }
-
-    /// Hands `pages` to a running `unbind`; returns `false` (keeping
-    /// nothing) if `unbind` has already finished its unmaps.
-    pub(crate) fn defer_until_unbound(&self, pages: &[NonNull<PageMeta<M>>]) -> bool {
-        let mut after_close = self.after_close.lock();
-        if after_close.unbound {
-            return false;
-        }
-        after_close.pages.extend_from_slice(pages);
-        true
-    }
-
-    /// Marks the unmaps done and takes the pages handed over meanwhile.
-    fn finish_unbind(&self) -> Vec<NonNull<PageMeta<M>>> {
-        let mut after_close = self.after_close.lock();
-        after_close.unbound = true;
-        core::mem::take(&mut after_close.pages)
-    }
-}
 
 /// What `unbind` did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -233,32 +107,14 @@ impl Device<Untracked> {
 
 impl<M: TrackingMode> Device<M> {
     fn bind(ops: Box<dyn DmaOps>) -> Self {
-        let checks_cpu_access = ops.checks_cpu_access();
-        let needs_sync = ops.needs_sync();
         Self {
-            shared: Arc::new(DeviceShared {
-                ops: OpsCell::new(ops),
-                needs_sync,
-                tracker: InFlightTracker::new(),
-                checks_cpu_access,
-                leaked_pages: AtomicUsize::new(0),
-                registry: Mutex::new(Registry {
-                    bound: true,
-                    pools: Vec::new(),
-                    detached: Vec::new(),
-                }),
-                unbinding: Mutex::new(()),
-                after_close: Mutex::new(AfterClose {
-                    unbound: false,
-                    pages: Vec::new(),
-                }),
-            }),
+            shared: Arc::new(DeviceShared::new(ops)),
         }
     }
 
     /// Starts configuring a pool on this device.
     pub fn pool_builder(&self) -> PagePoolBuilder<'_, M> {
-        PagePoolBuilder::new(self)
+        PagePoolBuilder::new(&self.shared)
     }
 
     /// Whether the device is still bound.
@@ -460,6 +316,7 @@ mod tests {
     use super::*;
     use crate::checking::{CheckMode, CheckingDevice};
     use crate::error::AllocError;
+    use crate::error::BuildError;
 
     #[test]
     fn unbind_unmaps_held_and_cached_pages_and_stops_calls() {

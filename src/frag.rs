@@ -21,11 +21,11 @@ use core::fmt;
 use core::ops::Range;
 use core::ptr::NonNull;
 
-use crate::device::{Tracked, TrackingMode};
 use crate::dma::{CpuAccess, DmaAddr, DmaDirection};
-use crate::error::{AllocError, SyncError};
-use crate::page::{cpu_access_hook, meta_ref, recycle_remote, sync_range, PageMeta, SyncTo};
-use crate::pool::{FragState, PagePool};
+use crate::error::SyncError;
+use crate::mode::{Tracked, TrackingMode};
+use crate::page::{cpu_access_hook, recycle_remote, sync_range, SyncTo};
+use crate::shared::{meta_ref, PageMeta};
 use crate::sync::{fence, Ordering};
 
 /// Fragments start at multiples of this many bytes (a cache line).
@@ -136,73 +136,72 @@ impl<M: TrackingMode> fmt::Debug for Frag<M> {
     }
 }
 
-impl<M: TrackingMode> PagePool<M> {
-    /// Carves a `size`-byte fragment from the current fragment page, taking
-    /// a new page (fast path first) when it does not fit.
-    pub fn alloc_frag(&mut self, size: usize) -> Result<Frag<M>, AllocError> {
-        let page_len = self.shared.config.page_len;
-        if size == 0 || size > page_len {
-            return Err(AllocError::FragmentSize {
-                requested: size,
-                page_len,
-            });
-        }
-        if self.shared.closed.load(Ordering::Acquire) {
-            return Err(AllocError::Unbound);
-        }
-        let step = size.next_multiple_of(FRAG_ALIGN);
-        if let Some(state) = &mut self.frag {
-            if state.offset + size <= page_len {
-                let offset = state.offset;
-                state.offset += step;
-                state.users += 1;
-                return Ok(Frag {
-                    meta: state.page,
-                    offset,
-                    len: size,
-                });
-            }
-        }
-        self.finish_frag_page();
-        let (page, _) = self.alloc()?.into_raw();
-        // SAFETY: the page was just handed to us; no fragment exists yet, so
-        // a plain store is enough to set the bias.
+/// The owner's current fragment page (see
+/// [`PagePool::alloc_frag`](crate::PagePool::alloc_frag)).
+pub(crate) struct FragState<M: TrackingMode> {
+    page: NonNull<PageMeta<M>>,
+    /// Where the next fragment starts.
+    offset: usize,
+    /// Fragments handed out from the page so far.
+    users: usize,
+}
+
+impl<M: TrackingMode> FragState<M> {
+    /// Takes `page` (owned by the caller) as the fragment page and carves
+    /// its first fragment, of `size` bytes.
+    pub(crate) fn start(page: NonNull<PageMeta<M>>, size: usize) -> (Self, Frag<M>) {
+        // SAFETY: the page was just handed to the caller; no fragment exists
+        // yet, so a plain store is enough to set the bias.
         unsafe { meta_ref(page) }
             .frag_refs
             .store(BIAS, Ordering::Relaxed);
-        self.frag = Some(FragState {
+        let state = Self {
             page,
-            offset: step,
+            offset: size.next_multiple_of(FRAG_ALIGN),
             users: 1,
-        });
-        Ok(Frag {
+        };
+        let frag = Frag {
             meta: page,
             offset: 0,
+            len: size,
+        };
+        (state, frag)
+    }
+
+    /// Carves the next `size`-byte fragment, if it fits in the page's
+    /// `page_len` bytes. Costs no atomic operation (the bias covers it).
+    pub(crate) fn carve(&mut self, size: usize, page_len: usize) -> Option<Frag<M>> {
+        if self.offset + size > page_len {
+            return None;
+        }
+        let offset = self.offset;
+        self.offset += size.next_multiple_of(FRAG_ALIGN);
+        self.users += 1;
+        Some(Frag {
+            meta: self.page,
+            offset,
             len: size,
         })
     }
 
-    /// Lets go of the current fragment page: removes the unused bias, and
-    /// recycles the page if all its fragments are already gone.
-    pub(crate) fn finish_frag_page(&mut self) {
-        let Some(state) = self.frag.take() else {
-            return;
-        };
-        let unused = BIAS - state.users;
+    /// Lets go of the page: removes the unused bias, and recycles the page
+    /// if all its fragments are already gone.
+    pub(crate) fn finish(self) {
+        let unused = BIAS - self.users;
         // SAFETY: the owner holds the page until the bias is removed.
-        let refs = &unsafe { meta_ref(state.page) }.frag_refs;
+        let refs = &unsafe { meta_ref(self.page) }.frag_refs;
         if refs.fetch_sub(unused, Ordering::AcqRel) == unused {
             // SAFETY: the count reached zero: we own the page. Recycle through
             // the ring: the owner's cache may be closing (pool drop).
-            unsafe { recycle_remote(state.page, usize::MAX) };
+            unsafe { recycle_remote(self.page, usize::MAX) };
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::checking::{CheckMode, CheckingDevice};
+    use crate::error::AllocError;
     use crate::Device;
 
     #[test]

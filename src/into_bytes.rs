@@ -14,8 +14,8 @@
 
 use bytes::Bytes;
 
-use crate::device::TrackingMode;
 use crate::frag::Frag;
+use crate::mode::TrackingMode;
 use crate::page::Page;
 
 /// Owner handed to `Bytes::from_owner`: derefs to the buffer.

@@ -57,23 +57,27 @@ mod gate;
 mod into_bytes;
 mod mapping;
 mod memory;
+mod mode;
 mod page;
 mod pool;
 mod ring;
+mod shared;
 mod stats;
 mod tracker;
 mod unwind;
 
-pub use device::{Device, Tracked, TrackingMode, UnbindReport, Untracked};
+pub use device::{Device, UnbindReport};
 pub use dma::{CpuAccess, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
 pub use error::{AllocError, BuildError, ConfigError, SyncError, UnbindError};
 pub use frag::{Frag, FRAG_ALIGN};
 pub use memory::{GlobalPages, OutOfMemory, PageSource, MAX_ORDER, PAGE_SIZE};
+pub use mode::{Tracked, TrackingMode, Untracked};
 pub use page::{put_bulk, Page};
 pub use pool::{
-    PagePool, PagePoolBuilder, SyncForDevice, DEFAULT_CACHE_SIZE, DEFAULT_REFILL_BATCH,
-    DEFAULT_RING_SIZE, MAX_CACHE_SIZE, MAX_RING_SIZE,
+    PagePool, PagePoolBuilder, DEFAULT_CACHE_SIZE, DEFAULT_REFILL_BATCH, DEFAULT_RING_SIZE,
+    MAX_CACHE_SIZE, MAX_RING_SIZE,
 };
+pub use shared::SyncForDevice;
 pub use stats::{AllocStats, PoolInfo, PoolStats, RecycleStats};
 
 /// The README's examples, compiled and run as doctests (never built

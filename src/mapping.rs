@@ -31,11 +31,10 @@
 
 use core::ptr::NonNull;
 
-use crate::device::{DeviceShared, TrackingMode};
 use crate::dma::{DmaAddr, DmaDirection, DmaMapping, DmaOps};
 use crate::error::AllocError;
-use crate::page::{meta_ref, PageMeta};
-use crate::pool::PoolShared;
+use crate::mode::TrackingMode;
+use crate::shared::{meta_ref, DeviceShared, PageMeta, PoolShared};
 use crate::sync::{Arc, AtomicUsize, Ordering};
 use crate::tracker::{InsertError, RecordId};
 use crate::unwind::Panics;
@@ -283,6 +282,18 @@ impl<M: TrackingMode> DeviceShared<M> {
     pub(crate) unsafe fn free_after_unbind(&self, pages: &[NonNull<PageMeta<M>>]) {
         if !M::TRACKED {
             self.leaked_pages.fetch_add(pages.len(), Ordering::Relaxed);
+            return;
+        }
+        // BROKEN VARIANT (test-only, `--cfg pagepool_broken`,
+        // PAGEPOOL_BROKEN=free-before-unbind): free the pages at once instead
+        // of handing them to the running unbind, so their memory is freed
+        // while still mapped and their metadata while unbind may still read
+        // it. Caught by the call-gate loom model (a mapped block freed).
+        #[cfg(pagepool_broken)]
+        if crate::sync::broken("free-before-unbind") {
+            // SAFETY: none, deliberately: this is the planted bug (the pages
+            // may still be recorded and mapped).
+            unsafe { free_pages(pages) };
             return;
         }
         if self.defer_until_unbound(pages) {

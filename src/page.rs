@@ -22,57 +22,13 @@ use core::mem::ManuallyDrop;
 use core::ops::Range;
 use core::ptr::NonNull;
 
-use crate::device::{Tracked, TrackingMode};
-use crate::dma::{CpuAccess, DmaAddr, DmaDirection, DmaMapping};
+use crate::dma::{CpuAccess, DmaAddr, DmaDirection};
 use crate::error::SyncError;
 use crate::mapping::release_pages;
-use crate::pool::PoolShared;
+use crate::mode::{Tracked, TrackingMode};
 use crate::ring::PushRefused;
-use crate::sync::{Arc, AtomicUsize, Ordering};
-use crate::tracker::RecordId;
-
-/// Metadata of one pool page.
-pub(crate) struct PageMeta<M: TrackingMode> {
-    /// The page memory, from the pool's page source.
-    pub(crate) cpu: NonNull<u8>,
-    /// Where the device sees it.
-    pub(crate) dma: DmaAddr,
-    /// The page's record in the device's in-flight tracker.
-    pub(crate) record: RecordId,
-    /// The pool the page belongs to; kept alive by every page.
-    pub(crate) pool: Arc<PoolShared<M>>,
-    /// Fragment references (see `frag.rs`); unused for whole pages.
-    pub(crate) frag_refs: AtomicUsize,
-}
-
-// SAFETY: all fields but `frag_refs` (atomic) are written before the meta is
-// shared and never again (module invariant), and access to the memory behind
-// `cpu` follows the one-owner-at-a-time rule, not the meta's. Without these,
-// the tracker and the rings (hence `Device`, which the driver's remove path
-// must reach from any thread) would be neither `Send` nor `Sync`.
-unsafe impl<M: TrackingMode> Send for PageMeta<M> {}
-// SAFETY: as above: `&PageMeta` reads immutable fields and atomics only.
-unsafe impl<M: TrackingMode> Sync for PageMeta<M> {}
-
-impl<M: TrackingMode> PageMeta<M> {
-    pub(crate) fn mapping(&self) -> DmaMapping {
-        DmaMapping {
-            addr: self.dma,
-            len: self.pool.config.page_len,
-            direction: self.pool.config.direction,
-        }
-    }
-}
-
-/// Reads the meta behind a pointer held by its current owner.
-///
-/// # Safety
-/// `meta` points to a live `PageMeta` (one not yet passed to `free_page`).
-pub(crate) unsafe fn meta_ref<'a, M: TrackingMode>(meta: NonNull<PageMeta<M>>) -> &'a PageMeta<M> {
-    // SAFETY: forwarded caller contract; the fields read through the
-    // reference are immutable after publication (module invariant).
-    unsafe { meta.as_ref() }
-}
+use crate::shared::{meta_ref, PageMeta, PoolShared};
+use crate::sync::{Arc, Ordering};
 
 /// An owned page on its way back to its pool. If it is dropped before
 /// [`into_raw`](Self::into_raw) (a sync on recycle panicked), the page is

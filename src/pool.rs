@@ -32,15 +32,17 @@ use core::fmt;
 use core::ptr::NonNull;
 use std::time::SystemTime;
 
-use crate::device::{Device, DeviceShared, Tracked, TrackingMode};
 use crate::dma::DmaDirection;
 use crate::error::{AllocError, BuildError, ConfigError};
-use crate::gate::{CallGate, DeviceCall};
+use crate::frag::{Frag, FragState};
+use crate::gate::CallGate;
 use crate::mapping::{map_page, release_pages};
 use crate::memory::{GlobalPages, PageSource, MAX_ORDER, PAGE_SIZE};
-use crate::page::{meta_ref, sync_on_recycle, Page, PageMeta, Returning};
+use crate::mode::{Tracked, TrackingMode};
+use crate::page::{sync_on_recycle, Page, Returning};
 use crate::ring::{PushRefused, Ring};
-use crate::stats::{AllocStats, OwnerCounters, PoolInfo, PoolStats, RecycleStats};
+use crate::shared::{meta_ref, DeviceShared, PageMeta, PoolConfig, PoolShared, SyncForDevice};
+use crate::stats::{OwnerCounters, PoolInfo, PoolStats};
 use crate::sync::{self, Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 
 /// Linux's `PP_ALLOC_CACHE_SIZE`.
@@ -54,115 +56,15 @@ pub const MAX_RING_SIZE: usize = 16384;
 /// The largest local cache the builder accepts.
 pub const MAX_CACHE_SIZE: usize = 65536;
 
-/// Sync-for-device on recycle (Linux's `PP_FLAG_DMA_SYNC_DEV`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SyncForDevice {
-    /// Where in the page the device starts writing.
-    pub offset: usize,
-    /// The most the device writes from `offset`.
-    pub max_len: usize,
-}
-
-/// The validated configuration of a pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct PoolConfig {
-    pub(crate) order: u32,
-    pub(crate) page_len: usize,
-    pub(crate) direction: DmaDirection,
-    pub(crate) ring_size: usize,
-    pub(crate) cache_size: usize,
-    pub(crate) refill_batch: usize,
-    pub(crate) sync_for_device: Option<SyncForDevice>,
-}
-
-/// What a pool shares with its pages and its device.
-pub(crate) struct PoolShared<M: TrackingMode> {
-    /// Device calls made for this pool (see `gate.rs`); on its own line.
-    pub(crate) gate: CallGate,
-    pub(crate) id: u32,
-    pub(crate) device: Arc<DeviceShared<M>>,
-    pub(crate) config: PoolConfig,
-    pub(crate) source: Box<dyn PageSource>,
-    /// The device's `needs_sync`: when `false`, syncs skip the device.
-    pub(crate) needs_sync: bool,
-    /// `config.sync_for_device` if the device needs syncs, else `None`.
-    pub(crate) recycle_sync: Option<SyncForDevice>,
-    /// Set when the pool stops accepting pages: at its drop or at unbind.
-    /// Advisory for recycling (a page may still reach the ring just after
-    /// it is set; the ring's own close is what stops that), authoritative
-    /// for allocation.
-    pub(crate) closed: AtomicBool,
-    pub(crate) ring: Ring<PageMeta<M>>,
-    pub(crate) owner: OwnerCounters,
-    pub(crate) released_refcnt: AtomicU64,
-    pub(crate) pages_mapped: AtomicUsize,
-    pub(crate) pages_allocated: AtomicUsize,
-    pub(crate) tracker_shard: usize,
-    pub(crate) detach_time: Mutex<Option<SystemTime>>,
-}
-
-impl<M: TrackingMode> PoolShared<M> {
-    /// Starts one device call for this pool, or `None` once its device has
-    /// begun to unbind.
-    #[inline]
-    pub(crate) fn device_call(&self) -> Option<DeviceCall<'_>> {
-        // SAFETY: the gate belongs to this pool's device, whose ops these are.
-        unsafe { DeviceCall::enter(&self.gate, &self.device.ops) }
-    }
-
-    pub(crate) fn stats(&self) -> PoolStats {
-        let o = &self.owner;
-        let ring = self.ring.counters();
-        let recycle = RecycleStats {
-            cached: o.cached.get(),
-            cache_full: o.cache_full.get(),
-            ring: ring.ring,
-            ring_full: ring.ring_full,
-            released_refcnt: self.released_refcnt.load(Ordering::Relaxed),
-        };
-        let returned = recycle.cached + recycle.ring + recycle.ring_full + recycle.released_refcnt;
-        // Every page handed out is counted once: by `fast`, or by the one
-        // slow-path event (refill, slow, slow_high_order) that produced it.
-        let handed_out = o.fast.get() + o.refill.get() + o.slow.get() + o.slow_high_order.get();
-        let in_flight = handed_out.saturating_sub(returned);
-        let mapped = self.pages_mapped.load(Ordering::Relaxed) as u64;
-        let page_len = self.config.page_len as u64;
-        PoolStats {
-            alloc: AllocStats {
-                fast: o.fast.get(),
-                slow: o.slow.get(),
-                slow_high_order: o.slow_high_order.get(),
-                empty: o.empty.get(),
-                refill: o.refill.get(),
-                waive: 0,
-            },
-            recycle,
-            pages_in_flight: in_flight,
-            bytes_in_flight: in_flight * page_len,
-            pages_mapped: mapped,
-            bytes_mapped: mapped * page_len,
-        }
-    }
-
-    pub(crate) fn info(&self) -> PoolInfo {
-        let stats = self.stats();
-        PoolInfo {
-            id: self.id,
-            inflight: stats.pages_in_flight,
-            inflight_mem: stats.bytes_in_flight,
-            detach_time: *self.detach_time.lock(),
-        }
-    }
-}
-
-/// Builds a [`PagePool`] on a device; from [`Device::pool_builder`].
+/// Builds a [`PagePool`] on a device; from
+/// [`Device::pool_builder`](crate::Device::pool_builder).
 ///
 /// Defaults: order 0 (4 KiB pages), ring of 1024, local cache of 128 with
 /// refills of 64, direction `FromDevice`, no sync on recycle, pages from
 /// [`GlobalPages`].
 #[must_use]
 pub struct PagePoolBuilder<'d, M: TrackingMode = Tracked> {
-    device: &'d Device<M>,
+    device: &'d Arc<DeviceShared<M>>,
     order: u32,
     ring_size: usize,
     cache_size: usize,
@@ -186,7 +88,7 @@ impl<M: TrackingMode> fmt::Debug for PagePoolBuilder<'_, M> {
 }
 
 impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
-    pub(crate) fn new(device: &'d Device<M>) -> Self {
+    pub(crate) fn new(device: &'d Arc<DeviceShared<M>>) -> Self {
         Self {
             device,
             order: 0,
@@ -291,7 +193,7 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
     /// Checks the configuration and creates the pool. Maps nothing yet.
     pub fn build(self) -> Result<PagePool<M>, BuildError> {
         let config = self.validate()?;
-        let device = &self.device.shared;
+        let device = self.device;
         let id = sync::next_pool_id();
         let shared = Arc::new(PoolShared {
             gate: CallGate::new(device.key()),
@@ -319,13 +221,6 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
             frag: None,
         })
     }
-}
-
-/// The current fragment page (see [`PagePool::alloc_frag`]).
-pub(crate) struct FragState<M: TrackingMode> {
-    pub(crate) page: NonNull<PageMeta<M>>,
-    pub(crate) offset: usize,
-    pub(crate) users: usize,
 }
 
 /// A DMA page pool: the owner's handle.
@@ -510,6 +405,37 @@ impl<M: TrackingMode> PagePool<M> {
         Ok(())
     }
 
+    /// Carves a `size`-byte fragment from the current fragment page, taking
+    /// a new page (fast path first) when it does not fit (Linux's
+    /// `page_pool_alloc_frag`). Fragments start at multiples of
+    /// [`FRAG_ALIGN`](crate::FRAG_ALIGN) bytes.
+    pub fn alloc_frag(&mut self, size: usize) -> Result<Frag<M>, AllocError> {
+        let page_len = self.shared.config.page_len;
+        if size == 0 || size > page_len {
+            return Err(AllocError::FragmentSize {
+                requested: size,
+                page_len,
+            });
+        }
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(AllocError::Unbound);
+        }
+        if let Some(frag) = self
+            .frag
+            .as_mut()
+            .and_then(|state| state.carve(size, page_len))
+        {
+            return Ok(frag);
+        }
+        if let Some(state) = self.frag.take() {
+            state.finish();
+        }
+        let (page, _) = self.alloc()?.into_raw();
+        let (state, frag) = FragState::start(page, size);
+        self.frag = Some(state);
+        Ok(frag)
+    }
+
     /// This pool's counters (see [`PoolStats`]).
     pub fn stats(&self) -> PoolStats {
         self.shared.stats()
@@ -523,7 +449,9 @@ impl<M: TrackingMode> PagePool<M> {
 
 impl<M: TrackingMode> Drop for PagePool<M> {
     fn drop(&mut self) {
-        self.finish_frag_page();
+        if let Some(frag) = self.frag.take() {
+            frag.finish();
+        }
         self.shared.closed.store(true, Ordering::Release);
         let mut pages = core::mem::take(&mut self.cache);
         pages.extend(self.shared.ring.close());
@@ -538,6 +466,7 @@ impl<M: TrackingMode> Drop for PagePool<M> {
 mod tests {
     use super::*;
     use crate::checking::{CheckMode, CheckingDevice};
+    use crate::Device;
 
     fn small_pool(device: &Device) -> PagePool {
         device

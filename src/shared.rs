@@ -1,0 +1,293 @@
+//! The state a device, its pools and their pages share: [`DeviceShared`],
+//! [`PoolShared`] and [`PageMeta`]. The handles (`Device`, `PagePool`,
+//! `Page`, `Frag`) sit on top of it; the lifecycle of a mapping
+//! (`mapping.rs`) and the mechanisms (`gate.rs`, `ring.rs`, `tracker.rs`)
+//! below it.
+//!
+//! # Invariants
+//!
+//! - A pool's shared state lives while any of its pages does: each page's
+//!   metadata holds an `Arc` of it, and it holds one of its device's.
+//! - A `PageMeta` is created when its page is mapped and freed, with the
+//!   page memory, only after the mapping is gone (`mapping.rs`).
+//! - All fields of a `PageMeta` but `record` and `frag_refs` are written
+//!   before the meta is shared and never again; `record` is written once,
+//!   in the device call that maps the page, before any holder but the
+//!   tracker (which treats it as an opaque key) can reach the meta. So any
+//!   holder may read them without synchronisation.
+//! - Exactly one owner per page at a time: the local cache, the ring, a
+//!   `Page`, the set of fragments sharing `frag_refs`, or a running
+//!   `unbind` it was handed to.
+//! - The registry lists every pool that can still make a device call: the
+//!   open ones and, until their last page is freed, the detached ones.
+
+use core::ptr::NonNull;
+use std::time::SystemTime;
+
+use crate::dma::{DmaAddr, DmaDirection, DmaMapping, DmaOps};
+use crate::error::BuildError;
+use crate::gate::{CallGate, DeviceCall, OpsCell};
+use crate::memory::PageSource;
+use crate::mode::TrackingMode;
+use crate::ring::Ring;
+use crate::stats::{AllocStats, OwnerCounters, PoolInfo, PoolStats, RecycleStats};
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
+use crate::tracker::{InFlightTracker, RecordId};
+
+/// The pools of a device, while it is bound.
+pub(crate) struct Registry<M: TrackingMode> {
+    pub(crate) bound: bool,
+    pub(crate) pools: Vec<Arc<PoolShared<M>>>,
+    /// Pools dropped by their owner while some of their pages were still
+    /// out: listed by [`Device::detached_pools`](crate::Device::detached_pools) (with their detach time)
+    /// until the last page comes back, as Linux's `page-pool-get` lists
+    /// them, and counted by an untracked unbind. Pruned lazily; emptied by
+    /// `unbind`.
+    pub(crate) detached: Vec<Arc<PoolShared<M>>>,
+}
+
+impl<M: TrackingMode> Registry<M> {
+    pub(crate) fn prune_detached(&mut self) {
+        self.detached
+            .retain(|p| p.pages_allocated.load(Ordering::Acquire) > 0);
+    }
+}
+
+/// Pages that came back while `unbind` was running, waiting for it to
+/// finish its unmaps before they are freed.
+struct AfterClose<M: TrackingMode> {
+    /// `unbind` has unmapped everything: pages coming back are freed at once.
+    unbound: bool,
+    pages: Vec<NonNull<PageMeta<M>>>,
+}
+
+// SAFETY: the pointers are owned pages handed over by their last owner;
+// the metadata is Send + Sync.
+unsafe impl<M: TrackingMode> Send for AfterClose<M> {}
+
+/// State shared by a device, its pools and their pages.
+pub(crate) struct DeviceShared<M: TrackingMode> {
+    pub(crate) ops: OpsCell,
+    /// The backend's [`DmaOps::needs_sync`], read once at bind.
+    pub(crate) needs_sync: bool,
+    pub(crate) checks_cpu_access: bool,
+    pub(crate) tracker: InFlightTracker<PageMeta<M>>,
+    /// Untracked builds: pages whose memory had to be leaked (see
+    /// [`Untracked`](crate::Untracked)).
+    pub(crate) leaked_pages: AtomicUsize,
+    pub(crate) registry: Mutex<Registry<M>>,
+    /// Held for the whole of `unbind`, so a second caller waits for the
+    /// first to finish.
+    pub(crate) unbinding: Mutex<()>,
+    after_close: Mutex<AfterClose<M>>,
+}
+
+impl<M: TrackingMode> DeviceShared<M> {
+    /// A bound device over `ops`.
+    pub(crate) fn new(ops: Box<dyn DmaOps>) -> Self {
+        let checks_cpu_access = ops.checks_cpu_access();
+        let needs_sync = ops.needs_sync();
+        Self {
+            ops: OpsCell::new(ops),
+            needs_sync,
+            tracker: InFlightTracker::new(),
+            checks_cpu_access,
+            leaked_pages: AtomicUsize::new(0),
+            registry: Mutex::new(Registry {
+                bound: true,
+                pools: Vec::new(),
+                detached: Vec::new(),
+            }),
+            unbinding: Mutex::new(()),
+            after_close: Mutex::new(AfterClose {
+                unbound: false,
+                pages: Vec::new(),
+            }),
+        }
+    }
+
+    /// How the device is named in the per-thread list of device calls.
+    pub(crate) fn key(&self) -> usize {
+        core::ptr::from_ref(self).addr()
+    }
+
+    pub(crate) fn register(&self, pool: Arc<PoolShared<M>>) -> Result<(), BuildError> {
+        let mut registry = self.registry.lock();
+        if !registry.bound {
+            return Err(BuildError::Unbound);
+        }
+        registry.pools.push(pool);
+        Ok(())
+    }
+
+    pub(crate) fn unregister(&self, pool: &Arc<PoolShared<M>>) {
+        let mut registry = self.registry.lock();
+        registry.pools.retain(|p| !Arc::ptr_eq(p, pool));
+        registry.prune_detached();
+        if registry.bound && pool.pages_allocated.load(Ordering::Acquire) > 0 {
+            registry.detached.push(Arc::clone(pool));
+        }
+    }
+
+    /// Hands `pages` to a running `unbind`; returns `false` (keeping
+    /// nothing) if `unbind` has already finished its unmaps.
+    pub(crate) fn defer_until_unbound(&self, pages: &[NonNull<PageMeta<M>>]) -> bool {
+        let mut after_close = self.after_close.lock();
+        if after_close.unbound {
+            return false;
+        }
+        after_close.pages.extend_from_slice(pages);
+        true
+    }
+
+    /// Marks the unmaps done and takes the pages handed over meanwhile.
+    pub(crate) fn finish_unbind(&self) -> Vec<NonNull<PageMeta<M>>> {
+        let mut after_close = self.after_close.lock();
+        after_close.unbound = true;
+        core::mem::take(&mut after_close.pages)
+    }
+}
+
+/// Sync-for-device on recycle (Linux's `PP_FLAG_DMA_SYNC_DEV`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncForDevice {
+    /// Where in the page the device starts writing.
+    pub offset: usize,
+    /// The most the device writes from `offset`.
+    pub max_len: usize,
+}
+
+/// The validated configuration of a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PoolConfig {
+    pub(crate) order: u32,
+    pub(crate) page_len: usize,
+    pub(crate) direction: DmaDirection,
+    pub(crate) ring_size: usize,
+    pub(crate) cache_size: usize,
+    pub(crate) refill_batch: usize,
+    pub(crate) sync_for_device: Option<SyncForDevice>,
+}
+
+/// What a pool shares with its pages and its device.
+pub(crate) struct PoolShared<M: TrackingMode> {
+    /// Device calls made for this pool (see `gate.rs`); on its own line.
+    pub(crate) gate: CallGate,
+    pub(crate) id: u32,
+    pub(crate) device: Arc<DeviceShared<M>>,
+    pub(crate) config: PoolConfig,
+    pub(crate) source: Box<dyn PageSource>,
+    /// The device's `needs_sync`: when `false`, syncs skip the device.
+    pub(crate) needs_sync: bool,
+    /// `config.sync_for_device` if the device needs syncs, else `None`.
+    pub(crate) recycle_sync: Option<SyncForDevice>,
+    /// Set when the pool stops accepting pages: at its drop or at unbind.
+    /// Advisory for recycling (a page may still reach the ring just after
+    /// it is set; the ring's own close is what stops that), authoritative
+    /// for allocation.
+    pub(crate) closed: AtomicBool,
+    pub(crate) ring: Ring<PageMeta<M>>,
+    pub(crate) owner: OwnerCounters,
+    pub(crate) released_refcnt: AtomicU64,
+    pub(crate) pages_mapped: AtomicUsize,
+    pub(crate) pages_allocated: AtomicUsize,
+    pub(crate) tracker_shard: usize,
+    pub(crate) detach_time: Mutex<Option<SystemTime>>,
+}
+
+impl<M: TrackingMode> PoolShared<M> {
+    /// Starts one device call for this pool, or `None` once its device has
+    /// begun to unbind.
+    #[inline]
+    pub(crate) fn device_call(&self) -> Option<DeviceCall<'_>> {
+        // SAFETY: the gate belongs to this pool's device, whose ops these are.
+        unsafe { DeviceCall::enter(&self.gate, &self.device.ops) }
+    }
+
+    pub(crate) fn stats(&self) -> PoolStats {
+        let o = &self.owner;
+        let ring = self.ring.counters();
+        let recycle = RecycleStats {
+            cached: o.cached.get(),
+            cache_full: o.cache_full.get(),
+            ring: ring.ring,
+            ring_full: ring.ring_full,
+            released_refcnt: self.released_refcnt.load(Ordering::Relaxed),
+        };
+        let returned = recycle.cached + recycle.ring + recycle.ring_full + recycle.released_refcnt;
+        // Every page handed out is counted once: by `fast`, or by the one
+        // slow-path event (refill, slow, slow_high_order) that produced it.
+        let handed_out = o.fast.get() + o.refill.get() + o.slow.get() + o.slow_high_order.get();
+        let in_flight = handed_out.saturating_sub(returned);
+        let mapped = self.pages_mapped.load(Ordering::Relaxed) as u64;
+        let page_len = self.config.page_len as u64;
+        PoolStats {
+            alloc: AllocStats {
+                fast: o.fast.get(),
+                slow: o.slow.get(),
+                slow_high_order: o.slow_high_order.get(),
+                empty: o.empty.get(),
+                refill: o.refill.get(),
+                waive: 0,
+            },
+            recycle,
+            pages_in_flight: in_flight,
+            bytes_in_flight: in_flight * page_len,
+            pages_mapped: mapped,
+            bytes_mapped: mapped * page_len,
+        }
+    }
+
+    pub(crate) fn info(&self) -> PoolInfo {
+        let stats = self.stats();
+        PoolInfo {
+            id: self.id,
+            inflight: stats.pages_in_flight,
+            inflight_mem: stats.bytes_in_flight,
+            detach_time: *self.detach_time.lock(),
+        }
+    }
+}
+
+/// Metadata of one pool page.
+pub(crate) struct PageMeta<M: TrackingMode> {
+    /// The page memory, from the pool's page source.
+    pub(crate) cpu: NonNull<u8>,
+    /// Where the device sees it.
+    pub(crate) dma: DmaAddr,
+    /// The page's record in the device's in-flight tracker.
+    pub(crate) record: RecordId,
+    /// The pool the page belongs to; kept alive by every page.
+    pub(crate) pool: Arc<PoolShared<M>>,
+    /// Fragment references (see `frag.rs`); unused for whole pages.
+    pub(crate) frag_refs: AtomicUsize,
+}
+
+// SAFETY: all fields but `frag_refs` (atomic) are written before the meta is
+// shared and never again (module invariant), and access to the memory behind
+// `cpu` follows the one-owner-at-a-time rule, not the meta's. Without these,
+// the tracker and the rings (hence `Device`, which the driver's remove path
+// must reach from any thread) would be neither `Send` nor `Sync`.
+unsafe impl<M: TrackingMode> Send for PageMeta<M> {}
+// SAFETY: as above: `&PageMeta` reads immutable fields and atomics only.
+unsafe impl<M: TrackingMode> Sync for PageMeta<M> {}
+
+impl<M: TrackingMode> PageMeta<M> {
+    pub(crate) fn mapping(&self) -> DmaMapping {
+        DmaMapping {
+            addr: self.dma,
+            len: self.pool.config.page_len,
+            direction: self.pool.config.direction,
+        }
+    }
+}
+
+/// Reads the meta behind a pointer held by its current owner.
+///
+/// # Safety
+/// `meta` points to a live `PageMeta` (one not yet passed to `free_page`).
+pub(crate) unsafe fn meta_ref<'a, M: TrackingMode>(meta: NonNull<PageMeta<M>>) -> &'a PageMeta<M> {
+    // SAFETY: forwarded caller contract; the fields read through the
+    // reference are immutable after publication (module invariant).
+    unsafe { meta.as_ref() }
+}
