@@ -6,13 +6,17 @@
 //! # Layers
 //!
 //! ```text
-//!  handles      Device (device.rs)   PagePool (pool.rs)   Page (page.rs)   Frag (frag.rs)
-//!                    │  unbind            │  slow path          │ recycle / release
-//!  lifecycle         └──────────── mapping.rs: map_page, release_pages, Unmapper,
-//!                                  free_pages (the one place a mapping begins and ends)
+//!  handles      Device (device.rs)  PagePool (pool.rs)  Page (page.rs)  Frag (frag.rs)
+//!                  │ unbind             │ slow path          │ recycle / release
+//!  lifecycle    mapping.rs: map_page, release_pages, Unmapper, free_pages
+//!               (the one place a mapping begins and ends)
+//!  state        shared.rs: DeviceShared, PoolShared, PageMeta      mode.rs: TrackingMode
 //!  mechanisms   gate.rs (call gates, OpsCell)  ring.rs  tracker.rs  memory.rs  unwind.rs
-//!  seam         dma.rs (DmaOps)                                  sync.rs (all primitives)
+//!  seam         dma.rs (DmaOps)  stats.rs  error.rs               sync.rs (all primitives)
 //! ```
+//!
+//! Each layer imports only from the layers below it; `src/` has no import
+//! cycle.
 //!
 //! # The invariants
 //!
