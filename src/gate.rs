@@ -1,4 +1,4 @@
-//! The call gates: who may call the device's [`DmaOps`](crate::DmaOps), and
+//! The call gates: who may call the device's [`DmaOps`], and
 //! until when.
 //!
 //! Every device call made outside `unbind` (a `map` on the slow path, the

@@ -6,7 +6,10 @@ use core::ptr::NonNull;
 use std::ffi::CString;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 
-use super::{ioctl_ptr, ioctl_val, sys, VfioDma, VfioError};
+use super::container::VfioDma;
+use super::error::VfioError;
+use super::ioctl::{errno, ioctl_ptr, ioctl_val};
+use super::sys;
 use crate::sync::{fence, Ordering};
 
 /// VFIO region index of BAR 0 (`VFIO_PCI_BAR0_REGION_INDEX`); BAR n is n.
@@ -71,7 +74,7 @@ impl VfioDevice {
         // pointer; `name` lives across the call and is not written.
         let fd = unsafe {
             ioctl_ptr(
-                &dma.inner.counters,
+                dma.counters(),
                 dma.group_fd(),
                 sys::GROUP_GET_DEVICE_FD,
                 name.as_ptr().cast_mut(),
@@ -125,7 +128,7 @@ impl VfioDevice {
         // SAFETY: `info` is a writable `vfio_region_info` with `argsz` set.
         unsafe {
             ioctl_ptr(
-                &self.dma.inner.counters,
+                self.dma.counters(),
                 self.fd(),
                 sys::DEVICE_GET_REGION_INFO,
                 &mut info,
@@ -189,7 +192,7 @@ impl VfioDevice {
                 )
             };
             if n <= 0 {
-                let errno = if n == 0 { libc::EIO } else { super::errno() };
+                let errno = if n == 0 { libc::EIO } else { errno() };
                 return Err(VfioError::Os {
                     op: "pread(VFIO device)",
                     errno,
@@ -217,7 +220,7 @@ impl VfioDevice {
                 )
             };
             if n <= 0 {
-                let errno = if n == 0 { libc::EIO } else { super::errno() };
+                let errno = if n == 0 { libc::EIO } else { errno() };
                 return Err(VfioError::Os {
                     op: "pwrite(VFIO device)",
                     errno,
@@ -276,7 +279,7 @@ impl VfioDevice {
 
     /// `VFIO_DEVICE_RESET`: a function-level (or equivalent) reset.
     pub fn reset(&self) -> Result<(), VfioError> {
-        ioctl_val(&self.dma.inner.counters, self.fd(), sys::DEVICE_RESET, 0)
+        ioctl_val(self.dma.counters(), self.fd(), sys::DEVICE_RESET, 0)
             .map(drop)
             .map_err(|errno| VfioError::Os {
                 op: "VFIO_DEVICE_RESET",
@@ -314,7 +317,7 @@ impl VfioDevice {
         if ptr == libc::MAP_FAILED {
             return Err(VfioError::Os {
                 op: "mmap(VFIO region)",
-                errno: super::errno(),
+                errno: errno(),
             });
         }
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(VfioError::Os {

@@ -1,0 +1,641 @@
+//! [`VfioDma`]: the container with its one group, and the [`DmaOps`] built
+//! on it (`MAP_DMA`/`UNMAP_DMA` with IOVAs picked by [`IovaAllocator`]),
+//! with the call counters behind [`VfioStats`].
+//!
+//! Invariants:
+//! - **Setup.** A `VfioDma` exists only for a viable group attached to a
+//!   container with a type1 IOMMU (TYPE1v2 selected here unless the group
+//!   was already attached), whose page size and valid IOVA ranges were read
+//!   once at setup (below the MSI window when the kernel reports none).
+//! - **IOVA records.** Every mapping gets its own block of whole IOMMU
+//!   pages from the allocator; the block is freed only when the kernel
+//!   confirms the unmap with the exact size (or when `MAP_DMA` failed and
+//!   nothing was mapped). A mismatched unmap leaves the block reserved, so
+//!   an IOVA still in the container is never handed out again.
+//! - **Drop.** The group fd closes before the container fd (field order),
+//!   and closing them makes the kernel remove every mapping still there.
+
+use core::ptr::NonNull;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use super::device::VfioDevice;
+use super::error::VfioError;
+use super::info::{get_info, IommuInfo};
+use super::ioctl::{ioctl_ptr, ioctl_val, open_node, Counters};
+use super::iova::{IovaAllocator, IovaRange};
+use super::sys;
+use super::sysfs::{
+    self, entry_limit_param, group_devices, group_id_of, memlock_limit, normalize_bdf,
+};
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
+use crate::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
+
+/// The VFIO container node.
+pub const CONTAINER_PATH: &str = "/dev/vfio/vfio";
+
+/// Counters of every VFIO call this backend made (see [`VfioDma::stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VfioStats {
+    /// Every ioctl on the container, group or device fd, of any kind.
+    pub ioctls: u64,
+    /// `VFIO_IOMMU_MAP_DMA` calls, failed ones included.
+    pub map_calls: u64,
+    /// `VFIO_IOMMU_MAP_DMA` calls that failed.
+    pub map_failures: u64,
+    /// `VFIO_IOMMU_UNMAP_DMA` calls (one per merged run in a batch).
+    pub unmap_calls: u64,
+    /// Mappings torn down (a merged `UNMAP_DMA` counts each of its mappings).
+    pub unmapped: u64,
+    /// Unmaps the kernel refused or answered with a different size.
+    pub unmap_errors: u64,
+    /// Mappings made through this backend and not yet unmapped.
+    pub live_mappings: u64,
+    /// Bytes of IOVA space they cover.
+    pub live_bytes: u64,
+}
+
+struct Inner {
+    // Field order is drop order: the group leaves the container before the
+    // container closes.
+    group: OwnedFd,
+    container: OwnedFd,
+    group_id: Option<u32>,
+    page_size: u64,
+    page_sizes: u64,
+    iova_ranges: Vec<IovaRange>,
+    entry_limit: Option<u64>,
+    info_len: AtomicUsize,
+    write_only_refused: AtomicBool,
+    iova: Mutex<IovaAllocator>,
+    counters: Counters,
+    last_error: Mutex<Option<VfioError>>,
+}
+
+/// A VFIO type1 container holding one IOMMU group: the [`DmaOps`] of the
+/// devices in that group. Clones share the container.
+///
+/// See the [module documentation](crate::vfio) for directions, sync and limits.
+#[derive(Clone)]
+pub struct VfioDma {
+    inner: Arc<Inner>,
+}
+
+impl core::fmt::Debug for VfioDma {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("VfioDma")
+            .field("group", &self.inner.group_id)
+            .field("page_size", &self.inner.page_size)
+            .field("iova_ranges", &self.inner.iova_ranges)
+            .field("entry_limit", &self.inner.entry_limit)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Where the fallback IOVA window ends when the kernel reports no ranges
+/// (pre-5.4 kernels): below the x86 MSI window, which is never mappable.
+const FALLBACK_IOVA_END: u64 = 0xfedf_ffff;
+
+impl VfioDma {
+    /// Opens the container and the group node at `group_path` (for example
+    /// `/dev/vfio/12`), and sets them up (see [`from_fds`](Self::from_fds)).
+    pub fn open_group(group_path: impl AsRef<Path>) -> Result<Self, VfioError> {
+        let group_path = group_path.as_ref();
+        let container = open_node(Path::new(CONTAINER_PATH), true)?;
+        let group = open_node(group_path, false)?;
+        Self::setup(container, group, group_id_of(group_path))
+    }
+
+    /// Opens the container and the IOMMU group of PCI device `bdf` (as
+    /// `lspci -D` prints it, `0000:00:02.0`; `00:02.0` means domain 0),
+    /// found through `/sys/bus/pci/devices/<bdf>/iommu_group`.
+    pub fn open_group_of(bdf: &str) -> Result<Self, VfioError> {
+        Self::open_group(Self::group_path_of(bdf)?)
+    }
+
+    /// The `/dev/vfio/<group>` node of PCI device `bdf`.
+    pub fn group_path_of(bdf: &str) -> Result<PathBuf, VfioError> {
+        sysfs::group_path_of(bdf)
+    }
+
+    /// Takes an already open container (`/dev/vfio/vfio`) and group
+    /// (`/dev/vfio/<n>`): checks the API version (0) and the TYPE1v2
+    /// extension, that the group is viable, and, unless the group already
+    /// has a container, attaches it to `container` and selects TYPE1v2. A
+    /// group that is already attached must be attached to `container`,
+    /// with its IOMMU type set by the caller.
+    pub fn from_fds(container: OwnedFd, group: OwnedFd) -> Result<Self, VfioError> {
+        // The group number, from the node the fd was opened from.
+        let group_id = sysfs::group_id_of_fd(group.as_fd());
+        Self::setup(container, group, group_id)
+    }
+
+    fn setup(container: OwnedFd, group: OwnedFd, group_id: Option<u32>) -> Result<Self, VfioError> {
+        let counters = Counters::default();
+        let c = container.as_fd();
+        let version =
+            ioctl_val(&counters, c, sys::GET_API_VERSION, 0).map_err(|errno| VfioError::Os {
+                op: "VFIO_GET_API_VERSION",
+                errno,
+            })?;
+        if version != sys::API_VERSION {
+            return Err(VfioError::ApiVersion { found: version });
+        }
+        match ioctl_val(&counters, c, sys::CHECK_EXTENSION, sys::TYPE1V2_IOMMU) {
+            Ok(n) if n > 0 => {}
+            Ok(_) => return Err(VfioError::NoType1v2),
+            Err(errno) => {
+                return Err(VfioError::Os {
+                    op: "VFIO_CHECK_EXTENSION",
+                    errno,
+                })
+            }
+        }
+
+        let mut status = sys::GroupStatus {
+            argsz: sys::argsz::<sys::GroupStatus>(),
+            flags: 0,
+        };
+        // SAFETY: `status` is a writable `vfio_group_status` with `argsz` set.
+        unsafe { ioctl_ptr(&counters, group.as_fd(), sys::GROUP_GET_STATUS, &mut status) }
+            .map_err(|errno| VfioError::Os {
+                op: "VFIO_GROUP_GET_STATUS",
+                errno,
+            })?;
+        if status.flags & sys::GROUP_FLAGS_VIABLE == 0 {
+            return Err(VfioError::GroupNotViable {
+                group: group_id,
+                devices: group_devices(group_id),
+            });
+        }
+
+        let mut set_iommu_here = false;
+        if status.flags & sys::GROUP_FLAGS_CONTAINER_SET == 0 {
+            let mut container_fd: RawFd = container.as_raw_fd();
+            // SAFETY: GROUP_SET_CONTAINER reads one `int` (the container fd)
+            // from the pointer; `container_fd` lives across the call.
+            unsafe {
+                ioctl_ptr(
+                    &counters,
+                    group.as_fd(),
+                    sys::GROUP_SET_CONTAINER,
+                    &mut container_fd,
+                )
+            }
+            .map_err(|errno| VfioError::Os {
+                op: "VFIO_GROUP_SET_CONTAINER",
+                errno,
+            })?;
+            match ioctl_val(&counters, c, sys::SET_IOMMU, sys::TYPE1V2_IOMMU) {
+                Ok(_) => set_iommu_here = true,
+                // The container already had an IOMMU (another group); the
+                // GET_INFO below proves it is usable.
+                Err(libc::EINVAL | libc::EBUSY) => {}
+                Err(errno) => {
+                    return Err(VfioError::Os {
+                        op: "VFIO_SET_IOMMU",
+                        errno,
+                    })
+                }
+            }
+        }
+
+        let info_len = AtomicUsize::new(0);
+        let info = get_info(&counters, c, &info_len)?;
+        let page_sizes = if info.page_sizes == 0 {
+            4096
+        } else {
+            info.page_sizes
+        };
+        let page_size = 1u64 << page_sizes.trailing_zeros();
+        let iova_ranges = info
+            .iova_ranges
+            .clone()
+            .filter(|r| !r.is_empty())
+            .unwrap_or_else(|| {
+                vec![IovaRange {
+                    start: 0,
+                    end: FALLBACK_IOVA_END,
+                }]
+            });
+        // Right after SET_IOMMU the container is empty, so DMA_AVAIL is the
+        // limit itself; otherwise trust the module parameter.
+        let entry_limit = match (set_iommu_here, info.dma_avail) {
+            (true, Some(avail)) => Some(u64::from(avail)),
+            _ => entry_limit_param(),
+        };
+        let iova = Mutex::new(IovaAllocator::new(&iova_ranges, page_size));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                group,
+                container,
+                group_id,
+                page_size,
+                page_sizes,
+                iova_ranges,
+                entry_limit,
+                info_len,
+                write_only_refused: AtomicBool::new(false),
+                iova,
+                counters,
+                last_error: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// Opens the device fd of `bdf` (a device of this group) with
+    /// `VFIO_GROUP_GET_DEVICE_FD`.
+    pub fn open_device(&self, bdf: &str) -> Result<VfioDevice, VfioError> {
+        VfioDevice::from_group(self.clone(), normalize_bdf(bdf)?)
+    }
+
+    /// The container fd, for calls this backend does not wrap. Mapping or
+    /// unmapping through it behind the backend's back breaks its records.
+    pub fn container_fd(&self) -> BorrowedFd<'_> {
+        self.inner.container.as_fd()
+    }
+
+    /// The container's call counters, for the ioctls of its devices.
+    pub(super) fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    /// The group fd.
+    pub fn group_fd(&self) -> BorrowedFd<'_> {
+        self.inner.group.as_fd()
+    }
+
+    /// The IOMMU group number, where known.
+    pub fn group_id(&self) -> Option<u32> {
+        self.inner.group_id
+    }
+
+    /// The smallest IOMMU page size: the granule of every mapping. Memory
+    /// passed to `map` is mapped in whole pages of this size.
+    pub fn page_size(&self) -> u64 {
+        self.inner.page_size
+    }
+
+    /// Bitmap of all IOMMU page sizes (bit n: 2^n bytes).
+    pub fn page_sizes(&self) -> u64 {
+        self.inner.page_sizes
+    }
+
+    /// The valid IOVA ranges this backend allocates from.
+    pub fn iova_ranges(&self) -> &[IovaRange] {
+        &self.inner.iova_ranges
+    }
+
+    /// The container's `dma_entry_limit`, where known: the most mappings it
+    /// can hold at once.
+    pub fn entry_limit(&self) -> Option<u64> {
+        self.inner.entry_limit
+    }
+
+    /// Reads `VFIO_IOMMU_GET_INFO` now (one or two ioctls).
+    pub fn iommu_info(&self) -> Result<IommuInfo, VfioError> {
+        get_info(
+            &self.inner.counters,
+            self.container_fd(),
+            &self.inner.info_len,
+        )
+    }
+
+    /// The number of mapping entries the container has left (`DMA_AVAIL`):
+    /// the kernel's exact count, so `limit - dma_avail()` is the number of
+    /// live mappings in the container, whoever made them.
+    pub fn dma_avail(&self) -> Result<u32, VfioError> {
+        self.iommu_info()?.dma_avail.ok_or(VfioError::Unsupported {
+            what: "the DMA_AVAIL capability of VFIO_IOMMU_GET_INFO",
+        })
+    }
+
+    /// A snapshot of the call counters.
+    pub fn stats(&self) -> VfioStats {
+        let c = &self.inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        VfioStats {
+            ioctls: get(&c.ioctls),
+            map_calls: get(&c.map_calls),
+            map_failures: get(&c.map_failures),
+            unmap_calls: get(&c.unmap_calls),
+            unmapped: get(&c.unmapped),
+            unmap_errors: get(&c.unmap_errors),
+            live_mappings: get(&c.live_mappings),
+            live_bytes: get(&c.live_bytes),
+        }
+    }
+
+    /// The last unmap failure, if any: [`DmaOps::unmap`] cannot return one,
+    /// so it is kept here (and counted in [`VfioStats::unmap_errors`]).
+    pub fn last_unmap_error(&self) -> Option<VfioError> {
+        self.inner.last_error.lock().clone()
+    }
+
+    /// The IOVA-page-aligned span `(iova, size)` that `map` gave `mapping`.
+    fn span(&self, addr: u64, len: usize) -> (u64, u64) {
+        let page = self.inner.page_size;
+        let base = addr & !(page - 1);
+        let size = ((addr - base) + len as u64).div_ceil(page) * page;
+        (base, size)
+    }
+
+    /// Maps `len` bytes at `cpu` for `direction` with `VFIO_IOMMU_MAP_DMA`
+    /// and returns the device address; the richer-error form of
+    /// [`DmaOps::map`].
+    ///
+    /// The whole IOMMU pages holding the range are mapped (as Linux's DMA
+    /// API does); the returned address keeps `cpu`'s offset in its page.
+    ///
+    /// # Safety
+    /// As for [`DmaOps::map`]: the memory stays allocated and unused by
+    /// anyone else until it is unmapped, and no CPU reference to it exists
+    /// while the device may write it.
+    pub unsafe fn try_map(
+        &self,
+        cpu: NonNull<u8>,
+        len: usize,
+        direction: DmaDirection,
+    ) -> Result<DmaAddr, VfioError> {
+        let inner = &*self.inner;
+        let vaddr = cpu.as_ptr() as u64;
+        if len == 0 {
+            return Err(VfioError::InvalidArgument {
+                op: "VFIO_IOMMU_MAP_DMA",
+                detail: "a zero-length mapping".into(),
+            });
+        }
+        let page = inner.page_size;
+        let base = vaddr & !(page - 1);
+        let offset = vaddr - base;
+        let Some(size) = offset
+            .checked_add(len as u64)
+            .and_then(|end| end.checked_next_multiple_of(page))
+        else {
+            return Err(VfioError::InvalidArgument {
+                op: "VFIO_IOMMU_MAP_DMA",
+                detail: format!("a mapping of {len:#x} bytes"),
+            });
+        };
+        let iova = inner
+            .iova
+            .lock()
+            .alloc(size)
+            .ok_or(VfioError::AddressSpaceExhausted { size })?;
+
+        let mut flags = 0;
+        if direction.device_reads() {
+            flags |= sys::DMA_MAP_FLAG_READ;
+        }
+        if direction.device_writes() {
+            flags |= sys::DMA_MAP_FLAG_WRITE;
+        }
+        if flags == sys::DMA_MAP_FLAG_WRITE && inner.write_only_refused.load(Ordering::Relaxed) {
+            flags |= sys::DMA_MAP_FLAG_READ;
+        }
+        let mut result = self.map_dma(base, iova, size, flags);
+        if result == Err(libc::EINVAL) && flags == sys::DMA_MAP_FLAG_WRITE {
+            // Some IOMMUs cannot express write-only; read+write is what
+            // they would do anyway. Remember it.
+            result = self.map_dma(base, iova, size, flags | sys::DMA_MAP_FLAG_READ);
+            if result.is_ok() {
+                inner.write_only_refused.store(true, Ordering::Relaxed);
+            }
+        }
+        match result {
+            Ok(()) => {
+                inner.counters.live_mappings.fetch_add(1, Ordering::Relaxed);
+                inner.counters.live_bytes.fetch_add(size, Ordering::Relaxed);
+                Ok(DmaAddr(iova + offset))
+            }
+            Err(errno) => {
+                // Nothing was mapped: the IOVA block is free again.
+                let freed = inner.iova.lock().free(iova, size);
+                debug_assert!(freed);
+                Err(match errno {
+                    libc::ENOSPC => VfioError::MappingLimit {
+                        limit: inner.entry_limit.or_else(entry_limit_param),
+                    },
+                    libc::ENOMEM => VfioError::LockedMemoryLimit {
+                        requested: size,
+                        limit: memlock_limit(),
+                    },
+                    libc::EEXIST => VfioError::Overlap { iova, size },
+                    libc::EINVAL => VfioError::InvalidArgument {
+                        op: "VFIO_IOMMU_MAP_DMA",
+                        detail: format!(
+                            "vaddr {base:#x} iova {iova:#x} size {size:#x} flags {flags:#x}"
+                        ),
+                    },
+                    errno => VfioError::Os {
+                        op: "VFIO_IOMMU_MAP_DMA",
+                        errno,
+                    },
+                })
+            }
+        }
+    }
+
+    /// One `VFIO_IOMMU_MAP_DMA`.
+    fn map_dma(&self, vaddr: u64, iova: u64, size: u64, flags: u32) -> Result<(), i32> {
+        let counters = &self.inner.counters;
+        let mut map = sys::DmaMap {
+            argsz: sys::argsz::<sys::DmaMap>(),
+            flags,
+            vaddr,
+            iova,
+            size,
+        };
+        counters.map_calls.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: `map` is a `vfio_iommu_type1_dma_map` with `argsz` set. The
+        // kernel pins the user pages at `vaddr`; the caller of `try_map`
+        // guarantees they stay allocated until unmapped.
+        let result =
+            unsafe { ioctl_ptr(counters, self.container_fd(), sys::IOMMU_MAP_DMA, &mut map) };
+        if result.is_err() {
+            counters.map_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        result.map(drop)
+    }
+
+    /// One `VFIO_IOMMU_UNMAP_DMA` of `[iova, iova + size)`, which covers
+    /// `count` whole mappings of this backend; frees the IOVA block when the
+    /// kernel confirms the size.
+    fn unmap_span(&self, iova: u64, size: u64, count: u64) -> Result<(), VfioError> {
+        let inner = &*self.inner;
+        let c = &inner.counters;
+        let mut unmap = sys::DmaUnmap {
+            argsz: sys::argsz::<sys::DmaUnmap>(),
+            flags: 0,
+            iova,
+            size,
+        };
+        c.unmap_calls.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: `unmap` is a writable `vfio_iommu_type1_dma_unmap` with
+        // `argsz` set; the kernel writes the unmapped size back into it.
+        let result = unsafe { ioctl_ptr(c, self.container_fd(), sys::IOMMU_UNMAP_DMA, &mut unmap) };
+        match result {
+            Ok(_) if unmap.size == size => {
+                c.unmapped.fetch_add(count, Ordering::Relaxed);
+                c.live_mappings.fetch_sub(count, Ordering::Relaxed);
+                c.live_bytes.fetch_sub(size, Ordering::Relaxed);
+                let freed = inner.iova.lock().free(iova, size);
+                // The kernel just confirmed these were live mappings of ours,
+                // so their block cannot be free already.
+                debug_assert!(
+                    freed,
+                    "IOVA block {iova:#x}+{size:#x} was free while mapped"
+                );
+                Ok(())
+            }
+            // The kernel removed something else than asked: the records no
+            // longer match the container, so the block stays reserved.
+            Ok(_) => Err(VfioError::UnmapMismatch {
+                iova,
+                expected: size,
+                unmapped: unmap.size,
+            }),
+            Err(libc::EINVAL) => Err(VfioError::InvalidArgument {
+                op: "VFIO_IOMMU_UNMAP_DMA",
+                detail: format!("iova {iova:#x} size {size:#x}"),
+            }),
+            Err(errno) => Err(VfioError::Os {
+                op: "VFIO_IOMMU_UNMAP_DMA",
+                errno,
+            }),
+        }
+    }
+
+    fn record(&self, error: &VfioError) {
+        self.inner
+            .counters
+            .unmap_errors
+            .fetch_add(1, Ordering::Relaxed);
+        *self.inner.last_error.lock() = Some(error.clone());
+    }
+
+    /// Unmaps one mapping with `VFIO_IOMMU_UNMAP_DMA` and checks the size
+    /// the kernel reports; the richer-error form of [`DmaOps::unmap`].
+    /// Failures are also counted in [`VfioStats::unmap_errors`].
+    ///
+    /// # Safety
+    /// As for [`DmaOps::unmap`]: `mapping` came from `map` on this backend
+    /// and is unmapped once.
+    pub unsafe fn try_unmap(&self, mapping: DmaMapping) -> Result<(), VfioError> {
+        let (iova, size) = self.span(mapping.addr.0, mapping.len);
+        self.unmap_span(iova, size, 1)
+            .inspect_err(|e| self.record(e))
+    }
+
+    /// Unmaps several mappings, merging those whose IOVA blocks touch into
+    /// one `VFIO_IOMMU_UNMAP_DMA` each (TYPE1v2 accepts an unmap that covers
+    /// several whole mappings, never part of one). Returns the number of
+    /// `UNMAP_DMA` calls made; on failure, the first error (every mapping is
+    /// still attempted, and failures are counted in
+    /// [`VfioStats::unmap_errors`]).
+    ///
+    /// # Safety
+    /// As for [`DmaOps::unmap_batch`].
+    pub unsafe fn try_unmap_batch(&self, mappings: &[DmaMapping]) -> Result<u64, VfioError> {
+        let mut spans: Vec<(u64, u64)> = mappings
+            .iter()
+            .map(|m| self.span(m.addr.0, m.len))
+            .collect();
+        spans.sort_unstable();
+        let mut calls = 0;
+        let mut first_error = None;
+        let mut run_start = 0;
+        while run_start < spans.len() {
+            let (iova, mut size) = spans[run_start];
+            let mut run_end = run_start + 1;
+            while run_end < spans.len() && iova.checked_add(size) == Some(spans[run_end].0) {
+                size += spans[run_end].1;
+                run_end += 1;
+            }
+            let count = (run_end - run_start) as u64;
+            calls += 1;
+            let mut result = self.unmap_span(iova, size, count);
+            if count > 1 && matches!(result, Err(VfioError::InvalidArgument { .. })) {
+                // The kernel refused the merged range before touching it:
+                // fall back to one call per mapping.
+                result = Ok(());
+                for &(iova, size) in &spans[run_start..run_end] {
+                    calls += 1;
+                    if let Err(e) = self.unmap_span(iova, size, 1) {
+                        self.record(&e);
+                        result = result.and(Err(e));
+                    }
+                }
+            } else if let Err(e) = &result {
+                self.record(e);
+            }
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+            run_start = run_end;
+        }
+        first_error.map_or(Ok(calls), Err)
+    }
+}
+
+impl DmaOps for VfioDma {
+    unsafe fn map(
+        &self,
+        cpu: NonNull<u8>,
+        len: usize,
+        direction: DmaDirection,
+    ) -> Result<DmaAddr, DmaError> {
+        // SAFETY: forwarded caller contract (identical).
+        unsafe { self.try_map(cpu, len, direction) }.map_err(DmaError::from)
+    }
+
+    unsafe fn unmap(&self, mapping: DmaMapping) {
+        // SAFETY: forwarded caller contract. A failure is recorded by
+        // `try_unmap` (the trait's unmap cannot fail).
+        let _ = unsafe { self.try_unmap(mapping) };
+    }
+
+    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) {
+        // SAFETY: forwarded caller contract; failures are recorded.
+        let _ = unsafe { self.try_unmap_batch(mappings) };
+    }
+
+    /// Nothing to do: VFIO devices do cache-coherent DMA straight into the
+    /// mapped pages (see the module documentation).
+    unsafe fn sync_for_device(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
+
+    /// Nothing to do: VFIO devices do cache-coherent DMA straight into the
+    /// mapped pages (see the module documentation).
+    unsafe fn sync_for_cpu(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
+
+    /// `false`: VFIO type1 gives userspace no cache maintenance and no
+    /// bounce buffers, so both syncs are no-ops and the pool skips them (and
+    /// their call gate) entirely, as Linux skips syncs when
+    /// `dma_need_sync()` is false.
+    fn needs_sync(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_device_gives_a_typed_error() {
+        assert!(matches!(
+            VfioDma::open_group_of("ffff:ff:1f.7"),
+            Err(VfioError::NoSuchDevice { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_group_node_gives_a_typed_error() {
+        match VfioDma::open_group("/dev/vfio/does-not-exist") {
+            Err(VfioError::NoVfio { .. } | VfioError::GroupNotFound { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
