@@ -207,13 +207,12 @@ struct PageBuf([u8; PAGE_SIZE]);
 
 fn new_buf() -> Box<PageBuf> {
     let layout = Layout::new::<PageBuf>();
-    // SAFETY: non-zero size; all-zero bytes are a valid `PageBuf`, and the
-    // block has `PageBuf`'s layout, so the Box may own and free it.
-    unsafe {
-        let p = std::alloc::alloc_zeroed(layout).cast::<PageBuf>();
-        assert!(!p.is_null(), "out of memory");
-        Box::from_raw(p)
-    }
+    // SAFETY: `PageBuf` has a non-zero size.
+    let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<PageBuf>();
+    assert!(!p.is_null(), "out of memory");
+    // SAFETY: the block is non-null, zeroed (a valid `PageBuf`) and has
+    // `PageBuf`'s layout, so the Box may own and free it.
+    unsafe { Box::from_raw(p) }
 }
 
 /// sharded-slab pools need `Default + Clear`; clearing keeps the buffer.
@@ -423,11 +422,10 @@ fn single_thread(c: &mut Criterion) {
     g.bench_function("peer/global_alloc", |b| {
         b.iter(|| {
             for _ in 0..OPS {
-                // SAFETY: non-zero size; freed with the same layout.
-                unsafe {
-                    let p = std::alloc::alloc(layout);
-                    std::alloc::dealloc(black_box(p), layout);
-                }
+                // SAFETY: non-zero size.
+                let p = unsafe { std::alloc::alloc(layout) };
+                // SAFETY: allocated just above with the same layout.
+                unsafe { std::alloc::dealloc(black_box(p), layout) };
             }
         })
     });
@@ -840,16 +838,16 @@ fn cross_thread(c: &mut Criterion) {
             phased(
                 iters,
                 |items, n| {
-                    // SAFETY: non-zero size.
                     items.extend((0..n).map(|_| {
+                        // SAFETY: non-zero size.
                         SendPtr(NonNull::new(unsafe { std::alloc::alloc(layout) }).unwrap())
                     }))
                 },
-                // SAFETY: allocated above with this layout, freed once.
                 |items| {
-                    items
-                        .drain(..)
-                        .for_each(|p| unsafe { std::alloc::dealloc(p.0.as_ptr(), layout) })
+                    items.drain(..).for_each(|p| {
+                        // SAFETY: allocated above with this layout, freed once.
+                        unsafe { std::alloc::dealloc(p.0.as_ptr(), layout) }
+                    })
                 },
             )
         })
@@ -1281,11 +1279,10 @@ fn count(spec: &str) {
         "global_alloc" => {
             let layout = page_layout();
             for _ in 0..n {
-                // SAFETY: non-zero size; freed with the same layout.
-                unsafe {
-                    let p = std::alloc::alloc(layout);
-                    std::alloc::dealloc(black_box(p), layout);
-                }
+                // SAFETY: non-zero size.
+                let p = unsafe { std::alloc::alloc(layout) };
+                // SAFETY: allocated just above with the same layout.
+                unsafe { std::alloc::dealloc(black_box(p), layout) };
             }
         }
         other => panic!("unknown PAGEPOOL_COUNT workload {other:?}"),

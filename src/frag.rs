@@ -87,7 +87,9 @@ impl<M: TrackingMode> Frag<M> {
         // SAFETY: the range lies in the page (checked at carve time), the
         // page is valid while this fragment lives, and no other fragment
         // overlaps it.
-        unsafe { core::slice::from_raw_parts(meta.cpu.as_ptr().add(self.offset), self.len) }
+        unsafe {
+            core::slice::from_raw_parts(meta.cpu.as_ptr().wrapping_add(self.offset), self.len)
+        }
     }
 
     /// The fragment's bytes, mutable, for the CPU.
@@ -96,7 +98,7 @@ impl<M: TrackingMode> Frag<M> {
         cpu_access_hook(meta, self.offset, self.len, CpuAccess::Write);
         let cpu = meta.cpu;
         // SAFETY: as in `as_slice`; `&mut self` makes the view exclusive.
-        unsafe { core::slice::from_raw_parts_mut(cpu.as_ptr().add(self.offset), self.len) }
+        unsafe { core::slice::from_raw_parts_mut(cpu.as_ptr().wrapping_add(self.offset), self.len) }
     }
 
     /// Hands `range` (relative to the fragment) back to the CPU.

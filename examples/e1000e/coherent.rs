@@ -79,7 +79,7 @@ impl CoherentPage {
     pub fn read_u8(&self, offset: usize) -> u8 {
         assert!(offset < PAGE_SIZE);
         // SAFETY: inside the live page.
-        unsafe { self.cpu.as_ptr().add(offset).read_volatile() }
+        unsafe { self.cpu.as_ptr().wrapping_add(offset).read_volatile() }
     }
 
     /// Volatile write of the 64-bit word at `offset`.

@@ -148,16 +148,14 @@ impl Entry {
     /// and `sync_for_device` contracts).
     unsafe fn copy_from_cpu(&mut self, range: Range<usize>) {
         let n = range.len();
+        let src = self.cpu.0.as_ptr().wrapping_add(range.start);
+        let dst = self.shadow[range].as_mut_ptr();
         // SAFETY: by the caller's promise the mapping is live, so by the
         // `DmaOps::map` contract `cpu..cpu+len` is valid memory; `range` is
         // inside `0..len`, and no CPU reference aliases it during this call.
         // The shadow is our own allocation of `len` bytes, so the two do not
         // overlap.
-        unsafe {
-            let src = self.cpu.0.as_ptr().add(range.start);
-            let dst = self.shadow.as_mut_ptr().add(range.start);
-            core::ptr::copy_nonoverlapping(src, dst, n);
-        }
+        unsafe { core::ptr::copy_nonoverlapping(src, dst, n) };
     }
 
     /// Copies the shadow into CPU memory for `range`.
@@ -168,15 +166,13 @@ impl Entry {
     /// (`sync_for_cpu` contract).
     unsafe fn copy_to_cpu(&mut self, range: Range<usize>) {
         let n = range.len();
+        let src = self.shadow[range.clone()].as_ptr();
+        let dst = self.cpu.0.as_ptr().wrapping_add(range.start);
         // SAFETY: as in `copy_from_cpu`: the memory is valid while mapped
         // (`DmaOps::map` contract), `range` is inside it, and the
         // `sync_for_cpu` contract lets the backend write the range since no
         // CPU reference to it exists during the call.
-        unsafe {
-            let src = self.shadow.as_ptr().add(range.start);
-            let dst = self.cpu.0.as_ptr().add(range.start);
-            core::ptr::copy_nonoverlapping(src, dst, n);
-        }
+        unsafe { core::ptr::copy_nonoverlapping(src, dst, n) };
     }
 }
 
