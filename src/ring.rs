@@ -94,7 +94,7 @@ impl<T> Ring<T> {
         // BROKEN VARIANT (test-only, `--cfg pagepool_broken`,
         // PAGEPOOL_BROKEN=ring-push-after-close): drain the ring but leave it
         // open, with its capacity, so a page recycled after the drain stays
-        // in it forever (CVE-2025-38129's race). Caught by loom model g.
+        // in it forever (CVE-2025-38129's race). Caught by the pool-drop loom model.
         #[cfg(pagepool_broken)]
         if crate::sync::broken("ring-push-after-close") {
             return state.pages.drain(..).collect();

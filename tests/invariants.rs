@@ -1,4 +1,5 @@
-//! One or more tests per invariant of the crate (see DEVELOPERS.md):
+//! One or more tests per invariant of the crate (see README.md, and
+//! `pagepool::design` for how each is kept):
 //!
 //! 1. Every mapping is unmapped exactly once.
 //! 2. After `unbind` returns, no `DmaOps` method runs or will ever run again.
@@ -7,6 +8,9 @@
 //! 5. Pages held outside stay valid memory after unbind; dropping them later
 //!    is safe and calls nothing on the device.
 //! 6. Allocation after unbind fails with a clear error; nothing is leaked.
+//!
+//! Invariant 7 (whatever a callback does) has its own file,
+//! `tests/callbacks.rs`.
 //!
 //! Each test checks the invariant with the `CheckingDevice` (Record mode:
 //! zero violations, zero live mappings after unbind) and a counting page

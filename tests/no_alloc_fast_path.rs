@@ -1,4 +1,4 @@
-//! Issue 4's allocation targets, measured with a counting global allocator:
+//! The allocation targets, measured with a counting global allocator:
 //!
 //! - the fast path (alloc + `recycle_direct` through the local cache) makes
 //!   no heap allocation, tracked or untracked; nor does the ring path once
