@@ -178,10 +178,10 @@ impl<M: TrackingMode> Device<M> {
             return Err(UnbindError::InsideCallback);
         }
         let started = Instant::now();
-        let _one_at_a_time = shared.unbinding.lock();
+        let one_at_a_time = shared.unbinding.lock();
         // From here on a callback that calls `unbind` is refused, not
         // deadlocked on `unbinding`.
-        let _unbinding = held::Unbinding::new(key);
+        let unbinding = held::Unbinding::new(key);
 
         // 1. Stop new pools, allocations and recycling.
         let pools = {
@@ -229,6 +229,10 @@ impl<M: TrackingMode> Device<M> {
         panics.run(|| unsafe { free_pages(&handed_over) });
         panics.run(|| drop(pools));
         report.duration = started.elapsed();
+        // Unlocked before a callback's panic is resumed: a guard dropped
+        // while unwinding would poison a lock that poisons (loom's).
+        drop(unbinding);
+        drop(one_at_a_time);
         panics.resume();
         Ok(report)
     }

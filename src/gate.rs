@@ -273,13 +273,20 @@ pub(crate) mod held {
     /// thread exit.
     struct Registration {
         slots: Arc<Slots>,
+        /// The registry, held for this thread's drop: under loom the
+        /// registry's static is gone by the time the main thread's
+        /// thread-locals are dropped.
+        registry: Arc<Registry>,
     }
+
+    type Registry = Mutex<Vec<Arc<Slots>>>;
 
     impl Registration {
         fn new() -> Self {
             let slots = Arc::new(Slots(core::array::from_fn(|_| AtomicUsize::new(0))));
-            registry().lock().push(Arc::clone(&slots));
-            Self { slots }
+            let registry = registry();
+            registry.lock().push(Arc::clone(&slots));
+            Self { slots, registry }
         }
     }
 
@@ -287,7 +294,7 @@ pub(crate) mod held {
         fn drop(&mut self) {
             // From here on the thread's calls are counted, not announced.
             let _ = STATE.try_with(|state| state.slots.set(gone()));
-            registry()
+            self.registry
                 .lock()
                 .retain(|slots| !Arc::ptr_eq(slots, &self.slots));
         }
@@ -299,17 +306,17 @@ pub(crate) mod held {
     }
 
     #[cfg(not(loom))]
-    fn registry() -> &'static Mutex<Vec<Arc<Slots>>> {
-        static REGISTRY: std::sync::OnceLock<Mutex<Vec<Arc<Slots>>>> = std::sync::OnceLock::new();
-        REGISTRY.get_or_init(|| Mutex::new(Vec::new()))
+    fn registry() -> Arc<Registry> {
+        static REGISTRY: std::sync::OnceLock<Arc<Registry>> = std::sync::OnceLock::new();
+        Arc::clone(REGISTRY.get_or_init(|| Arc::new(Mutex::new(Vec::new()))))
     }
 
     #[cfg(loom)]
-    fn registry() -> &'static Mutex<Vec<Arc<Slots>>> {
+    fn registry() -> Arc<Registry> {
         loom::lazy_static! {
-            static ref REGISTRY: Mutex<Vec<Arc<Slots>>> = Mutex::new(Vec::new());
+            static ref REGISTRY: Arc<Registry> = Arc::new(Mutex::new(Vec::new()));
         }
-        &*REGISTRY
+        Arc::clone(&REGISTRY)
     }
 
     #[cfg(not(loom))]
@@ -415,8 +422,9 @@ pub(crate) mod held {
         // BROKEN VARIANT (test-only, `--cfg pagepool_broken`,
         // PAGEPOOL_BROKEN=unbind-no-wait): return without waiting for calls
         // in progress, so unbind unmaps and retires the ops while a sync or
-        // a map still runs. Caught by the sync-on-recycle and slow-path loom
-        // models (a call after `on_unbind`).
+        // a map still runs. Caught by the call-gate and sync-on-recycle loom
+        // models (loom's causality check on the ops cell) and the slow-path
+        // model (a mapping live at `on_unbind`, an unmap after it).
         #[cfg(pagepool_broken)]
         if crate::sync::broken("unbind-no-wait") {
             return;

@@ -252,7 +252,7 @@ pub(crate) unsafe fn release_pages<M: TrackingMode>(
             // BROKEN VARIANT (test-only, `--cfg pagepool_broken`,
             // PAGEPOOL_BROKEN=release-keeps-record): unmap without removing
             // the record, so unbind unmaps the page again. Caught by the
-            // ring-full loom model (double unmap).
+            // ring-full loom model with its slow page source (double unmap).
             #[cfg(pagepool_broken)]
             let owned = !M::TRACKED
                 || crate::sync::broken("release-keeps-record")
@@ -288,7 +288,8 @@ impl<M: TrackingMode> DeviceShared<M> {
         // PAGEPOOL_BROKEN=free-before-unbind): free the pages at once instead
         // of handing them to the running unbind, so their memory is freed
         // while still mapped and their metadata while unbind may still read
-        // it. Caught by the call-gate loom model (a mapped block freed).
+        // it. Caught by the call-gate and re-entrant-drop loom models (a
+        // mapped block freed).
         #[cfg(pagepool_broken)]
         if crate::sync::broken("free-before-unbind") {
             // SAFETY: none, deliberately: this is the planted bug (the pages
