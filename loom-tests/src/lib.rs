@@ -18,14 +18,25 @@
 //!   memory comes from `loom::alloc` and pools/devices live in loom `Arc`s,
 //!   so a page that is never freed fails the model with "Allocation leaked"
 //!   or "Arc leaked".
+//!
+//! For the models of the call gate, page sources and backends with hooks:
+//! [`CheckedSource`] fails a model the moment page memory is freed while
+//! still mapped, and logs who freed what; [`HookedOps`] puts the checker
+//! behind a backend whose `unmap_batch` panics or drops a page once.
 #![cfg(loom)]
 
 pub use loom;
 pub use pagepool;
 
+use core::ptr::NonNull;
+
 use loom::sync::Arc;
+use loom::thread::ThreadId;
 use pagepool::checking::{CheckMode, CheckingDevice, CheckingStats};
-use pagepool::{Device, DmaDirection, PagePool, UnbindReport};
+use pagepool::{
+    CpuAccess, Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, GlobalPages,
+    OutOfMemory, Page, PagePool, PageSource, UnbindReport,
+};
 
 /// Preemption bound used when `LOOM_MAX_PREEMPTIONS` is not set (see
 /// README.md for why this value).
@@ -88,6 +99,42 @@ impl Harness {
             device,
             at_unbind: None,
         }
+    }
+
+    /// A strict checker in record mode behind [`HookedOps`], and the hooks'
+    /// handle.
+    pub fn hooked(hook: UnmapHook) -> (Self, Arc<Hooks>) {
+        let checker = CheckingDevice::builder().mode(CheckMode::Record).build();
+        let hooks = Arc::new(Hooks {
+            hook,
+            armed: std::sync::Mutex::new(None),
+            page: std::sync::Mutex::new(None),
+            fired_on: std::sync::Mutex::new(None),
+            retired: std::sync::atomic::AtomicBool::new(false),
+        });
+        let ops = HookedOps {
+            inner: checker.clone(),
+            hooks: Arc::clone(&hooks),
+        };
+        let device = Arc::new(Device::new(ops));
+        let harness = Self {
+            checker,
+            device,
+            at_unbind: None,
+        };
+        (harness, hooks)
+    }
+
+    /// A page source that checks every free against this harness's checker
+    /// (see [`CheckedSource`]), and the log of its frees.
+    pub fn checked_source(&self) -> (CheckedSource, FreeLog) {
+        let log = FreeLog::default();
+        let source = CheckedSource {
+            checker: self.checker.clone(),
+            log: log.clone(),
+            slow: None,
+        };
+        (source, log)
     }
 
     /// The small pool every model uses: cache 2, refill 1, ring 1.
@@ -207,7 +254,9 @@ impl Default for Outcomes {
 
 /// Runs `run` (a loom model) against the deliberately broken variant
 /// `variant` of the core and passes only if the model FAILS with a message
-/// containing `expected` (see README.md). Variants exist only in
+/// containing one of `expected` (see README.md; a bug may show in more than
+/// one way, and which one loom meets first depends on its exploration
+/// order). Variants exist only in
 /// `--cfg pagepool_broken` builds; `"none"` runs the real core (for models
 /// that break something themselves).
 ///
@@ -218,7 +267,7 @@ impl Default for Outcomes {
 /// returned, and then aborts the process while tearing down the leaked
 /// allocation, which `#[should_panic]` cannot catch; it also keeps the
 /// variant away from every other test in the binary.
-pub fn expect_caught(test_name: &str, variant: &str, expected: &str, run: impl FnOnce()) {
+pub fn expect_caught(test_name: &str, variant: &str, expected: &[&str], run: impl FnOnce()) {
     if let Ok(active) = std::env::var("PAGEPOOL_BROKEN") {
         // The child: run the model with the variant on; it should fail.
         assert_eq!(active, variant, "child started for another variant");
@@ -249,10 +298,9 @@ pub fn expect_caught(test_name: &str, variant: &str, expected: &str, run: impl F
         !out.status.success(),
         "loom did NOT catch broken variant {variant:?}: the model passed\n{text}"
     );
-    assert!(
-        text.contains(expected),
-        "broken variant {variant:?} failed, but not with {expected:?}:\n{text}"
-    );
+    let Some(found) = expected.iter().find(|e| text.contains(**e)) else {
+        panic!("broken variant {variant:?} failed, but not with any of {expected:?}:\n{text}");
+    };
     // Show how it was caught (visible with --nocapture): which execution
     // failed, and the first line with the expected text.
     let lines: Vec<&str> = text.lines().collect();
@@ -261,12 +309,261 @@ pub fn expect_caught(test_name: &str, variant: &str, expected: &str, run: impl F
         .find(|l| l.starts_with("loom: failing execution"))
         .copied()
         .unwrap_or("loom: failing execution unknown");
-    let at = lines.iter().position(|l| l.contains(expected)).unwrap_or(0);
+    let at = lines.iter().position(|l| l.contains(found)).unwrap_or(0);
     let context = lines[at.saturating_sub(1)..(at + 2).min(lines.len())].join("\n");
     eprintln!(
         "broken variant {variant:?} caught by {test_name} (child {}):\n{execution}\n{context}",
         out.status
     );
+}
+
+/// How a device call that `unbind` did not wait for shows (for
+/// [`expect_caught`]): the checker reports a call after `on_unbind` (or a
+/// mapping still live then), or loom reports the ops read by the call while
+/// `unbind` takes them out of their `UnsafeCell` to drop them.
+pub const CALL_AFTER_UNBIND: &[&str] = &[
+    "after the device was released (on_unbind)",
+    "Causality violation: Concurrent read and write accesses",
+];
+
+/// The message [`CheckedSource`] panics with when page memory is freed while
+/// the device still has it mapped.
+pub const FREED_WHILE_MAPPED: &str = "page memory freed while the device still has it mapped";
+
+/// One `free_pages` call seen by a [`CheckedSource`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Free {
+    /// The block's CPU address.
+    pub block: usize,
+    /// The loom thread that freed it.
+    pub thread: ThreadId,
+}
+
+/// The frees a [`CheckedSource`] saw, in order. A `std` mutex: bookkeeping,
+/// held only for a push or a copy, never across a loom operation.
+#[derive(Clone, Default)]
+pub struct FreeLog(std::sync::Arc<std::sync::Mutex<Vec<Free>>>);
+
+impl FreeLog {
+    /// Every free of `block` so far.
+    pub fn of(&self, block: usize) -> Vec<Free> {
+        let frees = self.0.lock().unwrap();
+        frees.iter().filter(|f| f.block == block).copied().collect()
+    }
+}
+
+/// Page memory from loom's tracked allocator (as [`GlobalPages`]), with
+/// one check on every free: the checker must not have the block mapped any
+/// more (invariant 4: memory is freed only after its unmap returned). A
+/// free of a mapped block panics with [`FREED_WHILE_MAPPED`] before the
+/// memory is released, which fails the model at the free itself, before
+/// anything can go on to use the freed page. Every free is logged, with
+/// its thread, so a model can tell who freed a page.
+pub struct CheckedSource {
+    checker: CheckingDevice,
+    log: FreeLog,
+    slow: Option<ThreadId>,
+}
+
+impl CheckedSource {
+    /// Makes the source slow to take memory back: a free on any thread but
+    /// `unbinder` first gives way until the device was released
+    /// (`on_unbind`). The pool never waits for a page source, so this only
+    /// stretches the time between a page's unmap and its free, to the end
+    /// of the unbind that runs meanwhile.
+    pub fn slow_until_unbound(mut self, unbinder: ThreadId) -> Self {
+        self.slow = Some(unbinder);
+        self
+    }
+}
+
+// SAFETY: every block comes from `GlobalPages` and goes back to it, once,
+// unchanged; the check and the log add nothing to the blocks' lifetimes.
+unsafe impl PageSource for CheckedSource {
+    fn alloc_pages(&self, order: u32) -> Result<NonNull<u8>, OutOfMemory> {
+        GlobalPages.alloc_pages(order)
+    }
+
+    unsafe fn free_pages(&self, block: NonNull<u8>, order: u32) {
+        if self.slow.is_some_and(|t| t != loom::thread::current().id()) {
+            while !self.checker.is_unbound() {
+                loom::thread::yield_now();
+            }
+        }
+        let addr = block.as_ptr().addr();
+        let mapped = self
+            .checker
+            .live_mapping_list()
+            .iter()
+            .any(|m| m.cpu_addr == addr);
+        let thread = loom::thread::current().id();
+        self.log.0.lock().unwrap().push(Free {
+            block: addr,
+            thread,
+        });
+        if mapped {
+            let report = self.checker.report();
+            panic!("{FREED_WHILE_MAPPED} (block {addr:#x})\nchecker: {report}");
+        }
+        // SAFETY: the pool's caller contract (from `alloc_pages(order)` on
+        // this source, freed once), and `GlobalPages` gave the block out.
+        unsafe { GlobalPages.free_pages(block, order) }
+    }
+}
+
+/// What [`HookedOps`] does on the first `unmap_batch` that its trigger
+/// matches (see [`Hooks::arm`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnmapHook {
+    /// Unmaps, then panics with [`HookPanic`]: a backend whose unmap
+    /// panics after doing its work (the call counts as made).
+    PanicAfterUnmap,
+    /// Drops the page given to [`Hooks::give_page`] first (a re-entrant
+    /// drop from inside a device callback), then unmaps.
+    DropPageThenUnmap,
+}
+
+/// The payload [`UnmapHook::PanicAfterUnmap`] panics with.
+#[derive(Debug)]
+pub struct HookPanic;
+
+/// The shared side of [`HookedOps`]: the trigger, the page to drop, and
+/// what happened. `std` mutexes and atomics: bookkeeping, never held across
+/// a loom operation (a page is taken out before it is dropped).
+pub struct Hooks {
+    hook: UnmapHook,
+    /// `None`: not armed. `Some(None)`: any thread. `Some(Some(t))`: only
+    /// calls on thread `t`.
+    armed: std::sync::Mutex<Option<Option<ThreadId>>>,
+    page: std::sync::Mutex<Option<Page>>,
+    fired_on: std::sync::Mutex<Option<ThreadId>>,
+    retired: std::sync::atomic::AtomicBool,
+}
+
+impl Hooks {
+    /// Arms the hook for the next `unmap_batch`, on `thread` only, or on
+    /// any thread. It fires once.
+    pub fn arm(&self, thread: Option<ThreadId>) {
+        *self.armed.lock().unwrap() = Some(thread);
+    }
+
+    /// The page [`UnmapHook::DropPageThenUnmap`] drops. A page left here
+    /// when the ops are retired is dropped with them.
+    pub fn give_page(&self, page: Page) {
+        *self.page.lock().unwrap() = Some(page);
+    }
+
+    /// The thread whose `unmap_batch` fired the hook, if it fired.
+    pub fn fired_on(&self) -> Option<ThreadId> {
+        *self.fired_on.lock().unwrap()
+    }
+
+    /// Whether the device dropped its ops (`unbind` retired them).
+    pub fn retired(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether this call fires the hook (and disarms it).
+    fn fire(&self) -> bool {
+        let me = loom::thread::current().id();
+        let mut armed = self.armed.lock().unwrap();
+        match *armed {
+            Some(None) => {}
+            Some(Some(thread)) if thread == me => {}
+            _ => return false,
+        }
+        *armed = None;
+        *self.fired_on.lock().unwrap() = Some(me);
+        true
+    }
+}
+
+/// A [`CheckingDevice`] with one hook on `unmap_batch` (see [`UnmapHook`]);
+/// every other method delegates unchanged.
+pub struct HookedOps {
+    inner: CheckingDevice,
+    hooks: Arc<Hooks>,
+}
+
+impl DmaOps for HookedOps {
+    unsafe fn map(
+        &self,
+        cpu: NonNull<u8>,
+        len: usize,
+        direction: DmaDirection,
+    ) -> Result<DmaAddr, DmaError> {
+        // SAFETY: forwarded `DmaOps::map` contract.
+        unsafe { self.inner.map(cpu, len, direction) }
+    }
+
+    unsafe fn unmap(&self, mapping: DmaMapping) {
+        // SAFETY: forwarded contract.
+        unsafe { self.inner.unmap(mapping) }
+    }
+
+    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) {
+        let fire = self.hooks.fire();
+        if fire && self.hooks.hook == UnmapHook::DropPageThenUnmap {
+            let page = self.hooks.page.lock().unwrap().take();
+            drop(page);
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.inner.unmap_batch(mappings) };
+        if fire && self.hooks.hook == UnmapHook::PanicAfterUnmap {
+            std::panic::panic_any(HookPanic);
+        }
+    }
+
+    unsafe fn sync_for_device(&self, mapping: DmaMapping, offset: usize, len: usize) {
+        // SAFETY: forwarded contract.
+        unsafe { self.inner.sync_for_device(mapping, offset, len) }
+    }
+
+    unsafe fn sync_for_cpu(&self, mapping: DmaMapping, offset: usize, len: usize) {
+        // SAFETY: forwarded contract.
+        unsafe { self.inner.sync_for_cpu(mapping, offset, len) }
+    }
+
+    fn needs_sync(&self) -> bool {
+        self.inner.needs_sync()
+    }
+
+    fn checks_cpu_access(&self) -> bool {
+        self.inner.checks_cpu_access()
+    }
+
+    fn cpu_access(&self, mapping: DmaMapping, offset: usize, len: usize, access: CpuAccess) {
+        self.inner.cpu_access(mapping, offset, len, access);
+    }
+
+    fn on_unbind(&self) {
+        self.inner.on_unbind();
+    }
+}
+
+impl Drop for HookedOps {
+    fn drop(&mut self) {
+        self.hooks
+            .retired
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let page = self.hooks.page.lock().unwrap().take();
+        drop(page);
+    }
+}
+
+/// Keeps [`HookPanic`]s, which models cause and catch on purpose in every
+/// execution, out of the test output; every other panic is reported as
+/// before.
+pub fn quiet_hook_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !info.payload().is::<HookPanic>() {
+                previous(info);
+            }
+        }));
+    });
 }
 
 /// Spawns a loom thread.

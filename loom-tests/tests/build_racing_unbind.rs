@@ -1,6 +1,6 @@
-//! Extra model: a pool built, and allocated from, on another thread while
-//! the device unbinds. The build is refused, or the pool is registered in
-//! time for unbind to close it; either way nothing maps after unbind.
+//! A pool built, and allocated from, on another thread while the device
+//! unbinds. The build is refused, or the pool is registered in time for
+//! unbind to close it; either way nothing maps after unbind.
 #![cfg(loom)]
 
 use loom::sync::Arc;

@@ -1,5 +1,5 @@
-//! Model h: two `Bytes` clones of one page dropped on two threads while
-//! `unbind` runs. The last clone's drop returns the page.
+//! Two `Bytes` clones of one page dropped on two threads while `unbind`
+//! runs. The last clone's drop returns the page.
 //!
 //! `bytes` counts its clones with `std` atomics, which loom does not model:
 //! the interleavings explored are those of the pool's own operations around

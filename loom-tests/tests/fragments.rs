@@ -1,5 +1,5 @@
-//! Model d: two fragments of one page dropped on two threads while
-//! `unbind` runs. Whoever drops the last reference recycles the page.
+//! Two fragments of one page dropped on two threads while `unbind` runs.
+//! Whoever drops the last reference recycles the page.
 #![cfg(loom)]
 
 use pagepool_loom_tests::{model, spawn, Harness, Outcomes};

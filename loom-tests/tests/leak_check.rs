@@ -15,7 +15,7 @@ fn forgotten_page_is_reported_as_leaked() {
     expect_caught(
         "forgotten_page_is_reported_as_leaked",
         "none",
-        "leaked.",
+        &["leaked."],
         || {
             model(|| {
                 let mut h = Harness::new();

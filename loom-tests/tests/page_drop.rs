@@ -1,4 +1,4 @@
-//! Model a: a page dropped on another thread while `unbind` runs.
+//! A page dropped on another thread while `unbind` runs.
 #![cfg(loom)]
 
 use pagepool_loom_tests::{model, spawn, Harness, Outcomes};

@@ -1,6 +1,6 @@
-//! Model g: a pool dropped while another thread returns a page, then the
-//! device unbinds (CVE-2025-38129's shape: a recycle into the ring of a
-//! pool being torn down).
+//! A pool dropped while another thread returns a page, then the device
+//! unbinds (CVE-2025-38129's shape: a recycle into the ring of a pool being
+//! torn down).
 #![cfg(loom)]
 
 use pagepool_loom_tests::{model, spawn, Harness, Outcomes};
@@ -77,7 +77,7 @@ fn broken_ring_push_after_close_is_caught() {
     pagepool_loom_tests::expect_caught(
         "broken_ring_push_after_close_is_caught",
         "ring-push-after-close",
-        "leaked.",
+        &["leaked."],
         || model(|| pool_drop_racing_return(None)),
     );
 }

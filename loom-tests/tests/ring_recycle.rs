@@ -1,4 +1,4 @@
-//! Model b: a page recycled into the shared ring while `unbind` drains it.
+//! A page recycled into the shared ring while `unbind` drains it.
 #![cfg(loom)]
 
 use pagepool_loom_tests::{model, spawn, Harness, Outcomes};
@@ -68,9 +68,9 @@ fn direct_recycle_overflows_into_ring_while_draining() {
         h.unbound(&report);
         DIRECT.saw(match (report.pages_from_rings, report.pages_in_flight) {
             (1, 1) => "pushed before the drain",
-            // Also when the closed ring refused it: the owner's release then
-            // waits for the gate, which unbind holds until it has unmapped
-            // every tracked page, and only frees the page.
+            // Also when the closed ring refused it: the gate is closed by
+            // then, so the owner's release hands the page to unbind, which
+            // unmaps it through the tracker and frees it at its end.
             (0, 2) => "still held (or cached) during unbind",
             // The owner saw the pool closed and released the page itself,
             // unmapping it through the still-open gate before unbind closed

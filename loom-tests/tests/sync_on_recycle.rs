@@ -1,4 +1,4 @@
-//! Model c: sync-for-device on recycle racing `unbind`.
+//! Sync-for-device on recycle racing `unbind`.
 //!
 //! The pool syncs 64 bytes for the device whenever a page is recycled
 //! (`.sync_for_device(0, 64)`, bidirectional pages so the strict checker
@@ -77,15 +77,17 @@ fn direct_and_remote_sync_racing_unbind() {
 }
 
 /// The broken core's unbind does not wait for device calls in flight: loom
-/// finds the execution where the recycling thread's sync reaches the device
-/// after `on_unbind`.
+/// finds the execution where unbind retires the ops (`OpsCell::take`, a
+/// write of the loom `UnsafeCell` holding them) while the recycling thread
+/// is still inside its sync call through them (a read): a use of the ops
+/// after they were dropped.
 #[cfg(pagepool_broken)]
 #[test]
 fn broken_unbind_no_wait_is_caught() {
     pagepool_loom_tests::expect_caught(
         "broken_unbind_no_wait_is_caught",
         "unbind-no-wait",
-        "device driver calls sync_for_device after the device was released (on_unbind)",
+        pagepool_loom_tests::CALL_AFTER_UNBIND,
         || model(|| remote_sync_racing_unbind(None)),
     );
 }

@@ -1,6 +1,6 @@
-//! Extra model: two `unbind` calls at once (the second waits for the first
-//! and is refused), and an implicit unbind by dropping the `Device`, each
-//! while a page is dropped on another thread.
+//! Two `unbind` calls at once (the second waits for the first and is
+//! refused), and an implicit unbind by dropping the `Device`, each while a
+//! page is dropped on another thread.
 #![cfg(loom)]
 
 use loom::sync::Arc;
