@@ -10,11 +10,12 @@
 //!
 //! # What runs
 //!
-//! One [`CheckingDevice`] in record mode, one [`Device`] on it, up to
-//! [`POOLS`] pools (pool `i` owned by logical thread `i`), all taking page
-//! memory from one [`CountingPages`] source. [`THREADS`] logical threads each
-//! hold their own pages, fragments and `Bytes`; every [`Op`] names the
-//! logical thread that acts, so the input chooses the interleaving.
+//! One [`CheckingDevice`] in record mode behind a [`FaultyOps`] wrapper, one
+//! [`Device`] on it, up to [`POOLS`] pools (pool `i` owned by logical thread
+//! `i`), all taking page memory from one [`CountingPages`] source.
+//! [`THREADS`] logical threads each hold their own pages, fragments and
+//! `Bytes`; every [`Op`] names the logical thread that acts, so the input
+//! chooses the interleaving.
 //!
 //! - [`run`] (deterministic): every op runs on the calling OS thread, except
 //!   that drops may really happen on a spawned thread (spawn + join) or on a
@@ -23,29 +24,50 @@
 //!   [`Model`]: pages held, pages in flight (pool stats), pages cached,
 //!   mappings live (checking device and tracker), page blocks live,
 //!   allocated and freed (counting source), the unbind report, every
-//!   allocation result; and zero violations.
+//!   allocation result, whether an armed callback fault fired (and the
+//!   panic it raised); and zero violations.
 //! - [`run_threaded`]: the ops of each logical thread run on a real OS thread
 //!   of its own, concurrently; items sent between threads go through
 //!   channels. Only model-free invariants are checked (zero violations,
 //!   content after every successful sync), and at the end the same leak
 //!   checks.
 //!
-//! At the end everything is dropped (held buffers, pools, device) and every
-//! page block must have been freed exactly once, no mapping may be left and
-//! no violation recorded. Any failure panics, which is a crash for the
+//! # Callback faults
+//!
+//! [`Op::ArmPanic`] and [`Op::ArmDrop`] arm the one fault slot ([`Faults`])
+//! shared by the backend wrapper and the page source: the next call of the
+//! chosen [`Callback`] panics (with an [`Injected`] payload), or drops one of
+//! the interpreter's held buffers from inside the call (a re-entrant drop:
+//! the page goes back to its pool while the pool is inside a device call or
+//! a page-source call). `map` and `alloc_pages` act before the call takes
+//! effect (a panicking `map` maps nothing, a panicking `alloc_pages` returns
+//! no block); `unmap_batch`, the syncs, `on_unbind` and `free_pages` act
+//! after it (a call that panics counts as made). The interpreter runs every
+//! pool call under `catch_unwind`; an [`Injected`] panic is expected exactly
+//! when the model says the fault fires in that call, any other panic is a
+//! failure.
+//!
+//! At the end everything is dropped (held buffers, pools, device, the armed
+//! fault's buffer) and every page block must have been freed exactly once,
+//! no mapping may be left, no device call may follow unbind and no
+//! violation may be recorded. Any failure panics, which is a crash for the
 //! fuzzer and a (shrunk) failure for proptest.
+//!
 #![allow(dead_code)]
 
+use std::any::Any;
 use std::collections::{HashMap, HashSet};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::sync::{mpsc, Arc, Mutex, Once, PoisonError, RwLock};
 use std::thread;
 
 use pagepool::checking::{CheckMode, CheckingDevice};
 use pagepool::{
-    put_bulk, AllocError, BuildError, Device, DmaAddr, DmaDirection, DmaError, Frag, GlobalPages,
-    OutOfMemory, Page, PagePool, PageSource, SyncError, UnbindError, FRAG_ALIGN, PAGE_SIZE,
+    put_bulk, AllocError, BuildError, CpuAccess, Device, DmaAddr, DmaDirection, DmaError,
+    DmaMapping, DmaOps, Frag, GlobalPages, OutOfMemory, Page, PagePool, PageSource, SyncError,
+    UnbindError, FRAG_ALIGN, PAGE_SIZE,
 };
 
 /// Logical threads.
@@ -56,13 +78,267 @@ pub const POOLS: usize = 2;
 pub const MAX_OPS: usize = 512;
 
 // ---------------------------------------------------------------------------
+// Callback faults
+
+/// A callback the pool makes into user code: a [`DmaOps`] method of the
+/// backend or a [`PageSource`] method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Callback {
+    /// `DmaOps::map` (the fault acts before the map).
+    Map,
+    /// `DmaOps::unmap_batch` (after the unmaps).
+    UnmapBatch,
+    /// `DmaOps::sync_for_device` (after the sync).
+    SyncForDevice,
+    /// `DmaOps::sync_for_cpu` (after the sync).
+    SyncForCpu,
+    /// `DmaOps::on_unbind` (after it).
+    OnUnbind,
+    /// `PageSource::alloc_pages` (before the allocation).
+    AllocPages,
+    /// `PageSource::free_pages` (after the block is freed).
+    FreePages,
+}
+
+const CALLBACKS: [Callback; 7] = [
+    Callback::Map,
+    Callback::UnmapBatch,
+    Callback::SyncForDevice,
+    Callback::SyncForCpu,
+    Callback::OnUnbind,
+    Callback::AllocPages,
+    Callback::FreePages,
+];
+
+impl Callback {
+    /// Any byte names a callback.
+    pub fn from_byte(b: u8) -> Self {
+        CALLBACKS[usize::from(b) % CALLBACKS.len()]
+    }
+
+    /// The byte [`from_byte`](Self::from_byte) maps back to `self`.
+    pub fn code(self) -> u8 {
+        CALLBACKS.iter().position(|&c| c == self).expect("listed") as u8
+    }
+
+    /// Every callback.
+    pub fn all() -> [Callback; 7] {
+        CALLBACKS
+    }
+}
+
+/// The payload of a panic raised by an armed fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Injected(pub Callback);
+
+/// What an armed fault does.
+enum Action {
+    Panic,
+    /// Drops the buffer (a `Held` or a `TItem`) from inside the call.
+    Drop(Box<dyn Any + Send>),
+}
+
+struct Trap {
+    at: Callback,
+    action: Action,
+}
+
+/// The one fault slot, shared by the backend wrapper ([`FaultyOps`]) and the
+/// page source ([`CountingPages`]). A fault is one-shot: the first call of
+/// its callback takes it out of the slot (under the lock) and then acts
+/// (outside the lock, so a re-entrant drop may make callbacks of its own).
+/// Arming replaces the fault armed before and hands back its buffer, if it
+/// had one. A thread that is already unwinding never fires a fault (a
+/// second panic would abort the process).
+#[derive(Clone, Default)]
+pub struct Faults {
+    slot: Arc<Mutex<Option<Trap>>>,
+}
+
+impl Faults {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Trap>> {
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn arm(&self, at: Callback, action: Action) -> Option<Box<dyn Any + Send>> {
+        let old = self.lock().replace(Trap { at, action });
+        match old {
+            Some(Trap {
+                action: Action::Drop(item),
+                ..
+            }) => Some(item),
+            _ => None,
+        }
+    }
+
+    /// Arms a panic in the next call of `at`.
+    pub fn arm_panic(&self, at: Callback) -> Option<Box<dyn Any + Send>> {
+        self.arm(at, Action::Panic)
+    }
+
+    /// Arms a drop of `item` inside the next call of `at`.
+    pub fn arm_drop(&self, at: Callback, item: Box<dyn Any + Send>) -> Option<Box<dyn Any + Send>> {
+        self.arm(at, Action::Drop(item))
+    }
+
+    /// Takes the armed fault out; hands back its buffer, if it had one.
+    pub fn disarm(&self) -> Option<Box<dyn Any + Send>> {
+        match self.lock().take() {
+            Some(Trap {
+                action: Action::Drop(item),
+                ..
+            }) => Some(item),
+            _ => None,
+        }
+    }
+
+    /// The callback the armed fault waits for.
+    pub fn armed(&self) -> Option<Callback> {
+        self.lock().as_ref().map(|t| t.at)
+    }
+
+    /// Called by the wrappers at the point where a fault of `at` acts.
+    fn fire(&self, at: Callback) {
+        if thread::panicking() {
+            return;
+        }
+        let trap = {
+            let mut slot = self.lock();
+            let fires = slot.as_ref().is_some_and(|t| t.at == at);
+            if fires {
+                slot.take()
+            } else {
+                None
+            }
+        };
+        match trap.map(|t| t.action) {
+            None => {}
+            Some(Action::Panic) => std::panic::panic_any(Injected(at)),
+            Some(Action::Drop(item)) => drop(item),
+        }
+    }
+}
+
+/// Runs `f`; an [`Injected`] panic comes back as `Err`, any other panic goes
+/// on (a failure).
+pub fn catching<R>(f: impl FnOnce() -> R) -> Result<R, Injected> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => Ok(r),
+        Err(payload) => match payload.downcast::<Injected>() {
+            Ok(injected) => Err(*injected),
+            Err(payload) => resume_unwind(payload),
+        },
+    }
+}
+
+/// Runs `f` on a fresh OS thread and waits for it; a panic there goes on
+/// here, payload unchanged.
+fn on_spawned_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    thread::scope(|s| {
+        s.spawn(f)
+            .join()
+            .unwrap_or_else(|payload| resume_unwind(payload))
+    })
+}
+
+/// Silences the panic hook for [`Injected`] panics (they are expected and
+/// caught); every other panic reaches the hook installed before (the
+/// default one, or libFuzzer's, which aborts). Installed once per process.
+pub fn quiet_injected_panics() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !info.payload().is::<Injected>() {
+                previous(info);
+            }
+        }));
+    });
+}
+
+// ---------------------------------------------------------------------------
+// The backend
+
+/// The backend the pools see: a [`CheckingDevice`] behind the fault slot.
+/// Every method delegates; `map` lets an armed fault act first,
+/// `unmap_batch`, the syncs and `on_unbind` after the checking device has
+/// performed the call.
+pub struct FaultyOps {
+    inner: CheckingDevice,
+    faults: Faults,
+}
+
+impl FaultyOps {
+    /// Wraps `inner`; faults come from `faults`.
+    pub fn new(inner: CheckingDevice, faults: Faults) -> Self {
+        Self { inner, faults }
+    }
+}
+
+impl DmaOps for FaultyOps {
+    unsafe fn map(
+        &self,
+        cpu: NonNull<u8>,
+        len: usize,
+        direction: DmaDirection,
+    ) -> Result<DmaAddr, DmaError> {
+        self.faults.fire(Callback::Map);
+        // SAFETY: forwarded `DmaOps::map` contract.
+        unsafe { self.inner.map(cpu, len, direction) }
+    }
+
+    unsafe fn unmap(&self, mapping: DmaMapping) {
+        // SAFETY: forwarded `DmaOps::unmap` contract.
+        unsafe { self.inner.unmap(mapping) }
+    }
+
+    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) {
+        // SAFETY: forwarded `DmaOps::unmap_batch` contract.
+        unsafe { self.inner.unmap_batch(mappings) };
+        self.faults.fire(Callback::UnmapBatch);
+    }
+
+    unsafe fn sync_for_device(&self, mapping: DmaMapping, offset: usize, len: usize) {
+        // SAFETY: forwarded `DmaOps::sync_for_device` contract.
+        unsafe { self.inner.sync_for_device(mapping, offset, len) };
+        self.faults.fire(Callback::SyncForDevice);
+    }
+
+    unsafe fn sync_for_cpu(&self, mapping: DmaMapping, offset: usize, len: usize) {
+        // SAFETY: forwarded `DmaOps::sync_for_cpu` contract.
+        unsafe { self.inner.sync_for_cpu(mapping, offset, len) };
+        self.faults.fire(Callback::SyncForCpu);
+    }
+
+    fn needs_sync(&self) -> bool {
+        self.inner.needs_sync()
+    }
+
+    fn checks_cpu_access(&self) -> bool {
+        self.inner.checks_cpu_access()
+    }
+
+    fn cpu_access(&self, mapping: DmaMapping, offset: usize, len: usize, access: CpuAccess) {
+        self.inner.cpu_access(mapping, offset, len, access);
+    }
+
+    fn on_unbind(&self) {
+        self.inner.on_unbind();
+        self.faults.fire(Callback::OnUnbind);
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Page source
 
 /// A page source that records every block it hands out, checks each is freed
-/// exactly once, and can be told to fail the next allocations.
+/// exactly once, can be told to fail the next allocations, and lets an
+/// armed fault act in `alloc_pages` (before allocating) and `free_pages`
+/// (after freeing).
 #[derive(Clone, Default)]
 pub struct CountingPages {
     inner: Arc<CountingInner>,
+    faults: Faults,
 }
 
 #[derive(Default)]
@@ -75,6 +351,19 @@ struct CountingInner {
 }
 
 impl CountingPages {
+    /// A source whose faults come from `faults`.
+    pub fn new(faults: Faults) -> Self {
+        Self {
+            inner: Arc::default(),
+            faults,
+        }
+    }
+    fn live_set(&self) -> std::sync::MutexGuard<'_, HashSet<usize>> {
+        self.inner
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
     /// Blocks handed out so far.
     pub fn allocated(&self) -> usize {
         self.inner.allocated.load(Ordering::SeqCst)
@@ -85,7 +374,7 @@ impl CountingPages {
     }
     /// Blocks handed out and not given back.
     pub fn live(&self) -> usize {
-        self.inner.live.lock().unwrap().len()
+        self.live_set().len()
     }
     /// Frees of a block that was not live.
     pub fn double_frees(&self) -> usize {
@@ -98,9 +387,12 @@ impl CountingPages {
 }
 
 // SAFETY: delegates to GlobalPages, which meets the contract; the
-// bookkeeping never touches the blocks.
+// bookkeeping never touches the blocks, and a fault never hands out or
+// keeps a block (a panicking alloc_pages allocates nothing, a panicking
+// free_pages has freed its block).
 unsafe impl PageSource for CountingPages {
     fn alloc_pages(&self, order: u32) -> Result<NonNull<u8>, OutOfMemory> {
+        self.faults.fire(Callback::AllocPages);
         let failing = self
             .inner
             .fail_next
@@ -109,22 +401,13 @@ unsafe impl PageSource for CountingPages {
             return Err(OutOfMemory);
         }
         let block = GlobalPages.alloc_pages(order)?;
-        self.inner
-            .live
-            .lock()
-            .unwrap()
-            .insert(block.as_ptr() as usize);
+        self.live_set().insert(block.as_ptr() as usize);
         self.inner.allocated.fetch_add(1, Ordering::SeqCst);
         Ok(block)
     }
 
     unsafe fn free_pages(&self, block: NonNull<u8>, order: u32) {
-        let was_live = self
-            .inner
-            .live
-            .lock()
-            .unwrap()
-            .remove(&(block.as_ptr() as usize));
+        let was_live = self.live_set().remove(&(block.as_ptr() as usize));
         if !was_live {
             // Do not pass it on: a double free would corrupt the heap.
             self.inner.double_frees.fetch_add(1, Ordering::SeqCst);
@@ -133,7 +416,8 @@ unsafe impl PageSource for CountingPages {
         self.inner.freed.fetch_add(1, Ordering::SeqCst);
         // SAFETY: the block came from GlobalPages with this order and is
         // freed once (checked just above).
-        unsafe { GlobalPages.free_pages(block, order) }
+        unsafe { GlobalPages.free_pages(block, order) };
+        self.faults.fire(Callback::FreePages);
     }
 }
 
@@ -259,6 +543,14 @@ pub enum Op {
     FailMaps { n: u8 },
     /// Make the next `n % 4` page allocations fail.
     FailPageAllocs { n: u8 },
+    /// Arm the next call of `at` to panic (replacing the fault armed
+    /// before; a buffer it held goes back to the thread that armed it).
+    ArmPanic { at: Callback },
+    /// Arm the next call of `at` to drop one of thread `t`'s held buffers
+    /// from inside the call (replacing the fault armed before, as above).
+    /// The buffer leaves the thread now; until the fault fires (or the end
+    /// of the run) it sits in the fault slot.
+    ArmDrop { t: u8, item: u8, at: Callback },
 }
 
 // ---------------------------------------------------------------------------
@@ -344,6 +636,18 @@ pub fn pool_cfg_from(b: [u8; 4]) -> PoolCfg {
 /// then 4 bytes per pool slot ([`pool_cfg_from`]), then ops (one tag byte
 /// and its fields each) until the input or [`MAX_OPS`] runs out. Every
 /// input decodes to something runnable.
+///
+/// Ops, by `tag % 20` (fields one byte each unless marked u16, little
+/// endian): 0 `Alloc` t; 1 `AllocFrag` t size:u16; 2 `RecycleDirect` t
+/// item; 3 `Drop` t item how; 4 `Send` t item to; 5 `PutBulk` t n;
+/// 6 `FillRing` t extra how; 7 `Sync` t item start:u16 len:u16 tag (bit 0:
+/// to_device); 8 `SyncOutOfRange` t item past:u16; 9 `Check` t item;
+/// 10 `SetDirtyLen` t item len:u16; 11 `IntoBytes` t item; 12 `CloneBytes`
+/// t item; 13 `DropPool` t; 14 `NewPool` t; 15 `Unbind` how; 16 `FailMaps`
+/// n; 17 `FailPageAllocs` n; 18 `ArmPanic` at; 19 `ArmDrop` t item at.
+/// `at % 7` names the [`Callback`]: 0 map, 1 unmap_batch, 2
+/// sync_for_device, 3 sync_for_cpu, 4 on_unbind, 5 alloc_pages,
+/// 6 free_pages.
 pub fn decode(data: &[u8]) -> (Config, bool, Vec<Op>) {
     let mut c = Cursor { data, pos: 0 };
     let threaded = c.byte() & 1 == 1;
@@ -351,7 +655,9 @@ pub fn decode(data: &[u8]) -> (Config, bool, Vec<Op>) {
     let mut ops = Vec::new();
     while !c.done() && ops.len() < MAX_OPS {
         let tag = c.byte();
-        let op = match tag % 18 {
+        // New op codes are appended (the modulus grows), so inputs written
+        // for fewer ops decode as before.
+        let op = match tag % 20 {
             0 => Op::Alloc { t: c.byte() },
             1 => Op::AllocFrag {
                 t: c.byte(),
@@ -425,7 +731,15 @@ pub fn decode(data: &[u8]) -> (Config, bool, Vec<Op>) {
                 },
             },
             16 => Op::FailMaps { n: c.byte() },
-            _ => Op::FailPageAllocs { n: c.byte() },
+            17 => Op::FailPageAllocs { n: c.byte() },
+            18 => Op::ArmPanic {
+                at: Callback::from_byte(c.byte()),
+            },
+            _ => Op::ArmDrop {
+                t: c.byte(),
+                item: c.byte(),
+                at: Callback::from_byte(c.byte()),
+            },
         };
         ops.push(op);
     }
@@ -503,6 +817,8 @@ pub fn encode(config: &Config, threaded: bool, ops: &[Op]) -> Vec<u8> {
             ]),
             Op::FailMaps { n } => out.extend([16, n]),
             Op::FailPageAllocs { n } => out.extend([17, n]),
+            Op::ArmPanic { at } => out.extend([18, at.code()]),
+            Op::ArmDrop { t, item, at } => out.extend([19, t, item, at.code()]),
         }
     }
     out
@@ -543,6 +859,29 @@ impl Buf {
             Buf::Bytes(b) => b,
         }
     }
+
+    fn is_bytes(&self) -> bool {
+        match self {
+            Buf::Page(_) | Buf::Frag(_) => false,
+            #[cfg(feature = "bytes")]
+            Buf::Bytes(_) => true,
+        }
+    }
+}
+
+/// Drops every buffer, each on its own (a panicking drop does not turn the
+/// drops after it into drops during unwinding), then raises the first
+/// injected panic again.
+fn drop_each(bufs: Vec<Buf>) {
+    let mut first = None;
+    for buf in bufs {
+        if let Err(injected) = catching(|| drop(buf)) {
+            first.get_or_insert(injected);
+        }
+    }
+    if let Some(injected) = first {
+        std::panic::panic_any(injected);
+    }
 }
 
 /// A buffer held by a logical thread, with what the model knows of it.
@@ -557,6 +896,9 @@ struct Held {
     group: Option<(u64, Under)>,
     /// The last range written and synced: (start, len, byte).
     expect: Option<(usize, usize, u8)>,
+    /// The page's dirty length (`Page::set_dirty_len`; `usize::MAX` until
+    /// set): whether its sync on recycle makes a device call.
+    dirty: usize,
 }
 
 impl Held {
@@ -572,12 +914,23 @@ impl Held {
             }
         }
     }
+
+    fn model(&self) -> ItemModel {
+        ItemModel {
+            pool: self.pool,
+            key: self.key,
+            kind: kind_of(&self.buf),
+            group: self.group,
+            dirty: self.dirty,
+        }
+    }
 }
 
-/// A long-lived thread that drops what it is sent.
+/// A long-lived thread that drops what it is sent; a drop that panics is
+/// reported back to the sender.
 struct Worker {
     tx: Option<mpsc::Sender<Buf>>,
-    ack: mpsc::Receiver<()>,
+    ack: mpsc::Receiver<Option<Box<dyn Any + Send>>>,
     handle: Option<thread::JoinHandle<()>>,
 }
 
@@ -587,8 +940,8 @@ impl Worker {
         let (ack_tx, ack) = mpsc::channel();
         let handle = thread::spawn(move || {
             for buf in rx {
-                drop(buf);
-                if ack_tx.send(()).is_err() {
+                let panicked = catch_unwind(AssertUnwindSafe(|| drop(buf))).err();
+                if ack_tx.send(panicked).is_err() {
                     break;
                 }
             }
@@ -600,9 +953,12 @@ impl Worker {
         }
     }
 
+    /// Drops `buf` on the worker; a panic there goes on here.
     fn drop_there(&self, buf: Buf) {
         self.tx.as_ref().unwrap().send(buf).expect("worker alive");
-        self.ack.recv().expect("worker acknowledges");
+        if let Some(payload) = self.ack.recv().expect("worker acknowledges") {
+            resume_unwind(payload);
+        }
     }
 }
 
@@ -628,6 +984,8 @@ pub struct PoolModel {
     cfg: PoolCfg,
     /// The `PagePool` handle exists.
     alive: bool,
+    /// The device lists the pool as open (`Device::pools`, until unbind).
+    registered: bool,
     /// The pool refuses pages (dropped, or its device unbound).
     closed: bool,
     cache: usize,
@@ -642,10 +1000,70 @@ pub struct PoolModel {
     frag: Option<(u64, usize)>,
 }
 
+/// A held buffer as the model sees it.
+#[derive(Clone, Debug)]
+struct ItemModel {
+    pool: usize,
+    key: u64,
+    kind: Under,
+    group: Option<(u64, Under)>,
+    dirty: usize,
+}
+
+/// The model's armed fault.
+#[derive(Clone, Debug)]
+enum TrapModel {
+    Panic(Callback),
+    Drop(Callback, ItemModel),
+}
+
+impl TrapModel {
+    fn at(&self) -> Callback {
+        match self {
+            TrapModel::Panic(at) | TrapModel::Drop(at, _) => *at,
+        }
+    }
+}
+
+/// What a pool call does, as far as faults go: returns, or raises the
+/// injected panic of a callback.
+type Step = Result<(), Injected>;
+
+/// Why an allocation gave no buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Fail {
+    Alloc(AllocError),
+    Panicked(Injected),
+}
+
+impl From<Injected> for Fail {
+    fn from(i: Injected) -> Self {
+        Fail::Panicked(i)
+    }
+}
+
+/// Mappings per `unmap_batch` call (the pool's batch size).
+const UNMAP_BATCH: usize = 64;
+
 /// The reference model of the device, its pools and its pages.
+///
+/// Besides the counts it follows every callback the pool makes, in order
+/// (page source allocations and frees, maps, unmap batches, syncs,
+/// `on_unbind`), to know where an armed fault fires and what the pool does
+/// about it.
 #[derive(Clone, Debug, Default)]
 pub struct Model {
     bound: bool,
+    /// `unbind` has closed the gates and not yet finished its unmaps: pages
+    /// released now are handed to it and freed at its end.
+    unbinding: bool,
+    /// Pages handed to `unbind` (their pools).
+    deferred: Vec<usize>,
+    /// The thread unwinds from an injected panic: syncs on recycle are
+    /// skipped (the page is released instead) and faults do not fire.
+    unwinding: bool,
+    /// The armed fault.
+    trap: Option<TrapModel>,
     pools: Vec<PoolModel>,
     /// Fragment pages: references (live fragments + the owner's).
     frag_refs: HashMap<u64, usize>,
@@ -672,6 +1090,8 @@ impl Model {
         self.pools.push(PoolModel {
             cfg,
             alive: true,
+            registered: true,
+
             closed: false,
             cache: 0,
             ring: 0,
@@ -683,74 +1103,244 @@ impl Model {
         self.pools.len() - 1
     }
 
-    /// A page leaves pool `m` for good: unmapped (if the device is still
-    /// bound; else unbind did it) and freed.
-    fn release(&mut self, m: usize) {
-        let bound = self.bound;
-        let p = &mut self.pools[m];
-        if bound {
-            p.mapped -= 1;
+    /// A call of `at` takes effect: the armed fault fires if it waits for
+    /// `at` (a re-entrant drop runs here, inside the call).
+    fn hit(&mut self, at: Callback) -> Step {
+        if self.unwinding || self.trap.as_ref().map(TrapModel::at) != Some(at) {
+            return Ok(());
         }
-        p.blocks -= 1;
-        self.freed += 1;
+        match self.trap.take().expect("checked") {
+            TrapModel::Panic(at) => Err(Injected(at)),
+            TrapModel::Drop(_, item) => {
+                // Only one fault is armed at a time, so nothing the dropped
+                // buffer's return does can fire another.
+                let nested = self.dropped(&item);
+                assert_eq!(nested, Ok(()), "model: a fault fired inside a fault");
+                Ok(())
+            }
+        }
     }
 
-    fn ring_push(&mut self, m: usize) {
+    /// Runs `f` as the pool does while a panic unwinds through it.
+    fn unwinding<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        let was = std::mem::replace(&mut self.unwinding, true);
+        let r = f(self);
+        self.unwinding = was;
+        r
+    }
+
+    /// `PageSource::free_pages` of a block that never became a page.
+    fn free_block(&mut self) -> Step {
+        self.freed += 1;
+        self.hit(Callback::FreePages)
+    }
+
+    /// `PageSource::free_pages` of a page of pool `m`.
+    fn free_page(&mut self, m: usize) -> Step {
+        self.pools[m].blocks -= 1;
+        self.free_block()
+    }
+
+    /// `release_pages` of `n` pages of pool `m`: per batch of up to
+    /// [`UNMAP_BATCH`], one `unmap_batch` then one `free_pages` per page,
+    /// every step made whatever the others do, the first panic raised at
+    /// the end. Once `unbind` has begun the pages go to it (freed at its
+    /// end), or are freed at once if it has finished; no device call.
+    fn release_pages(&mut self, m: usize, n: usize) -> Step {
+        let mut r = Ok(());
+        let mut left = n;
+        while left > 0 {
+            if !self.bound {
+                if self.unbinding {
+                    self.deferred.extend(std::iter::repeat_n(m, left));
+                } else {
+                    for _ in 0..left {
+                        let f = self.free_page(m);
+                        r = r.and(f);
+                    }
+                }
+                break;
+            }
+            let chunk = left.min(UNMAP_BATCH);
+            left -= chunk;
+            self.pools[m].mapped -= chunk;
+            let u = self.hit(Callback::UnmapBatch);
+            r = r.and(u);
+            for _ in 0..chunk {
+                let f = self.free_page(m);
+                r = r.and(f);
+            }
+        }
+        r
+    }
+
+    /// A page released after its sync on recycle panicked (the guard that
+    /// held it runs while the panic unwinds).
+    fn release_unwinding(&mut self, m: usize) {
+        let nested = self.unwinding(|s| s.release_pages(m, 1));
+        assert_eq!(nested, Ok(()), "model: no fault fires while unwinding");
+    }
+
+    /// `sync_on_recycle`: `Ok(false)` when the page must be released
+    /// instead (device unbinding, thread unwinding).
+    fn sync_on_recycle(&mut self, m: usize, dirty: usize) -> Result<bool, Injected> {
+        let Some((_, max_len)) = self.pools[m].cfg.sync else {
+            return Ok(true);
+        };
+        if self.unwinding || !self.bound {
+            return Ok(false);
+        }
+        if dirty.min(max_len) > 0 {
+            self.hit(Callback::SyncForDevice)?;
+        }
+        Ok(true)
+    }
+
+    fn ring_push(&mut self, m: usize) -> Step {
         let p = &mut self.pools[m];
-        if p.closed || p.ring == p.cfg.ring_size {
-            self.release(m);
+        if p.ring == p.cfg.ring_size {
+            self.release_pages(m, 1)
         } else {
             p.ring += 1;
+            Ok(())
         }
     }
 
-    /// A page comes back from any thread (drop, `put_bulk`, last fragment).
-    fn ret_remote(&mut self, m: usize) {
-        let bound = self.bound;
-        let p = &mut self.pools[m];
-        p.out -= 1;
-        if p.closed || (p.cfg.sync.is_some() && !bound) {
-            self.release(m);
-        } else {
-            self.ring_push(m);
+    /// `recycle_remote`: a page of pool `m` comes back from any thread.
+    fn recycle_remote(&mut self, m: usize, dirty: usize) -> Step {
+        if self.pools[m].closed {
+            return self.release_pages(m, 1);
+        }
+        match self.sync_on_recycle(m, dirty) {
+            Err(injected) => {
+                self.release_unwinding(m);
+                Err(injected)
+            }
+            Ok(false) => self.release_pages(m, 1),
+            Ok(true) => self.ring_push(m),
         }
     }
 
-    /// A page comes back through its own pool's `recycle_direct`. After
-    /// unbind it is released at once, like on every other return path.
-    fn ret_direct(&mut self, m: usize) {
-        let bound = self.bound;
+    /// A page comes back from any thread (drop, last fragment).
+    fn ret_remote(&mut self, m: usize, dirty: usize) -> Step {
+        self.pools[m].out -= 1;
+        self.recycle_remote(m, dirty)
+    }
+
+    /// `recycle_direct` of a page of pool `m` into pool `target`. After
+    /// unbind the page is released at once, like on every other return
+    /// path.
+    fn ret_direct(&mut self, target: usize, m: usize, dirty: usize) -> Step {
+        if m != target {
+            return self.ret_remote(m, dirty);
+        }
+        self.pools[m].out -= 1;
+        if self.pools[m].closed {
+            return self.release_pages(m, 1);
+        }
+        match self.sync_on_recycle(m, dirty) {
+            Err(injected) => {
+                self.release_unwinding(m);
+                return Err(injected);
+            }
+            Ok(false) => return self.release_pages(m, 1),
+            Ok(true) => {}
+        }
         let p = &mut self.pools[m];
-        p.out -= 1;
-        if p.closed || (p.cfg.sync.is_some() && !bound) {
-            self.release(m);
-        } else if p.cache < p.cfg.cache_size {
+        if p.cache < p.cfg.cache_size {
             p.cache += 1;
+            Ok(())
         } else {
-            self.ring_push(m);
+            self.ring_push(m)
         }
     }
 
-    fn frag_unref(&mut self, key: u64, m: usize) {
+    /// `put_bulk` of pages `(pool, dirty length)`, in order: runs of pages
+    /// of one pool; each page synced (if its pool is open), then the run
+    /// pushed into the ring under one lock, then what the ring refused (or
+    /// the sync refused) released in one `release_pages`. A panicking sync
+    /// releases every page of its run one by one (the run's guard), and the
+    /// pages not yet taken are dropped while the panic unwinds.
+    fn put_bulk(&mut self, pages: &[(usize, usize)]) -> Step {
+        let mut i = 0;
+        while i < pages.len() {
+            let m = pages[i].0;
+            let open = !self.pools[m].closed;
+            let (mut ready, mut release) = (0, 0);
+            let mut j = i;
+            while j < pages.len() && pages[j].0 == m {
+                self.pools[m].out -= 1;
+                ready += 1;
+                let synced = if open {
+                    self.sync_on_recycle(m, pages[j].1)
+                } else {
+                    Ok(false)
+                };
+                match synced {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        ready -= 1;
+                        release += 1;
+                    }
+                    Err(injected) => {
+                        for _ in 0..ready + release {
+                            self.release_unwinding(m);
+                        }
+                        self.drop_unwinding(&pages[j + 1..]);
+                        return Err(injected);
+                    }
+                }
+                j += 1;
+            }
+            for _ in 0..ready {
+                let p = &mut self.pools[m];
+                if p.ring == p.cfg.ring_size {
+                    release += 1;
+                } else {
+                    p.ring += 1;
+                }
+            }
+            if release > 0 {
+                if let Err(injected) = self.release_pages(m, release) {
+                    self.drop_unwinding(&pages[j..]);
+                    return Err(injected);
+                }
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Pages dropped while a panic unwinds.
+    fn drop_unwinding(&mut self, pages: &[(usize, usize)]) {
+        for &(m, dirty) in pages {
+            let nested = self.unwinding(|s| s.ret_remote(m, dirty));
+            assert_eq!(nested, Ok(()), "model: no fault fires while unwinding");
+        }
+    }
+
+    fn frag_unref(&mut self, key: u64, m: usize) -> Step {
         let r = self.frag_refs.get_mut(&key).expect("fragment page known");
         *r -= 1;
         if *r == 0 {
             self.frag_refs.remove(&key);
-            self.ret_remote(m);
+            return self.ret_remote(m, usize::MAX);
         }
+        Ok(())
     }
 
-    fn finish_frag(&mut self, m: usize) {
-        if let Some((key, _)) = self.pools[m].frag.take() {
-            self.frag_unref(key, m);
+    fn finish_frag(&mut self, m: usize) -> Step {
+        match self.pools[m].frag.take() {
+            Some((key, _)) => self.frag_unref(key, m),
+            None => Ok(()),
         }
     }
 
     /// `PagePool::alloc` on pool `m`.
-    fn alloc(&mut self, m: usize) -> Result<(), AllocError> {
+    fn alloc(&mut self, m: usize) -> Result<(), Fail> {
         let p = &self.pools[m];
         if p.closed {
-            return Err(AllocError::Unbound);
+            return Err(Fail::Alloc(AllocError::Unbound));
         }
         if p.cache == 0 {
             let n = p.cfg.refill_batch.min(p.ring);
@@ -766,16 +1356,27 @@ impl Model {
                 };
                 let page_len = p.cfg.page_len();
                 let mut err = None;
+                // One `map_page` per page: the page source outside any
+                // gate, then one device call to map and record it. Pages
+                // mapped before a panic stay in the cache.
                 for _ in 0..want {
+                    self.hit(Callback::AllocPages)?;
                     if self.src_fail > 0 {
                         self.src_fail -= 1;
                         err = Some(AllocError::OutOfMemory { bytes: page_len });
                         break;
                     }
                     self.allocated += 1;
+                    if let Err(injected) = self.hit(Callback::Map) {
+                        // A panicking map mapped nothing: the block goes
+                        // back to its source while the panic unwinds.
+                        let nested = self.unwinding(Self::free_block);
+                        assert_eq!(nested, Ok(()));
+                        return Err(injected.into());
+                    }
                     if self.map_fail > 0 {
                         self.map_fail -= 1;
-                        self.freed += 1;
+                        self.free_block()?;
                         err = Some(AllocError::Map(DmaError::Injected));
                         break;
                     }
@@ -785,7 +1386,7 @@ impl Model {
                     p.cache += 1;
                 }
                 if self.pools[m].cache == 0 {
-                    return Err(err.expect("no page and no error"));
+                    return Err(Fail::Alloc(err.expect("no page and no error")));
                 }
             }
         }
@@ -799,16 +1400,16 @@ impl Model {
     /// when the fragment must come from the current page, `Ok(None)` when
     /// it comes from a new page at offset 0 (the caller then calls
     /// [`Self::frag_new_page`]).
-    fn alloc_frag(&mut self, m: usize, size: usize) -> Result<Option<(u64, usize)>, AllocError> {
+    fn alloc_frag(&mut self, m: usize, size: usize) -> Result<Option<(u64, usize)>, Fail> {
         let page_len = self.pools[m].cfg.page_len();
         if size == 0 || size > page_len {
-            return Err(AllocError::FragmentSize {
+            return Err(Fail::Alloc(AllocError::FragmentSize {
                 requested: size,
                 page_len,
-            });
+            }));
         }
         if self.pools[m].closed {
-            return Err(AllocError::Unbound);
+            return Err(Fail::Alloc(AllocError::Unbound));
         }
         let step = size.next_multiple_of(FRAG_ALIGN);
         if let Some((key, offset)) = self.pools[m].frag {
@@ -818,7 +1419,7 @@ impl Model {
                 return Ok(Some((key, offset)));
             }
         }
-        self.finish_frag(m);
+        self.finish_frag(m)?;
         self.alloc(m)?;
         Ok(None)
     }
@@ -830,60 +1431,99 @@ impl Model {
         assert!(old.is_none(), "page {key:#x} already a fragment page");
     }
 
-    fn drop_pool(&mut self, m: usize) {
-        self.finish_frag(m);
+    /// Dropping pool `m`'s handle: the fragment page let go, the pool
+    /// closed, cache and ring released, the pool unregistered; every step
+    /// made whatever a callback does, the first panic raised at the end.
+    fn drop_pool(&mut self, m: usize) -> Step {
+        let r = self.finish_frag(m);
         let p = &mut self.pools[m];
         p.closed = true;
         p.alive = false;
         let n = p.cache + p.ring;
         p.cache = 0;
         p.ring = 0;
-        for _ in 0..n {
-            self.release(m);
-        }
+        let released = self.release_pages(m, n);
+        self.pools[m].registered = false;
+        r.and(released)
     }
 
-    fn unbind(&mut self) -> ExpectedUnbind {
+    /// `Device::unbind` of a bound device. Every step is made whatever a
+    /// callback does; a panic comes out at the end, instead of the report.
+    fn unbind(&mut self) -> Result<ExpectedUnbind, Injected> {
         let mut e = ExpectedUnbind {
             pools: 0,
             pages_from_rings: 0,
             pages_in_flight: 0,
             bytes_unmapped: 0,
         };
-        for p in self.pools.iter_mut() {
-            let page_len = p.cfg.page_len() as u64;
-            if p.alive {
-                e.pools += 1;
-                p.closed = true;
-                e.pages_from_rings += p.ring;
-                e.bytes_unmapped += p.ring as u64 * page_len;
-                p.mapped -= p.ring;
-                p.blocks -= p.ring;
-                self.freed += p.ring;
-                p.ring = 0;
+        // 1. and 2.: close every pool and its gate.
+        self.bound = false;
+        self.unbinding = true;
+        for p in self.pools.iter_mut().filter(|p| p.registered) {
+            e.pools += 1;
+            p.closed = true;
+            p.registered = false;
+        }
+        let mut r = Ok(());
+        // 3. Drain the rings of the open pools (the dropped ones closed
+        // theirs), registration order: one unmap_batch and the frees each.
+        for m in 0..self.pools.len() {
+            let p = &mut self.pools[m];
+            if p.ring == 0 {
+                continue;
             }
+            let n = std::mem::take(&mut p.ring);
+            p.mapped -= n;
+            e.pages_from_rings += n;
+            e.bytes_unmapped += n as u64 * p.cfg.page_len() as u64;
+            let u = self.hit(Callback::UnmapBatch);
+            r = r.and(u);
+            for _ in 0..n {
+                let f = self.free_page(m);
+                r = r.and(f);
+            }
+        }
+        // 4. Every mapping still recorded, in batches.
+        for p in self.pools.iter_mut() {
             e.pages_in_flight += p.mapped;
-            e.bytes_unmapped += p.mapped as u64 * page_len;
+            e.bytes_unmapped += p.mapped as u64 * p.cfg.page_len() as u64;
             p.mapped = 0;
         }
-        self.bound = false;
-        e
+        for _ in 0..e.pages_in_flight.div_ceil(UNMAP_BATCH) {
+            let u = self.hit(Callback::UnmapBatch);
+            r = r.and(u);
+        }
+        // 5.
+        let u = self.hit(Callback::OnUnbind);
+        r = r.and(u);
+        // 6. Free the pages handed over meanwhile.
+        self.unbinding = false;
+        for m in std::mem::take(&mut self.deferred) {
+            let f = self.free_page(m);
+            r = r.and(f);
+        }
+        r.map(|()| e)
     }
 
     /// A held buffer is gone (its last handle dropped).
-    fn dropped(&mut self, pool: usize, key: u64, kind: Under, group: Option<(u64, Under)>) {
-        if let Some((g, under)) = group {
+    fn dropped(&mut self, item: &ItemModel) -> Step {
+        if let Some((g, under)) = item.group {
             let n = self.groups.get_mut(&g).expect("bytes group known");
             *n -= 1;
             if *n > 0 {
-                return;
+                return Ok(());
             }
             self.groups.remove(&g);
-            return self.dropped(pool, key, under, None);
+            let owner = ItemModel {
+                kind: under,
+                group: None,
+                ..item.clone()
+            };
+            return self.dropped(&owner);
         }
-        match kind {
-            Under::Page => self.ret_remote(pool),
-            Under::Frag => self.frag_unref(key, pool),
+        match item.kind {
+            Under::Page => self.ret_remote(item.pool, item.dirty),
+            Under::Frag => self.frag_unref(item.key, item.pool),
         }
     }
 
@@ -903,6 +1543,15 @@ fn kind_of(buf: &Buf) -> Under {
     }
 }
 
+/// Panics unless the pool call and the model agree on whether an injected
+/// panic came out, and which.
+fn agree(ctx: &str, got: Result<(), Injected>, want: Step) {
+    assert_eq!(
+        got, want,
+        "{ctx}: real (left) and model (right) disagree on an injected panic"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // The deterministic harness
 
@@ -910,10 +1559,14 @@ fn kind_of(buf: &Buf) -> Under {
 pub struct Harness {
     cfg: Config,
     checking: CheckingDevice,
+    faults: Faults,
     source: CountingPages,
     device: Option<Device>,
     pools: [Option<(PagePool, usize)>; POOLS],
     held: [Vec<Held>; THREADS],
+    /// The thread whose buffer sits in the fault slot (it gets the buffer
+    /// back if the fault is replaced before it fires).
+    armed_by: Option<usize>,
     worker: Option<Worker>,
     model: Model,
     step: usize,
@@ -955,9 +1608,11 @@ fn range_in(len: usize, start: u16, n: u16) -> (usize, usize) {
 impl Harness {
     /// A device with every pool slot built.
     pub fn new(cfg: Config) -> Self {
+        quiet_injected_panics();
         let checking = checking_device(&cfg);
-        let source = CountingPages::default();
-        let device = Device::new(checking.clone());
+        let faults = Faults::default();
+        let source = CountingPages::new(faults.clone());
+        let device = Device::new(FaultyOps::new(checking.clone(), faults.clone()));
         let mut model = Model {
             bound: true,
             ..Model::default()
@@ -969,10 +1624,12 @@ impl Harness {
         let h = Self {
             cfg,
             checking,
+            faults,
             source,
             device: Some(device),
             pools,
             held: Default::default(),
+            armed_by: None,
             worker: None,
             model,
             step: 0,
@@ -984,6 +1641,11 @@ impl Harness {
     /// The model (for reports).
     pub fn model(&self) -> &Model {
         &self.model
+    }
+
+    /// The callback the armed fault waits for (for reports).
+    pub fn armed(&self) -> Option<Callback> {
+        self.faults.armed()
     }
 
     fn pool_of(&mut self, t: u8) -> Option<(&mut PagePool, usize)> {
@@ -1006,34 +1668,36 @@ impl Harness {
 
     /// Drops `held` as `how` says and updates the model.
     fn drop_held(&mut self, held: Held, how: How) {
-        let Held {
-            buf,
-            pool,
-            key,
-            group,
-            ..
-        } = held;
-        let kind = kind_of(&buf);
-        self.model.dropped(pool, key, kind, group);
-        match (how, buf) {
-            (How::Spawned, buf) => thread::spawn(move || drop(buf))
-                .join()
-                .expect("drop on another thread panicked"),
-            (How::Worker, buf) => self.worker().drop_there(buf),
-            (How::Bulk, Buf::Page(page)) => put_bulk([page]),
-            (_, buf) => drop(buf),
-        }
+        let ctx = self.ctx("drop");
+        let item = held.model();
+        let buf = held.buf;
+        let bulk = how == How::Bulk && matches!(buf, Buf::Page(_));
+        let want = if bulk {
+            self.model.put_bulk(&[(item.pool, item.dirty)])
+        } else {
+            self.model.dropped(&item)
+        };
+        let got = match (how, buf) {
+            (How::Spawned, buf) => catching(|| on_spawned_thread(move || drop(buf))),
+            (How::Worker, buf) => {
+                let worker = self.worker();
+                catching(|| worker.drop_there(buf))
+            }
+            (How::Bulk, Buf::Page(page)) => catching(|| put_bulk([page])),
+            (_, buf) => catching(|| drop(buf)),
+        };
+        agree(&ctx, got, want);
     }
 
-    /// Allocates one page from pool slot `t` for thread `t`; returns
-    /// whether it did.
+    /// Allocates one page from pool slot `t` for thread `t`: kept by the
+    /// thread (`keep`) or handed back.
     fn alloc_into(&mut self, t: u8, keep: bool) -> Option<Held> {
-        let (pool, m) = self.pool_of(t)?;
-        let got = pool.alloc();
-        let want = self.model.alloc(m);
         let ctx = self.ctx("alloc");
+        let (pool, m) = self.pool_of(t)?;
+        let got = catching(|| pool.alloc());
+        let want = self.model.alloc(m);
         match (got, want) {
-            (Ok(page), Ok(())) => {
+            (Ok(Ok(page)), Ok(())) => {
                 let key = page.dma_addr().0;
                 let held = Held {
                     buf: Buf::Page(page),
@@ -1041,6 +1705,7 @@ impl Harness {
                     key,
                     group: None,
                     expect: None,
+                    dirty: usize::MAX,
                 };
                 if keep {
                     self.held[usize::from(t) % THREADS].push(held);
@@ -1049,11 +1714,18 @@ impl Harness {
                     Some(held)
                 }
             }
-            (Err(e), Err(w)) => {
+            (Ok(Err(e)), Err(Fail::Alloc(w))) => {
                 assert_eq!(e, w, "{ctx}: wrong error");
                 None
             }
-            (got, want) => panic!("{ctx}: got {got:?}, model says {want:?}"),
+            (Err(injected), Err(Fail::Panicked(w))) => {
+                assert_eq!(injected, w, "{ctx}: another callback panicked");
+                None
+            }
+            (got, want) => panic!(
+                "{ctx}: got {:?}, model says {want:?}",
+                got.map(|r| r.map(|p| p.dma_addr()))
+            ),
         }
     }
 
@@ -1066,6 +1738,18 @@ impl Harness {
         self.step += 1;
         self.exec(op);
         self.check(&format!("after {op:?}"));
+    }
+
+    /// Takes the armed fault out of the slot (real and model); a buffer it
+    /// held goes back to the thread that armed it.
+    fn disarm(&mut self) {
+        if let Some(item) = self.faults.disarm() {
+            let held = *item.downcast::<Held>().expect("the slot holds a Held");
+            let t = self.armed_by.expect("armed by a thread");
+            self.held[t].push(held);
+        }
+        self.armed_by = None;
+        self.model.trap = None;
     }
 
     fn exec(&mut self, op: &Op) {
@@ -1084,17 +1768,15 @@ impl Harness {
                 let Some((_, target)) = self.pool_of(t) else {
                     return;
                 };
+                let ctx = self.ctx("recycle_direct");
                 let held = self.held[ti].swap_remove(i);
-                if held.pool == target {
-                    self.model.ret_direct(target);
-                } else {
-                    self.model.ret_remote(held.pool);
-                }
+                let want = self.model.ret_direct(target, held.pool, held.dirty);
                 let Buf::Page(page) = held.buf else {
                     unreachable!()
                 };
                 let (pool, _) = self.pool_of(t).expect("checked");
-                pool.recycle_direct(page);
+                let got = catching(|| pool.recycle_direct(page));
+                agree(&ctx, got, want);
             }
             Op::Drop { t, item, how } => {
                 if let Some((ti, i)) = self.item(t, item) {
@@ -1111,11 +1793,12 @@ impl Harness {
             Op::PutBulk { t, n } => {
                 let ti = usize::from(t) % THREADS;
                 let mut pages = Vec::new();
+                let mut models = Vec::new();
                 let mut i = 0;
                 while i < self.held[ti].len() && pages.len() <= usize::from(n % 8) {
                     if matches!(self.held[ti][i].buf, Buf::Page(_)) {
                         let held = self.held[ti].remove(i);
-                        self.model.ret_remote(held.pool);
+                        models.push((held.pool, held.dirty));
                         let Buf::Page(page) = held.buf else {
                             unreachable!()
                         };
@@ -1124,7 +1807,10 @@ impl Harness {
                         i += 1;
                     }
                 }
-                put_bulk(pages);
+                let ctx = self.ctx("put_bulk");
+                let want = self.model.put_bulk(&models);
+                let got = catching(|| put_bulk(pages));
+                agree(&ctx, got, want);
             }
             Op::FillRing { t, extra, how } => {
                 if self.pool_of(t).is_none() {
@@ -1139,25 +1825,30 @@ impl Harness {
                         None => break,
                     }
                 }
+                let ctx = self.ctx("fill ring");
                 match how {
                     How::Spawned => {
+                        let mut want = Ok(());
                         for h in &got {
-                            self.model.ret_remote(h.pool);
+                            let w = self.model.dropped(&h.model());
+                            want = want.and(w);
                         }
                         let bufs: Vec<Buf> = got.into_iter().map(|h| h.buf).collect();
-                        thread::spawn(move || drop(bufs))
-                            .join()
-                            .expect("drop on another thread panicked");
+                        let r = catching(|| on_spawned_thread(move || drop_each(bufs)));
+                        agree(&ctx, r, want);
                     }
                     How::Bulk => {
-                        let mut pages = Vec::new();
-                        for h in got {
-                            self.model.ret_remote(h.pool);
-                            if let Buf::Page(p) = h.buf {
-                                pages.push(p);
-                            }
-                        }
-                        put_bulk(pages);
+                        let models: Vec<_> = got.iter().map(|h| (h.pool, h.dirty)).collect();
+                        let want = self.model.put_bulk(&models);
+                        let pages: Vec<Page> = got
+                            .into_iter()
+                            .filter_map(|h| match h.buf {
+                                Buf::Page(p) => Some(p),
+                                _ => None,
+                            })
+                            .collect();
+                        let r = catching(|| put_bulk(pages));
+                        agree(&ctx, r, want);
                     }
                     How::Here | How::Worker => {
                         for h in got {
@@ -1219,8 +1910,10 @@ impl Harness {
             }
             Op::SetDirtyLen { t, item, len } => {
                 if let Some((ti, i)) = self.item(t, item) {
-                    if let Buf::Page(p) = &mut self.held[ti][i].buf {
+                    let h = &mut self.held[ti][i];
+                    if let Buf::Page(p) = &mut h.buf {
                         p.set_dirty_len(usize::from(len));
+                        h.dirty = usize::from(len);
                     }
                 }
             }
@@ -1229,8 +1922,10 @@ impl Harness {
             Op::DropPool { t } => {
                 let slot = usize::from(t) % THREADS;
                 if let Some((pool, m)) = self.pools.get_mut(slot).and_then(Option::take) {
-                    self.model.drop_pool(m);
-                    drop(pool);
+                    let ctx = self.ctx("drop pool");
+                    let want = self.model.drop_pool(m);
+                    let got = catching(|| drop(pool));
+                    agree(&ctx, got, want);
                 }
             }
             Op::NewPool { t } => {
@@ -1266,6 +1961,24 @@ impl Harness {
                 self.source.fail_next(usize::from(n));
                 self.model.src_fail = u64::from(n);
             }
+            Op::ArmPanic { at } => {
+                self.disarm();
+                let displaced = self.faults.arm_panic(at);
+                assert!(displaced.is_none(), "disarmed just before");
+                self.model.trap = Some(TrapModel::Panic(at));
+            }
+            Op::ArmDrop { t, item, at } => {
+                let Some((ti, i)) = self.item(t, item) else {
+                    return;
+                };
+                self.disarm();
+                let held = self.held[ti].swap_remove(i);
+                let model = held.model();
+                let displaced = self.faults.arm_drop(at, Box::new(held));
+                assert!(displaced.is_none(), "disarmed just before");
+                self.model.trap = Some(TrapModel::Drop(at, model));
+                self.armed_by = Some(ti);
+            }
         }
     }
 
@@ -1274,10 +1987,10 @@ impl Harness {
         let Some((pool, m)) = self.pool_of(t) else {
             return;
         };
-        let got = pool.alloc_frag(size);
+        let got = catching(|| pool.alloc_frag(size));
         let want = self.model.alloc_frag(m, size);
         match (got, want) {
-            (Ok(frag), Ok(same_page)) => {
+            (Ok(Ok(frag)), Ok(same_page)) => {
                 assert_eq!(frag.len(), size, "{ctx}");
                 let offset = frag.offset();
                 let key = frag.dma_addr().0 - offset as u64;
@@ -1296,10 +2009,17 @@ impl Harness {
                     key,
                     group: None,
                     expect: None,
+                    dirty: usize::MAX,
                 });
             }
-            (Err(e), Err(w)) => assert_eq!(e, w, "{ctx}: wrong error"),
-            (got, want) => panic!("{ctx}: got {got:?}, model says {want:?}"),
+            (Ok(Err(e)), Err(Fail::Alloc(w))) => assert_eq!(e, w, "{ctx}: wrong error"),
+            (Err(injected), Err(Fail::Panicked(w))) => {
+                assert_eq!(injected, w, "{ctx}: another callback panicked")
+            }
+            (got, want) => panic!(
+                "{ctx}: got {:?}, model says {want:?}",
+                got.map(|r| r.map(|f| f.dma_addr()))
+            ),
         }
     }
 
@@ -1310,6 +2030,10 @@ impl Harness {
         let ctx = self.ctx("sync");
         let bound = self.model.bound;
         let h = &self.held[ti][i];
+        if h.buf.is_bytes() {
+            // Immutable: just a read.
+            return h.check_content(&ctx);
+        }
         let direction = self.model.pools[h.pool].cfg.direction;
         let (s, n) = range_in(h.buf.len(), start, len);
         let device_writes = match direction {
@@ -1317,20 +2041,27 @@ impl Harness {
             DmaDirection::ToDevice => false,
             DmaDirection::Bidirectional => !to_device,
         };
+        // One device call while bound (the range is never empty).
+        let want = if !bound {
+            Ok(())
+        } else if device_writes {
+            self.model.hit(Callback::SyncForCpu)
+        } else {
+            self.model.hit(Callback::SyncForDevice)
+        };
         let checking = self.checking.clone();
         let h = &mut self.held[ti][i];
         let data = vec![tag; n];
         let r = s..s + n;
-        match &mut h.buf {
+        let got = match &mut h.buf {
             Buf::Page(p) => sync_one(&ctx, &checking, bound, device_writes, p, &data, r),
             Buf::Frag(f) => sync_one(&ctx, &checking, bound, device_writes, f, &data, r),
             #[cfg(feature = "bytes")]
-            Buf::Bytes(_) => {
-                // Immutable: just a read.
-                h.check_content(&ctx);
-                return;
-            }
-        }
+            Buf::Bytes(_) => unreachable!("handled above"),
+        };
+        agree(&ctx, got, want);
+        // A sync that panicked after the backend made it counts as made:
+        // the content moved either way.
         h.expect = Some((s, n, tag));
         h.check_content(&ctx);
     }
@@ -1379,6 +2110,7 @@ impl Harness {
             key: h.key,
             group: Some((g, under)),
             expect: h.expect,
+            dirty: h.dirty,
         };
         *self.model.groups.get_mut(&g).expect("group known") += 1;
         self.held[ti].push(clone);
@@ -1401,27 +2133,33 @@ impl Harness {
             return;
         }
         let want = self.model.unbind();
-        let report = match how {
-            UnbindHow::Call => device.unbind(),
-            UnbindHow::OtherThread => thread::scope(|s| {
-                s.spawn(|| device.unbind())
-                    .join()
-                    .expect("unbind on another thread panicked")
-            }),
+        let got = match how {
+            UnbindHow::Call => catching(|| device.unbind().map(Some)),
+            UnbindHow::OtherThread => catching(|| on_spawned_thread(|| device.unbind()).map(Some)),
             UnbindHow::DropDevice => {
-                self.device = None;
-                return;
+                let device = self.device.take();
+                catching(|| drop(device)).map(|()| Ok(None))
             }
         };
-        let report = report.unwrap_or_else(|e| panic!("{ctx}: {e}"));
-        let got = ExpectedUnbind {
-            pools: report.pools,
-            pages_from_rings: report.pages_from_rings,
-            pages_in_flight: report.pages_in_flight,
-            bytes_unmapped: report.bytes_unmapped,
+        let report = match (got, want) {
+            (Ok(Ok(report)), Ok(want)) => report.map(|r| (r, want)),
+            (Ok(Err(e)), _) => panic!("{ctx}: {e}"),
+            (Err(injected), Err(w)) => {
+                assert_eq!(injected, w, "{ctx}: another callback panicked");
+                None
+            }
+            (got, want) => panic!("{ctx}: got {got:?}, model says {want:?}"),
         };
-        assert_eq!(got, want, "{ctx}: unbind report {report}");
-        assert_eq!(report.mappings_left, 0, "{ctx}");
+        if let Some((report, want)) = report {
+            let got = ExpectedUnbind {
+                pools: report.pools,
+                pages_from_rings: report.pages_from_rings,
+                pages_in_flight: report.pages_in_flight,
+                bytes_unmapped: report.bytes_unmapped,
+            };
+            assert_eq!(got, want, "{ctx}: unbind report {report}");
+            assert_eq!(report.mappings_left, 0, "{ctx}");
+        }
     }
 
     /// Compares everything observable with the model.
@@ -1432,6 +2170,15 @@ impl Harness {
             panic!("{ctx}: violations:\n{}", self.checking.report());
         }
         let m = &self.model;
+        assert!(
+            !m.unwinding && !m.unbinding && m.deferred.is_empty(),
+            "{ctx}: model left mid-call"
+        );
+        assert_eq!(
+            self.faults.armed(),
+            m.trap.as_ref().map(TrapModel::at),
+            "{ctx}: armed fault: real (left) vs model (right): it fired in another call"
+        );
         assert_eq!(
             self.checking.live_mappings(),
             m.mapped(),
@@ -1441,8 +2188,8 @@ impl Harness {
         if let Some(device) = &self.device {
             assert_eq!(device.is_bound(), m.bound, "{ctx}");
             assert_eq!(device.tracked_mappings(), m.mapped(), "{ctx}: tracker");
-            let alive = m.pools.iter().filter(|p| p.alive && m.bound).count();
-            assert_eq!(device.pools().len(), alive, "{ctx}: registered pools");
+            let open = m.pools.iter().filter(|p| p.registered).count();
+            assert_eq!(device.pools().len(), open, "{ctx}: registered pools");
         }
         assert_eq!(
             self.source.double_frees(),
@@ -1470,10 +2217,13 @@ impl Harness {
             assert_eq!(pool.cached(), p.cache, "{ctx}: pool {mi} cached");
         }
         // Pages held: a pool's pages out are exactly those behind a held
-        // buffer plus its current fragment page.
+        // buffer, its current fragment page and the armed fault's buffer.
         let mut out: Vec<HashSet<u64>> = vec![HashSet::new(); m.pools.len()];
         for h in self.held.iter().flatten() {
             out[h.pool].insert(h.key);
+        }
+        if let Some(TrapModel::Drop(_, item)) = &m.trap {
+            out[item.pool].insert(item.key);
         }
         for (mi, p) in m.pools.iter().enumerate() {
             if let Some((key, _)) = p.frag {
@@ -1487,9 +2237,11 @@ impl Harness {
         }
     }
 
-    /// Drops everything (held buffers, pools, then the device) with checks
-    /// after each step, then the final checks: every page block freed
-    /// exactly once, no mapping left, zero violations.
+    /// Drops everything (held buffers, pools, the device, then the armed
+    /// fault's buffer if it never fired) with checks after each step, then
+    /// the final checks: every page block freed exactly once, no mapping
+    /// left, zero violations. A fault still armed acts during the teardown
+    /// like anywhere else.
     pub fn finish(mut self) {
         for t in 0..THREADS {
             while let Some(h) = self.held[t].pop() {
@@ -1504,6 +2256,14 @@ impl Harness {
         self.apply(&Op::Unbind {
             how: UnbindHow::DropDevice,
         });
+        self.step += 1;
+        let armed = self.faults.disarm();
+        self.model.trap = None;
+        if let Some(item) = armed {
+            let held = *item.downcast::<Held>().expect("the slot holds a Held");
+            self.drop_held(held, How::Here);
+        }
+        self.check("teardown: the armed fault's buffer");
         let m = &self.model;
         assert!(m
             .pools
@@ -1514,6 +2274,7 @@ impl Harness {
         assert_eq!(self.source.double_frees(), 0);
         assert_eq!(self.checking.live_mappings(), 0);
         assert!(self.checking.is_unbound());
+        assert_eq!(self.checking.stats().calls_after_unbind, 0);
         self.checking.assert_clean();
     }
 }
@@ -1564,7 +2325,8 @@ impl SyncBuf for Frag {
 /// device writes it and the CPU syncs it in; else the CPU writes it, syncs
 /// it out, and the device must read exactly it. After unbind: the sync
 /// fails with `Unbound` and the CPU, which now owns the memory for good,
-/// writes it.
+/// writes it. Returns the injected panic of the sync call, if any (the
+/// sync was made before it: the transfer is checked all the same).
 fn sync_one(
     ctx: &str,
     checking: &CheckingDevice,
@@ -1573,7 +2335,7 @@ fn sync_one(
     b: &mut impl SyncBuf,
     data: &[u8],
     r: std::ops::Range<usize>,
-) {
+) -> Result<(), Injected> {
     let at = b.dma().offset(r.start as u64);
     if !bound {
         let got = if device_writes {
@@ -1583,25 +2345,26 @@ fn sync_one(
         };
         assert_eq!(got, Err(SyncError::Unbound), "{ctx}");
         b.write()[r].copy_from_slice(data);
-        return;
+        return Ok(());
     }
     if device_writes {
         checking
             .device_write(at, data)
             .unwrap_or_else(|v| panic!("{ctx}: device write: {v}"));
-        b.for_cpu(r)
-            .unwrap_or_else(|e| panic!("{ctx}: sync_for_cpu: {e}"));
+        let got = catching(|| b.for_cpu(r));
+        got.map(|res| res.unwrap_or_else(|e| panic!("{ctx}: sync_for_cpu: {e}")))
     } else {
         b.write()[r.clone()].copy_from_slice(data);
-        b.for_device(r)
-            .unwrap_or_else(|e| panic!("{ctx}: sync_for_device: {e}"));
-        let got = checking
+        let got = catching(|| b.for_device(r));
+        let got = got.map(|res| res.unwrap_or_else(|e| panic!("{ctx}: sync_for_device: {e}")));
+        let read = checking
             .device_read(at, data.len())
             .unwrap_or_else(|v| panic!("{ctx}: device read: {v}"));
         assert!(
-            got == data,
+            read == data,
             "{ctx}: the device read other bytes than the CPU synced"
         );
+        got
     }
 }
 
@@ -1643,6 +2406,7 @@ impl TItem {
 struct Shared<'a> {
     cfg: &'a Config,
     checking: &'a CheckingDevice,
+    faults: &'a Faults,
     source: &'a CountingPages,
     device: &'a Device,
     /// The simulated device (device_write / device_read) holds this shared;
@@ -1753,9 +2517,7 @@ impl Actor<'_> {
                 if let Some(i) = self.pick(item) {
                     let item = self.held.swap_remove(i);
                     match (how, item.buf) {
-                        (How::Spawned | How::Worker, buf) => thread::spawn(move || drop(buf))
-                            .join()
-                            .expect("drop on another thread panicked"),
+                        (How::Spawned | How::Worker, buf) => on_spawned_thread(move || drop(buf)),
                         (How::Bulk, Buf::Page(page)) => put_bulk([page]),
                         (_, buf) => drop(buf),
                     }
@@ -1797,9 +2559,7 @@ impl Actor<'_> {
                         Buf::Page(p) => Some(p),
                         _ => None,
                     })),
-                    How::Spawned | How::Worker => thread::spawn(move || drop(got))
-                        .join()
-                        .expect("drop on another thread panicked"),
+                    How::Spawned | How::Worker => on_spawned_thread(move || drop(got)),
                     How::Here => drop(got),
                 }
             }
@@ -1871,7 +2631,9 @@ impl Actor<'_> {
             }
             #[cfg(not(feature = "bytes"))]
             Op::IntoBytes { .. } | Op::CloneBytes { .. } => {}
-            Op::DropPool { .. } => drop(self.pool.take()),
+            Op::DropPool { .. } => {
+                drop(self.pool.take());
+            }
             Op::NewPool { .. } => {
                 if self.t < POOLS && self.pool.is_none() {
                     match build_pool(self.sh.device, &self.sh.cfg.pools[self.t], self.sh.source) {
@@ -1881,7 +2643,9 @@ impl Actor<'_> {
                 }
             }
             Op::Unbind { .. } => {
-                let _quiet = self.sh.sim.write().unwrap();
+                // A panicking unbind poisons the lock; the device is unbound
+                // all the same.
+                let _quiet = self.sh.sim.write().unwrap_or_else(PoisonError::into_inner);
                 if let Ok(report) = self.sh.device.unbind() {
                     assert_eq!(report.mappings_left, 0, "{}", self.ctx("unbind"));
                 }
@@ -1894,6 +2658,17 @@ impl Actor<'_> {
             }
             Op::FailMaps { n } => self.sh.checking.fail_next_maps(u64::from(n % 4)),
             Op::FailPageAllocs { n } => self.sh.source.fail_next(usize::from(n % 4)),
+            Op::ArmPanic { at } => {
+                drop(self.sh.faults.disarm());
+                drop(self.sh.faults.arm_panic(at));
+            }
+            Op::ArmDrop { item, at, .. } => {
+                if let Some(i) = self.pick(item) {
+                    let it = self.held.swap_remove(i);
+                    drop(self.sh.faults.disarm());
+                    drop(self.sh.faults.arm_drop(at, Box::new(it)));
+                }
+            }
         }
         if self.sh.checking.verdict().violations != 0 {
             panic!(
@@ -1926,7 +2701,7 @@ impl Actor<'_> {
         let at = b.dma_dyn().offset(s as u64);
         let synced = if device_writes {
             let written = {
-                let _sim = sh.sim.read().unwrap();
+                let _sim = sh.sim.read().unwrap_or_else(PoisonError::into_inner);
                 !sh.checking.is_unbound()
                     && sh
                         .checking
@@ -1934,7 +2709,9 @@ impl Actor<'_> {
                         .map(|()| true)
                         .unwrap_or_else(|v| panic!("{ctx}: device write: {v}"))
             };
-            match b.for_cpu_dyn(r.clone()) {
+            // An injected panic comes after the backend made the sync: the
+            // content moved all the same.
+            match catching(|| b.for_cpu_dyn(r.clone())).unwrap_or(Ok(())) {
                 Ok(()) => {
                     assert!(written, "{ctx}: sync_for_cpu succeeded after unbind");
                     true
@@ -1944,9 +2721,9 @@ impl Actor<'_> {
             }
         } else {
             b.write_dyn()[r.clone()].copy_from_slice(&data);
-            match b.for_device_dyn(r.clone()) {
+            match catching(|| b.for_device_dyn(r.clone())).unwrap_or(Ok(())) {
                 Ok(()) => {
-                    let _sim = sh.sim.read().unwrap();
+                    let _sim = sh.sim.read().unwrap_or_else(PoisonError::into_inner);
                     if !sh.checking.is_unbound() {
                         let got = sh
                             .checking
@@ -1998,9 +2775,11 @@ impl<T: SyncBuf> SyncBufDyn for T {
 /// op, content after every sync that succeeded, and at the end (everything
 /// dropped) every block freed exactly once and no mapping left.
 pub fn run_threaded(cfg: &Config, ops: &[Op]) {
+    quiet_injected_panics();
     let checking = checking_device(cfg);
-    let source = CountingPages::default();
-    let device = Device::new(checking.clone());
+    let faults = Faults::default();
+    let source = CountingPages::new(faults.clone());
+    let device = Device::new(FaultyOps::new(checking.clone(), faults.clone()));
     let sim = RwLock::new(());
     let mut per_thread: [Vec<Op>; THREADS] = Default::default();
     for (i, op) in ops.iter().enumerate() {
@@ -2019,8 +2798,12 @@ pub fn run_threaded(cfg: &Config, ops: &[Op]) {
             | Op::IntoBytes { t, .. }
             | Op::CloneBytes { t, .. }
             | Op::DropPool { t }
-            | Op::NewPool { t } => usize::from(t) % THREADS,
-            Op::Unbind { .. } | Op::FailMaps { .. } | Op::FailPageAllocs { .. } => i % THREADS,
+            | Op::NewPool { t }
+            | Op::ArmDrop { t, .. } => usize::from(t) % THREADS,
+            Op::Unbind { .. }
+            | Op::FailMaps { .. }
+            | Op::FailPageAllocs { .. }
+            | Op::ArmPanic { .. } => i % THREADS,
         };
         per_thread[t].push(*op);
     }
@@ -2028,6 +2811,7 @@ pub fn run_threaded(cfg: &Config, ops: &[Op]) {
     let shared = Shared {
         cfg,
         checking: &checking,
+        faults: &faults,
         source: &source,
         device: &device,
         sim: &sim,
@@ -2053,7 +2837,9 @@ pub fn run_threaded(cfg: &Config, ops: &[Op]) {
                     };
                     s.spawn(move || {
                         for op in my_ops {
-                            actor.exec(op);
+                            // An injected panic ends the op; the next one
+                            // runs (any other panic is a failure).
+                            let _ = catching(|| actor.exec(op));
                         }
                         (actor.held, actor.pool, actor.inbox)
                     })
@@ -2065,6 +2851,8 @@ pub fn run_threaded(cfg: &Config, ops: &[Op]) {
                 .collect()
         });
     drop(shared);
+    // A fault that never fired: its buffer comes back like any other.
+    drop(faults.disarm());
     for (held, pool, inbox) in leftovers {
         drop(held);
         drop(inbox.try_iter().collect::<Vec<_>>());
@@ -2076,5 +2864,6 @@ pub fn run_threaded(cfg: &Config, ops: &[Op]) {
     assert_eq!(source.allocated(), source.freed());
     assert_eq!(checking.live_mappings(), 0);
     assert!(checking.is_unbound());
+    assert_eq!(checking.stats().calls_after_unbind, 0);
     checking.assert_clean();
 }

@@ -50,7 +50,9 @@ impl<M: TrackingMode> Returning<M> {
 impl<M: TrackingMode> Drop for Returning<M> {
     #[cold]
     fn drop(&mut self) {
-        recycle_refused(self.0, PushRefused::Full);
+        // Counted as released instead of recycled (`released_refcnt`), so
+        // the pool's in-flight count stays exact.
+        recycle_refused(self.0, PushRefused::Closed);
     }
 }
 
@@ -353,7 +355,6 @@ pub fn put_bulk<M: TrackingMode>(pages: impl IntoIterator<Item = Page<M>>) {
         let pool = Arc::clone(&first.meta().pool);
         let open = !pool.closed.load(Ordering::Acquire);
         let mut next = Some(first);
-        let mut released_refcnt = 0;
         // Sync outside the ring lock: device calls never nest in it.
         while let Some(page) = next {
             let (page, dirty) = page.into_raw();
@@ -363,10 +364,11 @@ pub fn put_bulk<M: TrackingMode>(pages: impl IntoIterator<Item = Page<M>>) {
             if !(open && sync_on_recycle(&pool, meta, dirty)) {
                 run.ready.pop();
                 run.release.push(page);
-                released_refcnt += 1;
+                pool.released_refcnt.fetch_add(1, Ordering::Relaxed);
             }
             next = pages.next_if(|page| Arc::ptr_eq(&page.meta().pool, &pool));
         }
+        let mut released_refcnt = 0;
         {
             let mut ring = pool.ring.lock();
             for page in run.ready.drain(..) {
@@ -397,13 +399,18 @@ pub fn put_bulk<M: TrackingMode>(pages: impl IntoIterator<Item = Page<M>>) {
 /// handles and not yet in a ring: released if dropped with any left (a sync
 /// panicked).
 struct PageRun<M: TrackingMode> {
+    /// Synced (or not needing it), not yet counted anywhere.
     ready: Vec<NonNull<PageMeta<M>>>,
+    /// To be released; already counted (`released_refcnt` or `ring_full`).
     release: Vec<NonNull<PageMeta<M>>>,
 }
 
 impl<M: TrackingMode> Drop for PageRun<M> {
     fn drop(&mut self) {
-        for page in self.ready.drain(..).chain(self.release.drain(..)) {
+        for page in self.ready.drain(..) {
+            recycle_refused(page, PushRefused::Closed);
+        }
+        for page in self.release.drain(..) {
             recycle_refused(page, PushRefused::Full);
         }
     }

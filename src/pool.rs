@@ -44,6 +44,7 @@ use crate::ring::{PushRefused, Ring};
 use crate::shared::{meta_ref, DeviceShared, PageMeta, PoolConfig, PoolShared, SyncForDevice};
 use crate::stats::{OwnerCounters, PoolInfo, PoolStats};
 use crate::sync::{self, Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
+use crate::unwind::Panics;
 
 /// Linux's `PP_ALLOC_CACHE_SIZE`.
 pub const DEFAULT_CACHE_SIZE: usize = 128;
@@ -448,17 +449,23 @@ impl<M: TrackingMode> PagePool<M> {
 }
 
 impl<M: TrackingMode> Drop for PagePool<M> {
+    /// Lets go of the fragment page, releases the cache and the ring, and
+    /// leaves the device's list of open pools; every step runs even if a
+    /// callback panics in an earlier one (the first panic is resumed at the
+    /// end).
     fn drop(&mut self) {
+        let mut panics = Panics::new();
         if let Some(frag) = self.frag.take() {
-            frag.finish();
+            panics.run(|| frag.finish());
         }
         self.shared.closed.store(true, Ordering::Release);
         let mut pages = core::mem::take(&mut self.cache);
         pages.extend(self.shared.ring.close());
         // SAFETY: the cache and the (now closed) ring owned these pages.
-        unsafe { release_pages(&self.shared, &pages) };
+        panics.run(|| unsafe { release_pages(&self.shared, &pages) });
         *self.shared.detach_time.lock() = Some(SystemTime::now());
         self.shared.device.unregister(&self.shared);
+        panics.resume();
     }
 }
 

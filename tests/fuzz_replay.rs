@@ -14,7 +14,7 @@ mod interp;
 
 use std::path::{Path, PathBuf};
 
-use interp::{encode, pool_cfg_from, Config, How, Op, UnbindHow};
+use interp::{encode, pool_cfg_from, Callback, Config, How, Op, UnbindHow};
 
 fn inputs(dir: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
@@ -91,9 +91,87 @@ fn write_seeds() {
     }
 }
 
+// Three bugs the fuzzer's panicking-callback ops found in the pool (all
+// fixed), each kept as a minimal input.
+
+/// Pool 0: order 0, FromDevice, cache 2, batch 2, ring 1, sync on recycle
+/// (0, 1). Pool 1: order 0, FromDevice, cache 1, batch 1, ring 1.
+fn panic_config() -> Config {
+    Config {
+        pools: [
+            pool_cfg_from([0x80, 0x09, 0x00, 0]),
+            pool_cfg_from([0x00, 0x00, 0x00, 0]),
+        ],
+    }
+}
+
+/// A page released because its sync on recycle panicked is counted as
+/// returned (`released_refcnt`): `pages_in_flight` goes back to 0. (It
+/// stayed 1 for good.)
+#[test]
+fn panicking_recycle_sync_counts_the_page_returned() {
+    use Op::*;
+    interp::run(
+        &panic_config(),
+        &[
+            Alloc { t: 0 },
+            ArmPanic {
+                at: Callback::SyncForDevice,
+            },
+            Drop {
+                t: 0,
+                item: 0,
+                how: How::Here,
+            },
+        ],
+    );
+}
+
+/// A pool drop whose cache unmap panics still unregisters the pool:
+/// `Device::pools` no longer lists it. (It stayed listed, and `unbind`
+/// counted it as open.)
+#[test]
+fn panicking_pool_drop_unregisters_the_pool() {
+    use Op::*;
+    interp::run(
+        &panic_config(),
+        &[
+            Alloc { t: 0 },
+            ArmPanic {
+                at: Callback::UnmapBatch,
+            },
+            DropPool { t: 0 },
+        ],
+    );
+}
+
+/// A pool drop whose fragment page's sync on recycle panics still releases
+/// the pool's cache. (The cached pages leaked, and the pool stayed open and
+/// registered.)
+#[test]
+fn panicking_pool_drop_releases_the_cache() {
+    use Op::*;
+    interp::run(
+        &panic_config(),
+        &[
+            AllocFrag { t: 0, size: 100 },
+            Drop {
+                t: 0,
+                item: 0,
+                how: How::Here,
+            },
+            ArmPanic {
+                at: Callback::SyncForDevice,
+            },
+            DropPool { t: 0 },
+        ],
+    );
+}
+
 /// The seeds: small sequences that each reach one area (the fuzzer mutates
 /// from there).
 fn seeds() -> Vec<(&'static str, Config, bool, Vec<Op>)> {
+    use Callback::*;
     use Op::*;
     // Pool 0: order 0, FromDevice, cache 4, batch 2, ring 2, sync on recycle
     // (0, 1 + 7*61 = 428). Pool 1: order 1, Bidirectional, cache 2, batch 1,
@@ -203,7 +281,7 @@ fn seeds() -> Vec<(&'static str, Config, bool, Vec<Op>)> {
         ),
         (
             "sync_and_bytes",
-            tx,
+            tx.clone(),
             false,
             vec![
                 Alloc { t: 0 },
@@ -331,7 +409,7 @@ fn seeds() -> Vec<(&'static str, Config, bool, Vec<Op>)> {
         ),
         (
             "threads_unbind_race",
-            basic,
+            basic.clone(),
             true,
             vec![
                 Alloc { t: 0 },
@@ -371,6 +449,236 @@ fn seeds() -> Vec<(&'static str, Config, bool, Vec<Op>)> {
                 Alloc { t: 0 },
                 Drop {
                     t: 1,
+                    item: 0,
+                    how: How::Here,
+                },
+            ],
+        ),
+        (
+            // A panicking map maps nothing, a panicking alloc_pages returns
+            // no block, a free_pages that panics has freed its block.
+            "panic_in_alloc",
+            basic.clone(),
+            false,
+            vec![
+                ArmPanic { at: Map },
+                Alloc { t: 0 },
+                Alloc { t: 0 },
+                ArmPanic { at: AllocPages },
+                Alloc { t: 1 },
+                ArmPanic { at: FreePages },
+                FailMaps { n: 1 },
+                Alloc { t: 1 },
+                Alloc { t: 1 },
+                ArmPanic { at: Map },
+                AllocFrag { t: 0, size: 3000 },
+                AllocFrag { t: 0, size: 3000 },
+                AllocFrag { t: 0, size: 3000 },
+            ],
+        ),
+        (
+            // Panicking syncs on recycle (drop, direct recycle, bulk) and
+            // unmaps of pages leaving their pool.
+            "panic_in_recycle",
+            basic.clone(),
+            false,
+            vec![
+                Alloc { t: 0 },
+                Alloc { t: 0 },
+                Alloc { t: 0 },
+                ArmPanic { at: SyncForDevice },
+                Drop {
+                    t: 0,
+                    item: 0,
+                    how: How::Here,
+                },
+                ArmPanic { at: SyncForDevice },
+                RecycleDirect { t: 0, item: 0 },
+                ArmPanic { at: UnmapBatch },
+                FillRing {
+                    t: 1,
+                    extra: 2,
+                    how: How::Here,
+                },
+                Alloc { t: 0 },
+                Alloc { t: 0 },
+                ArmPanic { at: SyncForDevice },
+                PutBulk { t: 0, n: 7 },
+                Alloc { t: 1 },
+                ArmPanic { at: FreePages },
+                FillRing {
+                    t: 1,
+                    extra: 0,
+                    how: How::Worker,
+                },
+                ArmPanic { at: SyncForCpu },
+                Alloc { t: 0 },
+                Sync {
+                    t: 0,
+                    item: 0,
+                    start: 0,
+                    len: 32,
+                    tag: 0x60,
+                    to_device: false,
+                },
+                Check { t: 0, item: 0 },
+            ],
+        ),
+        (
+            // unbind finishes whatever its callbacks do, then the first
+            // panic comes out of it; the device is unbound either way.
+            "panic_in_unbind",
+            basic.clone(),
+            false,
+            vec![
+                Alloc { t: 0 },
+                AllocFrag { t: 1, size: 64 },
+                FillRing {
+                    t: 0,
+                    extra: 0,
+                    how: How::Here,
+                },
+                Alloc { t: 0 },
+                ArmPanic { at: UnmapBatch },
+                Unbind {
+                    how: UnbindHow::Call,
+                },
+                Alloc { t: 0 },
+                Drop {
+                    t: 0,
+                    item: 0,
+                    how: How::Spawned,
+                },
+                NewPool { t: 0 },
+                Unbind {
+                    how: UnbindHow::OtherThread,
+                },
+            ],
+        ),
+        (
+            "panic_in_on_unbind",
+            tx.clone(),
+            false,
+            vec![
+                Alloc { t: 0 },
+                FillRing {
+                    t: 1,
+                    extra: 1,
+                    how: How::Bulk,
+                },
+                ArmPanic { at: OnUnbind },
+                Unbind {
+                    how: UnbindHow::DropDevice,
+                },
+                Drop {
+                    t: 0,
+                    item: 0,
+                    how: How::Bulk,
+                },
+            ],
+        ),
+        (
+            // A held buffer dropped from inside the pool's callbacks: in a
+            // map (same pool, slow path), a sync, a page-source call, and
+            // unbind's unmaps (handed to unbind, freed at its end).
+            "reentrant_drop",
+            basic.clone(),
+            false,
+            vec![
+                Alloc { t: 0 },
+                Alloc { t: 0 },
+                AllocFrag { t: 1, size: 100 },
+                AllocFrag { t: 1, size: 100 },
+                ArmDrop {
+                    t: 0,
+                    item: 0,
+                    at: Map,
+                },
+                Alloc { t: 1 },
+                ArmDrop {
+                    t: 1,
+                    item: 0,
+                    at: SyncForCpu,
+                },
+                Sync {
+                    t: 0,
+                    item: 0,
+                    start: 8,
+                    len: 8,
+                    tag: 0x32,
+                    to_device: false,
+                },
+                ArmDrop {
+                    t: 1,
+                    item: 0,
+                    at: AllocPages,
+                },
+                Alloc { t: 1 },
+                FillRing {
+                    t: 0,
+                    extra: 0,
+                    how: How::Here,
+                },
+                ArmDrop {
+                    t: 0,
+                    item: 0,
+                    at: UnmapBatch,
+                },
+                Unbind {
+                    how: UnbindHow::Call,
+                },
+            ],
+        ),
+        (
+            "reentrant_drop_at_teardown",
+            tx.clone(),
+            false,
+            vec![
+                Alloc { t: 0 },
+                Alloc { t: 0 },
+                ArmDrop {
+                    t: 0,
+                    item: 1,
+                    at: FreePages,
+                },
+                FillRing {
+                    t: 0,
+                    extra: 2,
+                    how: How::Here,
+                },
+                ArmDrop {
+                    t: 0,
+                    item: 0,
+                    at: OnUnbind,
+                },
+            ],
+        ),
+        (
+            "threads_faults",
+            basic,
+            true,
+            vec![
+                Alloc { t: 0 },
+                AllocFrag { t: 1, size: 500 },
+                Alloc { t: 0 },
+                ArmDrop {
+                    t: 1,
+                    item: 0,
+                    at: Map,
+                },
+                Alloc { t: 1 },
+                ArmPanic { at: SyncForDevice },
+                Drop {
+                    t: 0,
+                    item: 0,
+                    how: How::Spawned,
+                },
+                ArmPanic { at: UnmapBatch },
+                Unbind {
+                    how: UnbindHow::OtherThread,
+                },
+                Drop {
+                    t: 0,
                     item: 0,
                     how: How::Here,
                 },

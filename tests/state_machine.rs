@@ -10,12 +10,17 @@
 //! `into_bytes` and `Bytes` clones (feature `bytes`), dropping and
 //! rebuilding pools, unbind (here, on another thread, by dropping the
 //! device), allocation after unbind, injected map and page-allocation
-//! failures. The interpreter and reference model are shared with the fuzz
-//! target (`fuzz/interp.rs`): after every operation the model's pages in
-//! flight, cached, mapped, live and freed are compared with the pool stats,
-//! the checking device, the tracker and a counting page source; at the end
-//! everything is dropped and every page must be freed exactly once with
-//! zero violations.
+//! failures, and callback faults: the next call of a chosen callback
+//! (`map`, `unmap_batch`, either sync, `on_unbind`, the page source's
+//! `alloc_pages` / `free_pages`) panics, or drops one of the held buffers
+//! from inside the call (a re-entrant drop). The interpreter and reference
+//! model are shared with the fuzz target (`fuzz/interp.rs`): after every
+//! operation the model's pages in flight, cached, mapped, live and freed
+//! are compared with the pool stats, the checking device, the tracker and a
+//! counting page source, and the model says whether each pool call raises
+//! an injected panic and where an armed fault fires; at the end everything
+//! is dropped and every page must be freed exactly once with zero
+//! violations and no device call after unbind.
 //!
 //! Every operation is valid in every state (one that does not apply does
 //! nothing), so proptest's shrinking of the `Vec<Op>` (dropping and
@@ -30,7 +35,7 @@
 #[path = "../fuzz/interp.rs"]
 mod interp;
 
-use interp::{pool_cfg_from, Config, How, Op, UnbindHow};
+use interp::{pool_cfg_from, Callback, Config, How, Op, UnbindHow};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 
@@ -63,6 +68,10 @@ fn how() -> impl Strategy<Value = How> {
         Just(How::Worker),
         Just(How::Bulk)
     ]
+}
+
+fn callback() -> impl Strategy<Value = Callback> {
+    proptest::sample::select(Callback::all().to_vec())
 }
 
 fn frag_size() -> impl Strategy<Value = u16> {
@@ -103,6 +112,8 @@ fn op() -> impl Strategy<Value = Op> {
         .prop_map(|how| Op::Unbind { how }),
         1 => any::<u8>().prop_map(|n| Op::FailMaps { n }),
         1 => any::<u8>().prop_map(|n| Op::FailPageAllocs { n }),
+        2 => callback().prop_map(|at| Op::ArmPanic { at }),
+        2 => (t(), item(), callback()).prop_map(|(t, item, at)| Op::ArmDrop { t, item, at }),
     ]
 }
 
@@ -137,9 +148,12 @@ proptest! {
 }
 
 /// Hand-written sequences through every operation kind, in fixed order: the
-/// deterministic part of the Miri run, and a quick check of the harness.
+/// deterministic part of the Miri run, and a quick check of the harness. The
+/// third one fires a fault in every callback, panics and re-entrant drops
+/// alternating.
 #[test]
 fn scenarios() {
+    use Callback::*;
     use Op::*;
     let bidi_sync = Config {
         pools: [
@@ -289,6 +303,72 @@ fn scenarios() {
                 },
                 NewPool { t: 1 },
                 Alloc { t: 0 },
+            ],
+        ),
+        (
+            bidi_sync,
+            vec![
+                Alloc { t: 0 },
+                Alloc { t: 0 },
+                Alloc { t: 0 },
+                Alloc { t: 0 },
+                AllocFrag { t: 1, size: 100 },
+                AllocFrag { t: 1, size: 200 },
+                ArmPanic { at: Map },
+                Alloc { t: 0 },
+                ArmPanic { at: AllocPages },
+                Alloc { t: 0 },
+                ArmDrop {
+                    t: 1,
+                    item: 0,
+                    at: Map,
+                },
+                Alloc { t: 0 },
+                ArmPanic { at: SyncForDevice },
+                Drop {
+                    t: 0,
+                    item: 0,
+                    how: How::Here,
+                },
+                ArmDrop {
+                    t: 0,
+                    item: 0,
+                    at: SyncForDevice,
+                },
+                RecycleDirect { t: 0, item: 0 },
+                ArmPanic { at: SyncForCpu },
+                Sync {
+                    t: 0,
+                    item: 0,
+                    start: 0,
+                    len: 16,
+                    tag: 0x44,
+                    to_device: false,
+                },
+                ArmDrop {
+                    t: 1,
+                    item: 0,
+                    at: UnmapBatch,
+                },
+                FillRing {
+                    t: 0,
+                    extra: 2,
+                    how: How::Bulk,
+                },
+                ArmPanic { at: FreePages },
+                DropPool { t: 1 },
+                ArmDrop {
+                    t: 0,
+                    item: 0,
+                    at: OnUnbind,
+                },
+                Unbind {
+                    how: UnbindHow::OtherThread,
+                },
+                ArmPanic { at: UnmapBatch },
+                NewPool { t: 1 },
+                Alloc { t: 0 },
+                Check { t: 0, item: 0 },
             ],
         ),
     ];

@@ -4,7 +4,11 @@
 //! which logical thread acts next, full reference-model check after every
 //! op) or real threads (each logical thread on its own OS thread). The
 //! checking device runs in record mode; any violation, leak, double free,
-//! wrong allocation result or content mismatch panics: a crash.
+//! wrong allocation result or content mismatch panics: a crash. Ops may arm
+//! a callback fault (a panic, or a re-entrant drop of a held buffer, in the
+//! next call of a chosen `DmaOps` or `PageSource` method): those injected
+//! panics are caught and checked by the interpreter, and the panic hook
+//! stays quiet about them; any other panic still aborts.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
