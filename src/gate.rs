@@ -60,6 +60,9 @@ pub(crate) struct CallGate {
     state: AtomicUsize,
     /// The device the gate belongs to, as [`held`] names it.
     device: usize,
+    /// [`asymmetric::uses_membarrier`], read once at build time so the
+    /// fast path finds it on the line it reads anyway.
+    membarrier: bool,
 }
 
 /// One device call in progress; leaving it (drop, also on unwind) lets
@@ -67,8 +70,8 @@ pub(crate) struct CallGate {
 #[must_use]
 pub(crate) struct CallGuard<'a> {
     gate: &'a CallGate,
-    /// Announced in the thread's slot `Some(index)`, or counted in the gate.
-    slot: Option<usize>,
+    /// Announced in one of the thread's slots, or counted in the gate.
+    slot: Option<held::Announced>,
 }
 
 impl CallGate {
@@ -79,6 +82,7 @@ impl CallGate {
         Self {
             state: AtomicUsize::new(0),
             device,
+            membarrier: asymmetric::uses_membarrier(),
         }
     }
 
@@ -89,9 +93,9 @@ impl CallGate {
             Some(slot) => {
                 // The slot store above, then this fence, then the load: see
                 // the module docs (unbind: close, heavy fence, scan).
-                asymmetric::light();
+                asymmetric::light_for(self.membarrier);
                 if self.state.load(Ordering::Relaxed) & CLOSED != 0 {
-                    held::withdraw(slot);
+                    held::withdraw(&slot);
                     return None;
                 }
                 Some(CallGuard {
@@ -227,7 +231,7 @@ impl Drop for CallGuard<'_> {
         match self.slot {
             // Release: the call and its bookkeeping happen-before the scan
             // that sees the slot cleared.
-            Some(slot) => held::withdraw(slot),
+            Some(ref slot) => held::withdraw(slot),
             None => {
                 held::note_counted(-1);
                 self.gate.state.fetch_sub(ONE_CALL, Ordering::Release);
@@ -370,29 +374,39 @@ pub(crate) mod held {
         slots
     }
 
+    /// A call announced in one of the calling thread's slots.
+    pub(crate) struct Announced {
+        /// The slot: one of the thread's, alive while its registration is,
+        /// which outlives every call the thread makes.
+        slot: core::ptr::NonNull<AtomicUsize>,
+        /// Its index: the thread's depth before the call.
+        index: usize,
+    }
+
     /// Announces a call of `device` in the calling thread's next free slot
-    /// (a plain store; the caller fences) and returns its index, or `None`
-    /// if the thread has no free slot (the call is then counted).
+    /// (a plain store; the caller fences), or returns `None` if the thread
+    /// has no free slot (the call is then counted).
     #[inline(always)]
-    pub(crate) fn announce(device: usize) -> Option<usize> {
+    pub(crate) fn announce(device: usize) -> Option<Announced> {
         STATE.with(|state| {
-            let depth = state.depth.get();
-            let slot = slots(state)?.0.get(depth)?;
+            let index = state.depth.get();
+            let slot = slots(state)?.0.get(index)?;
             slot.store(device, Ordering::Relaxed);
-            state.depth.set(depth + 1);
-            Some(depth)
+            state.depth.set(index + 1);
+            Some(Announced {
+                slot: core::ptr::NonNull::from(slot),
+                index,
+            })
         })
     }
 
-    /// Ends the call announced in slot `index` (the innermost).
+    /// Ends the announced call (the thread's innermost).
     #[inline(always)]
-    pub(crate) fn withdraw(index: usize) {
-        STATE.with(|state| {
-            state.depth.set(index);
-            if let Some(slots) = slots(state) {
-                slots.0[index].store(0, Ordering::Release);
-            }
-        });
+    pub(crate) fn withdraw(announced: &Announced) {
+        STATE.with(|state| state.depth.set(announced.index));
+        // SAFETY: the slot belongs to this thread's registration, which is
+        // dropped only at thread exit, after every call of the thread ended.
+        unsafe { announced.slot.as_ref() }.store(0, Ordering::Release);
     }
 
     /// Counts a call of this thread made on the counted path (`+1`, `-1`).

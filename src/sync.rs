@@ -175,7 +175,7 @@ mod std_locks {
     }
 }
 
-/// Asymmetric fences: a [`light`](asymmetric::light) one on the frequent
+/// Asymmetric fences: a [`light`](asymmetric::light_for) one on the frequent
 /// side of a store-then-load handshake (a device call starting), a
 /// [`heavy`](asymmetric::heavy) one on the rare side (`unbind`). Together
 /// they order each side's store before its load, as two `SeqCst` fences
@@ -233,9 +233,16 @@ pub(crate) mod asymmetric {
             });
         }
 
-        #[inline]
-        pub(crate) fn light() {
-            if MODE.load(Ordering::Relaxed) == MEMBARRIER {
+        /// Whether the heavy fence is a membarrier (fixed by `prepare`).
+        pub(crate) fn uses_membarrier() -> bool {
+            MODE.load(Ordering::SeqCst) == MEMBARRIER
+        }
+
+        /// The light fence, for a caller that read [`uses_membarrier`]
+        /// after `prepare` (a call gate keeps it on its own line).
+        #[inline(always)]
+        pub(crate) fn light_for(membarrier: bool) {
+            if membarrier {
                 compiler_fence(Ordering::SeqCst);
             } else {
                 fence(Ordering::SeqCst);
@@ -261,8 +268,12 @@ pub(crate) mod asymmetric {
 
         pub(crate) fn prepare() {}
 
-        #[inline]
-        pub(crate) fn light() {
+        pub(crate) fn uses_membarrier() -> bool {
+            false
+        }
+
+        #[inline(always)]
+        pub(crate) fn light_for(_membarrier: bool) {
             fence(Ordering::SeqCst);
         }
 
@@ -271,7 +282,7 @@ pub(crate) mod asymmetric {
         }
     }
 
-    pub(crate) use imp::{heavy, light, prepare};
+    pub(crate) use imp::{heavy, light_for, prepare, uses_membarrier};
 }
 
 /// A process-unique pool id. The counter is a plain `std` atomic: it hands
