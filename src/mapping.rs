@@ -26,12 +26,15 @@
 //! - Page memory is freed only after its unmap returned (or, if the unmap
 //!   panicked, after the call that counts as made), and never inside a
 //!   device call: `PageSource` calls run outside every gate.
-//! - Every `PageSource::free_pages` of a batch is made even if one panics;
-//!   the first panic is resumed afterwards.
+//! - Every `PageSource::free_pages` of a batch is made even if one panics,
+//!   and a release goes on after a panicking `unmap_batch`; the first panic
+//!   goes on afterwards. The guards that do this cost nothing on the normal
+//!   path (no `catch_unwind` there).
 
+use core::mem::MaybeUninit;
 use core::ptr::NonNull;
 
-use crate::dma::{DmaAddr, DmaDirection, DmaMapping, DmaOps};
+use crate::dma::{DmaMapping, DmaOps};
 use crate::error::AllocError;
 use crate::mode::TrackingMode;
 use crate::shared::{meta_ref, DeviceShared, PageMeta, PoolShared};
@@ -42,22 +45,19 @@ use crate::unwind::Panics;
 /// Mappings handed to one `unmap_batch` call.
 pub(crate) const UNMAP_BATCH: usize = 64;
 
-const EMPTY_MAPPING: DmaMapping = DmaMapping {
-    addr: DmaAddr(0),
-    len: 0,
-    direction: DmaDirection::Bidirectional,
-};
-
-/// Mappings waiting for one `unmap_batch` call, on the stack.
+/// Mappings waiting for one `unmap_batch` call, on the stack. The array is
+/// left uninitialised until pushed to, so a one-page release does not write
+/// the whole batch.
 pub(crate) struct Unmapper {
-    batch: [DmaMapping; UNMAP_BATCH],
+    /// `batch[..len]` are initialised.
+    batch: [MaybeUninit<DmaMapping>; UNMAP_BATCH],
     len: usize,
 }
 
 impl Unmapper {
     pub(crate) const fn new() -> Self {
         Self {
-            batch: [EMPTY_MAPPING; UNMAP_BATCH],
+            batch: [const { MaybeUninit::uninit() }; UNMAP_BATCH],
             len: 0,
         }
     }
@@ -66,7 +66,7 @@ impl Unmapper {
     /// an untracked build, whose page the caller owns). Returns whether the
     /// batch is now full and must be flushed.
     pub(crate) fn push<M: TrackingMode>(&mut self, meta: &PageMeta<M>) -> bool {
-        self.batch[self.len] = meta.mapping();
+        self.batch[self.len].write(meta.mapping());
         self.len += 1;
         meta.pool.pages_mapped.fetch_sub(1, Ordering::Relaxed);
         self.len == UNMAP_BATCH
@@ -81,8 +81,12 @@ impl Unmapper {
     pub(crate) unsafe fn flush(&mut self, ops: &dyn DmaOps) {
         let len = core::mem::take(&mut self.len);
         if len > 0 {
+            // SAFETY: `batch[..len]` were written by `push` (`DmaMapping` is
+            // `Copy`, so nothing needs dropping), and `MaybeUninit<T>` has
+            // `T`'s layout.
+            let batch = unsafe { &*(&raw const self.batch[..len] as *const [DmaMapping]) };
             // SAFETY: forwarded caller contract.
-            unsafe { ops.unmap_batch(&self.batch[..len]) };
+            unsafe { ops.unmap_batch(batch) };
         }
     }
 }
@@ -183,19 +187,36 @@ pub(crate) fn map_page<M: TrackingMode>(
 }
 
 /// Frees the memory and metadata of every page, making every
-/// `PageSource::free_pages` call even if one panics (the first panic is
-/// resumed at the end, unless the thread is already unwinding).
+/// `PageSource::free_pages` call even if one panics: the panic goes on once
+/// the other pages are freed (a free that panicked is not repeated).
 ///
 /// # Safety
 /// No page is mapped any more (its unmap has returned, or `unbind` unmapped
 /// it), the caller owns every page, and none is used afterwards.
 pub(crate) unsafe fn free_pages<M: TrackingMode>(pages: &[NonNull<PageMeta<M>>]) {
-    let mut panics = Panics::new();
-    for &page in pages {
-        // SAFETY: forwarded caller contract, for each page once.
-        panics.run(|| unsafe { free_page(page) });
+    /// Frees what is left if a `free_pages` panics (nothing on the normal
+    /// path: no `catch_unwind` there).
+    struct Rest<'a, M: TrackingMode> {
+        pages: &'a [NonNull<PageMeta<M>>],
+        next: usize,
     }
-    panics.resume();
+    impl<M: TrackingMode> Drop for Rest<'_, M> {
+        fn drop(&mut self) {
+            let mut panics = Panics::new();
+            for &page in &self.pages[self.next..] {
+                // SAFETY: `free_pages`' contract, for each page left, once.
+                panics.run(|| unsafe { free_page(page) });
+            }
+            // Only reached while unwinding: the first panic is on its way.
+            panics.resume();
+        }
+    }
+    let mut rest = Rest { pages, next: 0 };
+    while let Some(&page) = pages.get(rest.next) {
+        rest.next += 1;
+        // SAFETY: forwarded caller contract, for each page once.
+        unsafe { free_page(page) };
+    }
 }
 
 /// Frees one page's memory and metadata.
@@ -229,18 +250,52 @@ pub(crate) unsafe fn release_pages<M: TrackingMode>(
     pool: &PoolShared<M>,
     pages: &[NonNull<PageMeta<M>>],
 ) {
-    let mut panics = Panics::new();
-    let mut start = 0;
-    while start < pages.len() {
+    /// Finishes the release if a callback panics: frees the pages whose
+    /// unmap was made (or panicked, which counts as made) and releases the
+    /// rest; the panic then goes on. Nothing runs on the normal path (no
+    /// `catch_unwind` there).
+    struct Rest<'a, M: TrackingMode> {
+        pool: &'a PoolShared<M>,
+        pages: &'a [NonNull<PageMeta<M>>],
+        /// `pages[..freed]` are freed (or being freed by `free_pages`,
+        /// which finishes on its own).
+        freed: usize,
+        /// `pages[freed..unmapped]` are unmapped, not yet freed.
+        unmapped: usize,
+    }
+    impl<M: TrackingMode> Drop for Rest<'_, M> {
+        fn drop(&mut self) {
+            if self.freed == self.pages.len() {
+                return;
+            }
+            let mut panics = Panics::new();
+            let unmapped = &self.pages[self.freed..self.unmapped];
+            // SAFETY: their unmap was made; owned by the caller.
+            panics.run(|| unsafe { free_pages(unmapped) });
+            let left = &self.pages[self.unmapped..];
+            // SAFETY: still owned by the caller, untouched.
+            panics.run(|| unsafe { release_pages(self.pool, left) });
+            panics.resume();
+        }
+    }
+    let mut rest = Rest {
+        pool,
+        pages,
+        freed: 0,
+        unmapped: 0,
+    };
+    while rest.freed < pages.len() {
+        let start = rest.freed;
         let chunk = &pages[start..pages.len().min(start + UNMAP_BATCH)];
         let Some(call) = pool.device_call() else {
             // `unbind` has begun: it unmaps these pages (tracked), and they
             // must not be freed before it has; the same for the rest.
+            rest.freed = pages.len();
+            rest.unmapped = pages.len();
             // SAFETY: forwarded caller contract.
-            panics.run(|| unsafe { pool.device.free_after_unbind(&pages[start..]) });
-            break;
+            unsafe { pool.device.free_after_unbind(&pages[start..]) };
+            return;
         };
-        start += chunk.len();
         let mut unmapper = Unmapper::new();
         for &page in chunk {
             // SAFETY: owned by the caller, not yet freed.
@@ -261,14 +316,15 @@ pub(crate) unsafe fn release_pages<M: TrackingMode>(
                 unmapper.push(meta);
             }
         }
+        rest.unmapped = start + chunk.len();
         // SAFETY: each mapping came from `map` on this device and its record
         // was removed just above; unmapped once, here.
-        panics.run(|| unsafe { unmapper.flush(&*call) });
+        unsafe { unmapper.flush(&*call) };
         drop(call);
-        // SAFETY: unmapped (a panicking unmap counts as made); owned.
-        panics.run(|| unsafe { free_pages(chunk) });
+        rest.freed = rest.unmapped;
+        // SAFETY: unmapped; owned.
+        unsafe { free_pages(chunk) };
     }
-    panics.resume();
 }
 
 impl<M: TrackingMode> DeviceShared<M> {

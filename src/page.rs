@@ -348,12 +348,14 @@ pub(crate) fn cpu_access_hook<M: TrackingMode>(
 pub fn put_bulk<M: TrackingMode>(pages: impl IntoIterator<Item = Page<M>>) {
     let mut pages = pages.into_iter().peekable();
     let mut run = PageRun {
-        ready: Vec::new(),
+        // Sized once: a burst grows no vector.
+        ready: Vec::with_capacity(pages.size_hint().0),
         release: Vec::new(),
     };
     while let Some(first) = pages.next() {
         let pool = Arc::clone(&first.meta().pool);
         let open = !pool.closed.load(Ordering::Acquire);
+        let syncs = pool.recycle_sync.is_some();
         let mut next = Some(first);
         // Sync outside the ring lock: device calls never nest in it.
         while let Some(page) = next {
@@ -361,7 +363,7 @@ pub fn put_bulk<M: TrackingMode>(pages: impl IntoIterator<Item = Page<M>>) {
             run.ready.push(page);
             // SAFETY: owned (by `run` now), live.
             let meta = unsafe { meta_ref(page) };
-            if !(open && sync_on_recycle(&pool, meta, dirty)) {
+            if !(open && (!syncs || sync_on_recycle(&pool, meta, dirty))) {
                 run.ready.pop();
                 run.release.push(page);
                 pool.released_refcnt.fetch_add(1, Ordering::Relaxed);
