@@ -10,13 +10,10 @@
 //! every block freed exactly once and never while still mapped.
 //!
 //! The faults come from `support/faulty.rs`: `FaultyOps` around the
-//! checking device and `FaultyPages` around the harness's `GuardedPages`,
+//! checking device and `FaultyPages` around the support tree's `GuardedPages`,
 //! both driven by one `Faults` program per test.
 
-mod common;
-#[path = "support/faulty.rs"]
-mod faulty;
-mod harness;
+mod support;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
@@ -24,14 +21,14 @@ use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::thread;
 use std::time::Duration;
 
-use common::CountingPages;
-use faulty::{injected, wait_until, watchdog, Call, Faults, FaultyOps, FaultyPages, When};
-use harness::{assert_unbound_clean, has_violation, GuardedPages};
 use pagepool::checking::{CheckMode, CheckingDevice, Violation};
 use pagepool::{
     put_bulk, AllocError, Device, DmaDirection, Page, PagePool, PagePoolBuilder, SyncError,
     UnbindError, UnbindReport,
 };
+use support::checks::{assert_unbound_clean, has_violation, GuardedPages};
+use support::counting::CountingPages;
+use support::faulty::{injected, wait_until, watchdog, Call, Faults, FaultyOps, FaultyPages, When};
 
 // ---------------------------------------------------------------------------
 // The rig: a device over FaultyOps, pools over FaultyPages, one program.
@@ -48,7 +45,7 @@ impl Rig {
     /// A `Record`-mode checker that accepts for-device syncs of
     /// `FromDevice` pages (sync on recycle).
     fn new() -> Self {
-        let checker = harness::checker();
+        let checker = support::checks::checker();
         let faults = Faults::new();
         let pages = GuardedPages::new(&checker);
         let device = Arc::new(Device::new(FaultyOps::new(&checker, &faults)));
@@ -309,7 +306,7 @@ fn unbind_survives_every_unmap_batch_panicking() {
     let rig = Rig::new();
     let (pool, held) = hold_pages(&rig, 10);
     rig.faults.every(Call::UnmapBatch, When::After, || {
-        std::panic::panic_any(faulty::Injected(Call::UnmapBatch))
+        std::panic::panic_any(support::faulty::Injected(Call::UnmapBatch))
     });
     unbind_expecting_panic(&rig, Call::UnmapBatch);
     assert_unbind_completed(&rig, &pool, held);
@@ -952,7 +949,7 @@ fn unbind_does_not_wait_for_a_page_source_blocked_in_alloc_pages() {
                 move || {
                     blocked.store(true, SeqCst);
                     released
-                        .recv_timeout(faulty::TIMEOUT)
+                        .recv_timeout(support::faulty::TIMEOUT)
                         .expect("the test releases the page source");
                 },
             );
@@ -968,7 +965,7 @@ fn unbind_does_not_wait_for_a_page_source_blocked_in_alloc_pages() {
         let unbinder = thread::spawn(move || {
             let _ = done.send(device.unbind());
         });
-        let report = match unbound.recv_timeout(faulty::TIMEOUT) {
+        let report = match unbound.recv_timeout(support::faulty::TIMEOUT) {
             Ok(result) => result.expect("unbind succeeds"),
             Err(_) => {
                 let _ = release.send(());

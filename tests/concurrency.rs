@@ -10,17 +10,16 @@
 //! progress when `unbind` returned and none after, every page freed exactly
 //! once and never while mapped, and every buffer's content intact.
 
-mod common;
-mod harness;
+mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Barrier};
 use std::thread;
 use std::time::Duration;
 
-use harness::{assert_unbound_clean, GuardedPages, Rng, SpyOps};
 use pagepool::checking::{CheckMode, CheckingDevice};
 use pagepool::{put_bulk, AllocError, Device, DmaDirection, Frag, Page, PagePool, Untracked};
+use support::checks::{assert_unbound_clean, GuardedPages, Rng, SpyOps};
 
 /// What a holder receives: a buffer and what it must contain.
 enum Buf {

@@ -16,8 +16,7 @@
 //! zero violations, zero live mappings after unbind) and a counting page
 //! source (every page freed exactly once, after its unmap).
 
-mod common;
-mod harness;
+mod support;
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -25,12 +24,12 @@ use std::sync::{mpsc, Arc, Barrier};
 use std::thread;
 use std::time::Duration;
 
-use common::{CountingOps, CountingPages};
-use harness::{assert_unbound_clean, checker, slow_checker, GuardedPages, SpyOps};
 use pagepool::checking::Violation;
 use pagepool::{
     AllocError, BuildError, Device, DmaDirection, Page, SyncError, UnbindReport, PAGE_SIZE,
 };
+use support::checks::{assert_unbound_clean, checker, slow_checker, GuardedPages, SpyOps};
+use support::counting::{CountingOps, CountingPages};
 
 // ---------------------------------------------------------------------------
 // Invariant 1: every mapping is unmapped exactly once.
@@ -488,7 +487,7 @@ fn inv4_no_page_is_handed_out_twice_or_reused_while_mapped() {
         .page_source(pages.clone())
         .build()
         .unwrap();
-    let mut rng = harness::Rng::new(4);
+    let mut rng = support::checks::Rng::new(4);
     let mut held: Vec<Page> = Vec::new();
     for _ in 0..3000 {
         if held.len() < 100 && !rng.one_in(3) {

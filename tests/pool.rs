@@ -4,21 +4,22 @@
 //! errors, allocation failures, the simulated device's view of the data,
 //! bulk put, and the untracked build.
 
-mod common;
-mod harness;
+mod support;
 
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::SystemTime;
 
-use common::{CountingOps, CountingPages};
-use harness::{assert_unbound_clean, checker, GuardedPages, LimitedPages, SpyOps, SyncCall};
 use pagepool::checking::{CheckingDevice, Violation};
 use pagepool::{
     put_bulk, AllocError, BuildError, ConfigError, Device, DmaDirection, DmaError, Frag, Page,
     PagePool, SyncError, Tracked, UnbindError, DEFAULT_CACHE_SIZE, DEFAULT_REFILL_BATCH,
     DEFAULT_RING_SIZE, FRAG_ALIGN, MAX_CACHE_SIZE, MAX_ORDER, MAX_RING_SIZE, PAGE_SIZE,
 };
+use support::checks::{
+    assert_unbound_clean, checker, GuardedPages, LimitedPages, SpyOps, SyncCall,
+};
+use support::counting::{CountingOps, CountingPages};
 
 fn pool_on(device: &Device, pages: &GuardedPages) -> PagePool {
     device

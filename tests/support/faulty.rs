@@ -10,7 +10,6 @@
 //!
 //! Injected panics carry an [`Injected`] payload and are kept out of the
 //! test output by a panic hook that forwards every other panic.
-#![allow(dead_code)]
 
 use std::any::Any;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
@@ -26,7 +25,7 @@ use pagepool::{
     CpuAccess, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, OutOfMemory, PageSource,
 };
 
-use crate::harness::GuardedPages;
+use super::checks::GuardedPages;
 
 /// How long a scenario may take before the watchdog calls it a deadlock
 /// (Miri runs the same code a few hundred times slower).

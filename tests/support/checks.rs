@@ -1,9 +1,7 @@
-//! Checking harness shared by the integration tests: a page source that
-//! proves invariant 4, a `DmaOps` spy that proves invariant 2, a tiny RNG,
-//! and the "everything is clean after unbind" assertion.
-//!
-//! Test files use it with `mod common; mod harness;`.
-#![allow(dead_code)]
+//! Checks shared by the integration tests: the checking device as the tests
+//! configure it, a page source that proves invariant 4, a `DmaOps` spy that
+//! proves invariant 2, a tiny RNG, and the "everything is clean after
+//! unbind" assertion.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ptr::NonNull;
@@ -17,7 +15,7 @@ use pagepool::{
     PAGE_SIZE,
 };
 
-use crate::common::CountingPages;
+use super::counting::CountingPages;
 
 /// A checking device in `Record` mode that accepts a for-device sync of a
 /// `FromDevice` mapping as an ownership transfer (what Linux's page_pool

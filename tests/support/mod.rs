@@ -1,0 +1,16 @@
+//! The integration tests' support tree, one module per job; each test file
+//! takes it with `mod support;` and uses the parts it needs.
+//!
+//! - [`counting`]: a page source that checks every block is freed exactly
+//!   once, and a counting `DmaOps`.
+//! - [`checks`]: the checking device as the tests configure it, the guarded
+//!   page source (no block freed while mapped), the `DmaOps` spy, the RNG,
+//!   and the after-unbind assertions.
+//! - [`faulty`]: programmable faults (panic, re-enter, block) for the
+//!   callback tests.
+// Each test file uses a different part.
+#![allow(dead_code)]
+
+pub mod checks;
+pub mod counting;
+pub mod faulty;
