@@ -1,7 +1,7 @@
 //! Replays the fuzz target's seed corpus (`fuzz/seeds/interleavings/`) and
 //! every saved fuzz regression (`fuzz/regressions/interleavings/`) on
 //! stable, as an ordinary `cargo test`, with the very interpreter the fuzz
-//! target runs (`fuzz/interp.rs`). Each input runs in both modes: the
+//! target runs (`tests/support/interp.rs`). Each input runs in both modes: the
 //! deterministic one with the full reference-model check, and the one with
 //! real threads.
 //!
@@ -9,7 +9,7 @@
 //! them (or the encoding) run
 //! `cargo test --features bytes --test fuzz_replay -- --ignored write_seeds`.
 
-#[path = "../fuzz/interp.rs"]
+#[path = "support/interp.rs"]
 mod interp;
 
 use std::path::{Path, PathBuf};

@@ -14,7 +14,7 @@
 //! (`map`, `unmap_batch`, either sync, `on_unbind`, the page source's
 //! `alloc_pages` / `free_pages`) panics, or drops one of the held buffers
 //! from inside the call (a re-entrant drop). The interpreter and reference
-//! model are shared with the fuzz target (`fuzz/interp.rs`): after every
+//! model are shared with the fuzz target (`tests/support/interp.rs`): after every
 //! operation the model's pages in flight, cached, mapped, live and freed
 //! are compared with the pool stats, the checking device, the tracker and a
 //! counting page source, and the model says whether each pool call raises
@@ -32,7 +32,7 @@
 //! short cases run: `cargo +nightly miri test --features bytes --test
 //! state_machine`.
 
-#[path = "../fuzz/interp.rs"]
+#[path = "support/interp.rs"]
 mod interp;
 
 use interp::{pool_cfg_from, Callback, Config, How, Op, UnbindHow};

@@ -1,5 +1,5 @@
 //! Fuzz target: the input is a configuration and a sequence of operations
-//! over three logical threads (see `fuzz/interp.rs` for the format). Byte 0
+//! over three logical threads (see `tests/support/interp.rs` for the format). Byte 0
 //! bit 0 chooses the mode: deterministic (one OS thread, the input picks
 //! which logical thread acts next, full reference-model check after every
 //! op) or real threads (each logical thread on its own OS thread). The
@@ -13,7 +13,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../interp.rs"]
+#[path = "../../tests/support/interp.rs"]
 mod interp;
 
 fuzz_target!(|data: &[u8]| {

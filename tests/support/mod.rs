@@ -8,6 +8,10 @@
 //!   and the after-unbind assertions.
 //! - [`faulty`]: programmable faults (panic, re-enter, block) for the
 //!   callback tests.
+//!
+//! `interp.rs` beside them is not part of this module: it is the operation
+//! interpreter and reference model that `tests/state_machine.rs`,
+//! `tests/fuzz_replay.rs` and the fuzz target each include on their own.
 // Each test file uses a different part.
 #![allow(dead_code)]
 

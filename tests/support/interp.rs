@@ -1,4 +1,5 @@
-//! The operation interpreter and reference model shared by three drivers:
+//! The operation interpreter and reference model shared by three drivers
+//! (it lives with the tests; the fuzz target includes it from here):
 //!
 //! - `tests/state_machine.rs`: proptest generates [`Config`] + `Vec<Op>`,
 //! - `fuzz/fuzz_targets/interleavings.rs`: libFuzzer bytes, [`decode`]d,
