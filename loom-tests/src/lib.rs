@@ -148,6 +148,19 @@ impl Harness {
             .expect("pool builds on a bound device")
     }
 
+    /// A pool whose ring holds one page (a second page dropped is released
+    /// through the gate), cache 2, refill 1, taking memory from `source`.
+    pub fn one_page_ring_pool(&self, source: CheckedSource) -> PagePool {
+        self.device
+            .pool_builder()
+            .cache_size(2)
+            .refill_batch(1)
+            .ring_size(1)
+            .page_source(source)
+            .build()
+            .unwrap()
+    }
+
     /// A small pool that syncs 64 bytes for the device on every recycle.
     /// Bidirectional, so the strict checker allows the sync.
     pub fn sync_pool(&self) -> PagePool {

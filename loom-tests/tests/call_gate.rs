@@ -18,15 +18,7 @@ static RELEASE: Outcomes = Outcomes::new();
 fn gate_racing_unbind(seen: Option<(&'static Outcomes, &'static Outcomes)>) {
     let mut h = Harness::new();
     let (source, frees) = h.checked_source();
-    let mut pool = h
-        .device
-        .pool_builder()
-        .cache_size(2)
-        .refill_batch(1)
-        .ring_size(1)
-        .page_source(source)
-        .build()
-        .unwrap();
+    let mut pool = h.one_page_ring_pool(source);
     let filler = pool.alloc().unwrap();
     let mut synced = pool.alloc().unwrap();
     let dropped = pool.alloc().unwrap();

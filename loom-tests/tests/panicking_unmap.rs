@@ -24,15 +24,7 @@ fn unmap_panics_during_unbind_while_a_page_is_dropped() {
     model(|| {
         let (h, hooks) = Harness::hooked(UnmapHook::PanicAfterUnmap);
         let (source, frees) = h.checked_source();
-        let mut pool = h
-            .device
-            .pool_builder()
-            .cache_size(2)
-            .refill_batch(1)
-            .ring_size(1)
-            .page_source(source)
-            .build()
-            .unwrap();
+        let mut pool = h.one_page_ring_pool(source);
         let ringed = pool.alloc().unwrap();
         let cached = pool.alloc().unwrap();
         let held = pool.alloc().unwrap();

@@ -17,15 +17,7 @@ static REENTRANT: Outcomes = Outcomes::new();
 fn reentrant_drop_racing_unbind(seen: Option<&'static Outcomes>) {
     let (mut h, hooks) = Harness::hooked(UnmapHook::DropPageThenUnmap);
     let (source, frees) = h.checked_source();
-    let mut pool = h
-        .device
-        .pool_builder()
-        .cache_size(2)
-        .refill_batch(1)
-        .ring_size(1)
-        .page_source(source)
-        .build()
-        .unwrap();
+    let mut pool = h.one_page_ring_pool(source);
     let ringed = pool.alloc().unwrap();
     let given = pool.alloc().unwrap();
     let held = pool.alloc().unwrap();
