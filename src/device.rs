@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use crate::dma::DmaOps;
 use crate::error::UnbindError;
 use crate::gate::held;
-use crate::mapping::{free_pages, Unmapper};
+use crate::mapping::{free_pages, free_regions, Unmapper};
 use crate::mode::{Tracked, TrackingMode, Untracked};
 use crate::pool::PagePoolBuilder;
 use crate::shared::{meta_ref, DeviceShared, PageMeta, PoolShared};
@@ -58,6 +58,9 @@ pub struct UnbindReport {
     /// memory stays valid for their holders and is freed, with no device
     /// call, when they come back.
     pub pages_in_flight: usize,
+    /// Regions of region-mapped pools unmapped (one mapping each, whatever
+    /// their pages were doing: cached, in a ring, held outside).
+    pub regions_unmapped: usize,
     /// Bytes unmapped in all.
     pub bytes_unmapped: u64,
     /// Mappings `unbind` could not reach: always 0 on a tracked device; on
@@ -71,10 +74,11 @@ impl fmt::Display for UnbindReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "unbind: {} pools, {} pages from rings + {} in flight unmapped ({} bytes), {} mappings left, in {:?}",
+            "unbind: {} pools, {} pages from rings + {} in flight + {} regions unmapped ({} bytes), {} mappings left, in {:?}",
             self.pools,
             self.pages_from_rings,
             self.pages_in_flight,
+            self.regions_unmapped,
             self.bytes_unmapped,
             self.mappings_left,
             self.duration
@@ -122,14 +126,15 @@ impl<M: TrackingMode> Device<M> {
         self.shared.registry.lock().bound
     }
 
-    /// Mappings recorded in the in-flight tracker (0 when untracked).
+    /// Mappings recorded in the in-flight tracker: pages mapped one by one
+    /// plus regions (0 when untracked).
     pub fn tracked_mappings(&self) -> usize {
-        self.shared.tracker.len()
+        self.shared.tracker.len() + self.shared.region_tracker.len()
     }
 
-    /// Heap bytes the in-flight tracker uses now.
+    /// Heap bytes the in-flight tracker uses now (page and region records).
     pub fn tracker_heap_bytes(&self) -> usize {
-        self.shared.tracker.heap_bytes()
+        self.shared.tracker.heap_bytes() + self.shared.region_tracker.heap_bytes()
     }
 
     /// Untracked devices only: pages whose memory was leaked because they
@@ -224,9 +229,12 @@ impl<M: TrackingMode> Device<M> {
         // 6. The device is gone: free what came back meanwhile.
         let handed_over = shared.finish_unbind();
         panics.run(|| drop(retired));
-        // SAFETY: every page handed over was unmapped in step 3 or 4 (its
-        // record was still in the tracker when it was handed over).
-        panics.run(|| unsafe { free_pages(&handed_over) });
+        // SAFETY: every page and region handed over was unmapped in step 3 or
+        // 4 (its record was still in a tracker when it was handed over).
+        panics.run(|| unsafe { free_pages(&handed_over.pages) });
+        // SAFETY: as above; each region's last page was retired by the
+        // thread that handed it over.
+        panics.run(|| unsafe { free_regions(&handed_over.regions) });
         panics.run(|| drop(pools));
         report.duration = started.elapsed();
         // Unlocked before a callback's panic is resumed: a guard dropped
@@ -262,13 +270,18 @@ fn unmap_everything<M: TrackingMode>(
         }
     };
 
-    // 3. Drain the rings: these pages are the pool's, so free them too.
+    // 3. Drain the rings (and spare lists): these pages are the pool's, so
+    // free them too. A region's pages are retired instead: their region is
+    // unmapped whole in step 4 and freed (in step 6) once all its pages are.
     for pool in pools {
-        let pages = pool.ring.close();
+        let mut pages = pool.ring.close();
+        if let Some(regions) = &pool.regions {
+            pages.extend(regions.spare.close());
+        }
         for &page in &pages {
             // SAFETY: the closed ring handed these pages to us.
             let meta = unsafe { meta_ref(page) };
-            if !M::TRACKED || shared.tracker.remove(meta.record, page) {
+            if meta.region.is_none() && (!M::TRACKED || shared.tracker.remove(meta.record, page)) {
                 unmap(meta, &mut unmapper, report, panics);
             }
         }
@@ -287,6 +300,18 @@ fn unmap_everything<M: TrackingMode>(
             // are closed, so it hands the page to this unbind instead).
             let meta = unsafe { meta_ref(page) };
             unmap(meta, &mut unmapper, report, panics);
+        });
+        report.regions_unmapped = shared.region_tracker.close_and_drain(|region| {
+            // SAFETY: a recorded region is live until its record is removed
+            // and it is unmapped: whoever retires its last page now hands it
+            // to this unbind instead of freeing it.
+            let region = unsafe { region.as_ref() };
+            report.bytes_unmapped += region.mapping().len as u64;
+            if unmapper.push_region(region) {
+                // SAFETY: as in `unmap`: each region's record was removed by
+                // this unbind.
+                panics.run(|| unsafe { unmapper.flush(ops) });
+            }
         });
         // SAFETY: as in `unmap`.
         panics.run(|| unsafe { unmapper.flush(ops) });

@@ -256,6 +256,16 @@ pub trait DmaOps: Send + Sync + 'static {
         true
     }
 
+    /// The smallest block the device's IOMMU can map, in bytes (VFIO: the
+    /// lowest bit of `iova_pgsizes`), or `None` if any page-aligned length
+    /// maps exactly. Read once, when the device is bound. A pool that maps
+    /// page by page refuses pages smaller than this, because mapping one
+    /// would expose its neighbours to the device; a region-mapped pool needs
+    /// regions that are a multiple of it. The default is `None`.
+    fn min_page_size(&self) -> Option<usize> {
+        None
+    }
+
     /// Whether [`cpu_access`](Self::cpu_access) wants to be called. Read
     /// once, when the device is bound; the default is `false`, so real
     /// backends cost nothing.

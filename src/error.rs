@@ -38,6 +38,16 @@ pub enum BuildError {
     Config(ConfigError),
     /// The device was unbound; no new pool can be created on it.
     Unbound,
+    /// The pool maps page by page, and its pages are smaller than the
+    /// smallest page the device's IOMMU maps: mapping one would expose its
+    /// neighbours to the device. Use a higher page order, or a
+    /// region-mapped pool.
+    PageBelowIommuPage {
+        /// The pool's page length.
+        page_len: usize,
+        /// The IOMMU's smallest page ([`DmaOps::min_page_size`](crate::DmaOps::min_page_size)).
+        iommu_page: usize,
+    },
 }
 
 impl fmt::Display for BuildError {
@@ -45,6 +55,13 @@ impl fmt::Display for BuildError {
         match self {
             Self::Config(e) => e.fmt(f),
             Self::Unbound => f.write_str("cannot create a page pool: the device is unbound"),
+            Self::PageBelowIommuPage {
+                page_len,
+                iommu_page,
+            } => write!(
+                f,
+                "cannot create a page pool: {page_len}-byte pages are smaller than the IOMMU's {iommu_page}-byte page (raise the order or map regions)"
+            ),
         }
     }
 }
@@ -53,7 +70,7 @@ impl std::error::Error for BuildError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Config(e) => Some(e),
-            Self::Unbound => None,
+            Self::Unbound | Self::PageBelowIommuPage { .. } => None,
         }
     }
 }

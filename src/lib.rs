@@ -70,7 +70,10 @@ pub use device::{Device, UnbindReport};
 pub use dma::{CpuAccess, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
 pub use error::{AllocError, BuildError, ConfigError, SyncError, UnbindError};
 pub use frag::{Frag, FRAG_ALIGN};
-pub use memory::{GlobalPages, OutOfMemory, PageSource, MAX_ORDER, PAGE_SIZE};
+pub use memory::{
+    GlobalPages, OutOfMemory, PageSource, RegionBacking, RegionBlock, RegionSource, SystemRegions,
+    DEFAULT_REGION_SIZE, MAX_ORDER, MAX_REGION_SIZE, PAGE_SIZE,
+};
 pub use mode::{Tracked, TrackingMode, Untracked};
 pub use page::{put_bulk, Page};
 pub use pool::{
@@ -78,7 +81,7 @@ pub use pool::{
     MAX_CACHE_SIZE, MAX_RING_SIZE,
 };
 pub use shared::SyncForDevice;
-pub use stats::{AllocStats, PoolInfo, PoolStats, RecycleStats};
+pub use stats::{AllocStats, PoolInfo, PoolStats, RecycleStats, RegionInfo};
 
 /// The README's examples, compiled and run as doctests (never built
 /// otherwise).

@@ -127,11 +127,12 @@ pub(crate) fn sync_on_recycle<M: TrackingMode>(
     };
     let len = dirty_len.min(sync.max_len);
     if len > 0 {
+        let (mapping, page_offset) = meta.device_range();
         // SAFETY: the page is live and mapped (the gate is open and the page
         // has not left the pool), the range lies inside it (checked by the
         // builder), and its owner is recycling it, so no CPU reference
         // exists.
-        unsafe { call.sync_for_device(meta.mapping(), sync.offset, len) };
+        unsafe { call.sync_for_device(mapping, page_offset + sync.offset, len) };
     }
     true
 }
@@ -314,12 +315,15 @@ fn sync_through_device<M: TrackingMode>(
     if len == 0 {
         return Ok(());
     }
+    // A region page's range is a sub-range of its region's mapping.
+    let (mapping, page_offset) = meta.device_range();
+    let offset = page_offset + offset;
     match to {
         // SAFETY: the mapping is live (gate open, page owned by the caller),
         // the range is inside it, and no CPU reference exists (caller).
-        SyncTo::Cpu => unsafe { call.sync_for_cpu(meta.mapping(), offset, len) },
+        SyncTo::Cpu => unsafe { call.sync_for_cpu(mapping, offset, len) },
         // SAFETY: as above.
-        SyncTo::Device => unsafe { call.sync_for_device(meta.mapping(), offset, len) },
+        SyncTo::Device => unsafe { call.sync_for_device(mapping, offset, len) },
     }
     Ok(())
 }
@@ -334,7 +338,8 @@ pub(crate) fn cpu_access_hook<M: TrackingMode>(
     let pool = &*meta.pool;
     if pool.device.checks_cpu_access {
         if let Some(call) = pool.device_call() {
-            call.cpu_access(meta.mapping(), offset, len, access);
+            let (mapping, page_offset) = meta.device_range();
+            call.cpu_access(mapping, page_offset + offset, len, access);
         }
     }
 }

@@ -36,12 +36,17 @@ use crate::dma::DmaDirection;
 use crate::error::{AllocError, BuildError, ConfigError};
 use crate::frag::{Frag, FragState};
 use crate::gate::CallGate;
-use crate::mapping::{map_page, release_pages};
-use crate::memory::{GlobalPages, PageSource, MAX_ORDER, PAGE_SIZE};
+use crate::mapping::{map_page, map_region, release_pages};
+use crate::memory::{
+    GlobalPages, PageSource, RegionSource, SystemRegions, DEFAULT_REGION_SIZE, MAX_ORDER,
+    MAX_REGION_SIZE, PAGE_SIZE,
+};
 use crate::mode::{Tracked, TrackingMode};
 use crate::page::{sync_on_recycle, Page, Returning};
 use crate::ring::{PushRefused, Ring};
-use crate::shared::{meta_ref, DeviceShared, PageMeta, PoolConfig, PoolShared, SyncForDevice};
+use crate::shared::{
+    meta_ref, DeviceShared, PageMeta, PoolConfig, PoolShared, RegionPool, SyncForDevice,
+};
 use crate::stats::{OwnerCounters, PoolInfo, PoolStats};
 use crate::sync::{self, Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 use crate::unwind::Panics;
@@ -56,6 +61,12 @@ pub const DEFAULT_RING_SIZE: usize = 1024;
 pub const MAX_RING_SIZE: usize = 16384;
 /// The largest local cache the builder accepts.
 pub const MAX_CACHE_SIZE: usize = 65536;
+
+/// What the builder's range checks accept, spelled from the constants.
+const ORDER_RANGE: &str = concat!("0..=", 10);
+const RING_SIZE_RANGE: &str = concat!("1..=", 16384);
+const CACHE_SIZE_RANGE: &str = concat!("1..=", 65536);
+const _: () = assert!(MAX_ORDER == 10 && MAX_RING_SIZE == 16384 && MAX_CACHE_SIZE == 65536);
 
 /// Builds a [`PagePool`] on a device; from
 /// [`Device::pool_builder`](crate::Device::pool_builder).
@@ -73,6 +84,8 @@ pub struct PagePoolBuilder<'d, M: TrackingMode = Tracked> {
     direction: DmaDirection,
     sync_for_device: Option<SyncForDevice>,
     source: Option<Box<dyn PageSource>>,
+    region_len: Option<usize>,
+    region_source: Option<Box<dyn RegionSource>>,
 }
 
 impl<M: TrackingMode> fmt::Debug for PagePoolBuilder<'_, M> {
@@ -84,6 +97,7 @@ impl<M: TrackingMode> fmt::Debug for PagePoolBuilder<'_, M> {
             .field("refill_batch", &self.refill_batch)
             .field("direction", &self.direction)
             .field("sync_for_device", &self.sync_for_device)
+            .field("region_len", &self.region_len)
             .finish_non_exhaustive()
     }
 }
@@ -99,6 +113,8 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
             direction: DmaDirection::FromDevice,
             sync_for_device: None,
             source: None,
+            region_len: None,
+            region_source: None,
         }
     }
 
@@ -142,9 +158,49 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
     }
 
     /// Takes page memory from `source` instead of the global allocator.
+    /// Not for region-mapped pools, which take regions from a
+    /// [`RegionSource`].
     pub fn page_source(mut self, source: impl PageSource) -> Self {
         self.source = Some(Box::new(source));
         self
+    }
+
+    /// Maps memory a region at a time instead of page by page: each region
+    /// of [`DEFAULT_REGION_SIZE`] (2 MiB) is mapped with one `DmaOps::map`
+    /// and recorded once, and the pool's pages are carved from it. Region
+    /// memory comes from [`SystemRegions`] (huge pages where the system has
+    /// them) unless [`region_source`](Self::region_source) says otherwise.
+    ///
+    /// What it buys: one map, one record and one unmap per region instead
+    /// of per page (the slow path and `unbind` get that much cheaper, and an
+    /// IOMMU with a mapping limit holds 512 times more memory), and huge
+    /// pages for the IOTLB. What it costs: a region stays mapped, and its
+    /// memory pinned, until every one of its pages has left the pool for
+    /// good (the pool dropped or the device unbound), so the pool never
+    /// shrinks while it lives; and the device can reach every page of a
+    /// mapped region, also the ones sitting free in the pool. `unbind`
+    /// still unmaps every region, whatever its pages are doing, and pages
+    /// held outside stay valid memory.
+    pub fn regions(mut self) -> Self {
+        self.region_len.get_or_insert(DEFAULT_REGION_SIZE);
+        self
+    }
+
+    /// The region size of a region-mapped pool (implies
+    /// [`regions`](Self::regions)): a power of two from the page length and
+    /// 4 KiB up to [`MAX_REGION_SIZE`] (1 GiB), and a multiple of the
+    /// device's smallest IOMMU page.
+    pub fn region_size(mut self, bytes: usize) -> Self {
+        self.region_len = Some(bytes);
+        self
+    }
+
+    /// Takes region memory from `source` (implies
+    /// [`regions`](Self::regions)): memory registered elsewhere, or a
+    /// carve-out of your own.
+    pub fn region_source(mut self, source: impl RegionSource) -> Self {
+        self.region_source = Some(Box::new(source));
+        self.regions()
     }
 
     fn validate(&self) -> Result<PoolConfig, ConfigError> {
@@ -156,14 +212,14 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
             })
         };
         if self.order > MAX_ORDER {
-            return bad("order", self.order as usize, "0..=10");
+            return bad("order", self.order as usize, ORDER_RANGE);
         }
         let page_len = PAGE_SIZE << self.order;
         if !(1..=MAX_RING_SIZE).contains(&self.ring_size) {
-            return bad("ring_size", self.ring_size, "1..=16384");
+            return bad("ring_size", self.ring_size, RING_SIZE_RANGE);
         }
         if !(1..=MAX_CACHE_SIZE).contains(&self.cache_size) {
-            return bad("cache_size", self.cache_size, "1..=65536");
+            return bad("cache_size", self.cache_size, CACHE_SIZE_RANGE);
         }
         if !(1..=self.cache_size).contains(&self.refill_batch) {
             return bad("refill_batch", self.refill_batch, "1..=cache_size");
@@ -180,6 +236,34 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
                 );
             }
         }
+        if let Some(region_len) = self.region_len {
+            if !region_len.is_power_of_two()
+                || region_len < page_len
+                || region_len > MAX_REGION_SIZE
+            {
+                return bad(
+                    "region_size",
+                    region_len,
+                    "a power of two from the page length up to MAX_REGION_SIZE",
+                );
+            }
+            if let Some(granule) = self.device.min_page_size {
+                if region_len % granule != 0 {
+                    return bad(
+                        "region_size",
+                        region_len,
+                        "a multiple of the device's smallest IOMMU page",
+                    );
+                }
+            }
+            if self.source.is_some() {
+                return bad(
+                    "page_source",
+                    0,
+                    "no page source on a region-mapped pool (use region_source)",
+                );
+            }
+        }
         Ok(PoolConfig {
             order: self.order,
             page_len,
@@ -188,6 +272,7 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
             cache_size: self.cache_size,
             refill_batch: self.refill_batch,
             sync_for_device: self.sync_for_device,
+            region_len: self.region_len,
         })
     }
 
@@ -195,6 +280,26 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
     pub fn build(self) -> Result<PagePool<M>, BuildError> {
         let config = self.validate()?;
         let device = self.device;
+        if let (None, Some(iommu_page)) = (config.region_len, device.min_page_size) {
+            if config.page_len < iommu_page {
+                return Err(BuildError::PageBelowIommuPage {
+                    page_len: config.page_len,
+                    iommu_page,
+                });
+            }
+        }
+        let regions = config.region_len.map(|len| RegionPool {
+            len,
+            pages_per_region: len / config.page_len,
+            source: self
+                .region_source
+                .unwrap_or_else(|| Box::new(SystemRegions::new())),
+            spare: Ring::unbounded(),
+            mapped: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
+            total: AtomicU64::new(0),
+            backing: Mutex::new(None),
+        });
         let id = sync::next_pool_id();
         let shared = Arc::new(PoolShared {
             gate: CallGate::new(device.key()),
@@ -212,6 +317,7 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
             pages_allocated: AtomicUsize::new(0),
             tracker_shard: id as usize,
             detach_time: Mutex::new(None),
+            regions,
         });
         device.register(Arc::clone(&shared))?;
         Ok(PagePool {
@@ -365,6 +471,9 @@ impl<M: TrackingMode> PagePool<M> {
         let batch = self.shared.config.refill_batch;
         if self.shared.ring.pop_into(&mut self.cache, batch) > 0 {
             self.shared.owner.refill.add(1);
+        } else if self.refill_from_spare(batch) {
+            self.shared.owner.empty.add(1);
+            self.shared.owner.refill.add(1);
         } else {
             self.shared.owner.empty.add(1);
             self.map_fresh_pages()?;
@@ -389,6 +498,12 @@ impl<M: TrackingMode> PagePool<M> {
     /// is leaked either way, also if the page source or `map` panics.
     fn map_fresh_pages(&mut self) -> Result<(), AllocError> {
         let config = self.shared.config;
+        if config.region_len.is_some() {
+            let room = config
+                .refill_batch
+                .min(config.cache_size - self.cache.len());
+            return map_region(&self.shared, &mut self.cache, room);
+        }
         let want = if config.order == 0 {
             config.refill_batch
         } else {
@@ -404,6 +519,15 @@ impl<M: TrackingMode> PagePool<M> {
             }
         }
         Ok(())
+    }
+
+    /// A region-mapped pool's pages that found the ring full wait, mapped,
+    /// in its spare list: the slow path takes them before mapping a region.
+    fn refill_from_spare(&mut self, batch: usize) -> bool {
+        match &self.shared.regions {
+            Some(regions) => regions.spare.pop_into(&mut self.cache, batch) > 0,
+            None => false,
+        }
     }
 
     /// Carves a `size`-byte fragment from the current fragment page, taking
@@ -461,6 +585,11 @@ impl<M: TrackingMode> Drop for PagePool<M> {
         self.shared.closed.store(true, Ordering::Release);
         let mut pages = core::mem::take(&mut self.cache);
         pages.extend(self.shared.ring.close());
+        if let Some(regions) = &self.shared.regions {
+            // Closed with the ring: the pages below leave for good (retired;
+            // each region whose pages are all back is unmapped and freed).
+            pages.extend(regions.spare.close());
+        }
         // SAFETY: the cache and the (now closed) ring owned these pages.
         panics.run(|| unsafe { release_pages(&self.shared, &pages) });
         *self.shared.detach_time.lock() = Some(SystemTime::now());

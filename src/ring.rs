@@ -8,8 +8,10 @@
 //!
 //! # Invariants
 //!
-//! - Never more than `capacity` pages; the storage is allocated once, at
-//!   build time, and never grows.
+//! - A bounded ring never holds more than `capacity` pages; its storage is
+//!   allocated once, at build time, and never grows. The unbounded ring (a
+//!   region pool's spare list) grows only on the slow path that carves a
+//!   region.
 //! - Once closed (by the pool's drop or by `unbind`), a push is refused and
 //!   the page handed back, so nothing enters a ring whose pool or device is
 //!   going away (the CVE-2025-38129 race). Closing hands back everything the
@@ -30,17 +32,24 @@ pub(crate) enum PushRefused {
 
 pub(crate) struct RingState<T> {
     pages: Vec<NonNull<T>>,
+    /// The most pages the ring holds.
+    limit: usize,
     closed: bool,
     pub(crate) counters: RingCounters,
 }
 
 impl<T> RingState<T> {
+    /// Whether the ring was closed: every push is refused.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed
+    }
+
     /// Pushes one page, counting it.
     pub(crate) fn push(&mut self, page: NonNull<T>) -> Result<(), PushRefused> {
         if self.closed {
             return Err(PushRefused::Closed);
         }
-        if self.pages.len() == self.pages.capacity() {
+        if self.pages.len() == self.limit {
             self.counters.ring_full += 1;
             return Err(PushRefused::Full);
         }
@@ -67,6 +76,21 @@ impl<T> Ring<T> {
         Self {
             state: Mutex::new(RingState {
                 pages: Vec::with_capacity(capacity),
+                limit: capacity,
+                closed: false,
+                counters: RingCounters::default(),
+            }),
+        }
+    }
+
+    /// A ring that is never full: a region pool's spare list, which holds at
+    /// most the pages its regions carved, and grows (on the slow path only)
+    /// as regions are added.
+    pub(crate) fn unbounded() -> Self {
+        Self {
+            state: Mutex::new(RingState {
+                pages: Vec::new(),
+                limit: usize::MAX,
                 closed: false,
                 counters: RingCounters::default(),
             }),

@@ -1,5 +1,5 @@
 //! The state a device, its pools and their pages share: [`DeviceShared`],
-//! [`PoolShared`] and [`PageMeta`]. The handles (`Device`, `PagePool`,
+//! [`PoolShared`], [`PageMeta`] and, for region-mapped pools, [`Region`]. The handles (`Device`, `PagePool`,
 //! `Page`, `Frag`) sit on top of it; the lifecycle of a mapping
 //! (`mapping.rs`) and the mechanisms (`gate.rs`, `ring.rs`, `tracker.rs`)
 //! below it.
@@ -15,6 +15,9 @@
 //!   in the device call that maps the page, before any holder but the
 //!   tracker (which treats it as an opaque key) can reach the meta. So any
 //!   holder may read them without synchronisation.
+//! - A region page's meta lives inside its [`Region`], which lives (mapped
+//!   or not) until its last page has left the pool for good; its memory is
+//!   freed only after its one mapping is gone.
 //! - Exactly one owner per page at a time: the local cache, the ring, a
 //!   `Page`, the set of fragments sharing `frag_refs`, or a running
 //!   `unbind` it was handed to.
@@ -27,10 +30,10 @@ use std::time::SystemTime;
 use crate::dma::{DmaAddr, DmaDirection, DmaMapping, DmaOps};
 use crate::error::BuildError;
 use crate::gate::{CallGate, DeviceCall, OpsCell};
-use crate::memory::PageSource;
+use crate::memory::{PageSource, RegionBacking, RegionSource};
 use crate::mode::TrackingMode;
 use crate::ring::Ring;
-use crate::stats::{AllocStats, OwnerCounters, PoolInfo, PoolStats, RecycleStats};
+use crate::stats::{AllocStats, OwnerCounters, PoolInfo, PoolStats, RecycleStats, RegionInfo};
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 use crate::tracker::{InFlightTracker, RecordId};
 
@@ -59,11 +62,20 @@ struct AfterClose<M: TrackingMode> {
     /// `unbind` has unmapped everything: pages coming back are freed at once.
     unbound: bool,
     pages: Vec<NonNull<PageMeta<M>>>,
+    /// Regions whose last page came back meanwhile.
+    regions: Vec<NonNull<Region<M>>>,
 }
 
 // SAFETY: the pointers are owned pages handed over by their last owner;
 // the metadata is Send + Sync.
 unsafe impl<M: TrackingMode> Send for AfterClose<M> {}
+
+/// What came back to a running `unbind`, for it to free once its unmaps
+/// are done.
+pub(crate) struct HandedOver<M: TrackingMode> {
+    pub(crate) pages: Vec<NonNull<PageMeta<M>>>,
+    pub(crate) regions: Vec<NonNull<Region<M>>>,
+}
 
 /// State shared by a device, its pools and their pages.
 pub(crate) struct DeviceShared<M: TrackingMode> {
@@ -72,6 +84,11 @@ pub(crate) struct DeviceShared<M: TrackingMode> {
     pub(crate) needs_sync: bool,
     pub(crate) checks_cpu_access: bool,
     pub(crate) tracker: InFlightTracker<PageMeta<M>>,
+    /// The records of region mappings (one per region, not per page).
+    pub(crate) region_tracker: InFlightTracker<Region<M>>,
+    /// The backend's smallest mapping granule ([`DmaOps::min_page_size`]),
+    /// read once at bind.
+    pub(crate) min_page_size: Option<usize>,
     /// Untracked builds: pages whose memory had to be leaked (see
     /// [`Untracked`](crate::Untracked)).
     pub(crate) leaked_pages: AtomicUsize,
@@ -87,10 +104,13 @@ impl<M: TrackingMode> DeviceShared<M> {
     pub(crate) fn new(ops: Box<dyn DmaOps>) -> Self {
         let checks_cpu_access = ops.checks_cpu_access();
         let needs_sync = ops.needs_sync();
+        let min_page_size = ops.min_page_size();
         Self {
             ops: OpsCell::new(ops),
             needs_sync,
             tracker: InFlightTracker::new(),
+            region_tracker: InFlightTracker::new(),
+            min_page_size,
             checks_cpu_access,
             leaked_pages: AtomicUsize::new(0),
             registry: Mutex::new(Registry {
@@ -102,6 +122,7 @@ impl<M: TrackingMode> DeviceShared<M> {
             after_close: Mutex::new(AfterClose {
                 unbound: false,
                 pages: Vec::new(),
+                regions: Vec::new(),
             }),
         }
     }
@@ -140,11 +161,27 @@ impl<M: TrackingMode> DeviceShared<M> {
         true
     }
 
-    /// Marks the unmaps done and takes the pages handed over meanwhile.
-    pub(crate) fn finish_unbind(&self) -> Vec<NonNull<PageMeta<M>>> {
+    /// Hands `regions` (each with no page left) to a running `unbind`;
+    /// returns `false` (keeping nothing) if `unbind` has already finished
+    /// its unmaps.
+    pub(crate) fn defer_regions_until_unbound(&self, regions: &[NonNull<Region<M>>]) -> bool {
+        let mut after_close = self.after_close.lock();
+        if after_close.unbound {
+            return false;
+        }
+        after_close.regions.extend_from_slice(regions);
+        true
+    }
+
+    /// Marks the unmaps done and takes the pages and regions handed over
+    /// meanwhile.
+    pub(crate) fn finish_unbind(&self) -> HandedOver<M> {
         let mut after_close = self.after_close.lock();
         after_close.unbound = true;
-        core::mem::take(&mut after_close.pages)
+        HandedOver {
+            pages: core::mem::take(&mut after_close.pages),
+            regions: core::mem::take(&mut after_close.regions),
+        }
     }
 }
 
@@ -167,6 +204,8 @@ pub(crate) struct PoolConfig {
     pub(crate) cache_size: usize,
     pub(crate) refill_batch: usize,
     pub(crate) sync_for_device: Option<SyncForDevice>,
+    /// Region size in bytes for a region-mapped pool; `None` maps per page.
+    pub(crate) region_len: Option<usize>,
 }
 
 /// What a pool shares with its pages and its device.
@@ -193,6 +232,30 @@ pub(crate) struct PoolShared<M: TrackingMode> {
     pub(crate) pages_allocated: AtomicUsize,
     pub(crate) tracker_shard: usize,
     pub(crate) detach_time: Mutex<Option<SystemTime>>,
+    /// Region-mapped pools only.
+    pub(crate) regions: Option<RegionPool<M>>,
+}
+
+/// What a region-mapped pool keeps besides what every pool keeps.
+pub(crate) struct RegionPool<M: TrackingMode> {
+    /// Bytes per region: a power of two, a multiple of the page length.
+    pub(crate) len: usize,
+    /// Pages carved from each region.
+    pub(crate) pages_per_region: usize,
+    pub(crate) source: Box<dyn RegionSource>,
+    /// Mapped pages that found the ring full: a region's pages never leave
+    /// it one by one, so they wait here for the slow path. Closed with the
+    /// ring.
+    pub(crate) spare: Ring<PageMeta<M>>,
+    /// Regions mapped now.
+    pub(crate) mapped: AtomicUsize,
+    /// Regions allocated and not yet freed (mapped, or unmapped by `unbind`
+    /// while some of their pages are still held).
+    pub(crate) live: AtomicUsize,
+    /// Regions ever mapped.
+    pub(crate) total: AtomicU64,
+    /// What the last region allocated got.
+    pub(crate) backing: Mutex<Option<RegionBacking>>,
 }
 
 impl<M: TrackingMode> PoolShared<M> {
@@ -245,6 +308,19 @@ impl<M: TrackingMode> PoolShared<M> {
             inflight: stats.pages_in_flight,
             inflight_mem: stats.bytes_in_flight,
             detach_time: *self.detach_time.lock(),
+            regions: self.regions.as_ref().map(|r| {
+                let live = r.live.load(Ordering::Relaxed) as u64;
+                let mapped = r.mapped.load(Ordering::Relaxed) as u64;
+                RegionInfo {
+                    region_len: r.len,
+                    regions_mapped: mapped,
+                    regions_live: live,
+                    regions_total: r.total.load(Ordering::Relaxed),
+                    pages_carved: live * r.pages_per_region as u64,
+                    bytes_pinned: mapped * r.len as u64,
+                    backing: *r.backing.lock(),
+                }
+            }),
         }
     }
 }
@@ -261,6 +337,9 @@ pub(crate) struct PageMeta<M: TrackingMode> {
     pub(crate) pool: Arc<PoolShared<M>>,
     /// Fragment references (see `frag.rs`); unused for whole pages.
     pub(crate) frag_refs: AtomicUsize,
+    /// The region the page was carved from, in a region-mapped pool; the
+    /// page is then part of the region's mapping, not a mapping of its own.
+    pub(crate) region: Option<NonNull<Region<M>>>,
 }
 
 // SAFETY: all fields but `frag_refs` (atomic) are written before the meta is
@@ -273,10 +352,73 @@ unsafe impl<M: TrackingMode> Send for PageMeta<M> {}
 unsafe impl<M: TrackingMode> Sync for PageMeta<M> {}
 
 impl<M: TrackingMode> PageMeta<M> {
+    /// The page's own mapping. Only for pages mapped one by one.
     pub(crate) fn mapping(&self) -> DmaMapping {
+        debug_assert!(self.region.is_none());
         DmaMapping {
             addr: self.dma,
             len: self.pool.config.page_len,
+            direction: self.pool.config.direction,
+        }
+    }
+
+    /// The mapping the page lies in and the page's offset inside it: its
+    /// own mapping at 0, or its region's mapping at its place in the region.
+    /// Syncs of a region page are sub-range syncs of its region's mapping.
+    #[inline]
+    pub(crate) fn device_range(&self) -> (DmaMapping, usize) {
+        match self.region {
+            None => (self.mapping(), 0),
+            Some(region) => {
+                // SAFETY: a region outlives each of its pages' metas (they
+                // live inside it), and its fields are immutable once shared.
+                let region = unsafe { region.as_ref() };
+                let offset = self.cpu.as_ptr().addr() - region.cpu.as_ptr().addr();
+                (region.mapping(), offset)
+            }
+        }
+    }
+}
+
+/// One region of a region-mapped pool: a block of contiguous memory mapped
+/// with one `DmaOps::map` and carved into the pool's pages.
+///
+/// Lives until its last page has left the pool for good (pool dropped or
+/// device unbound): whoever retires the last page owns the region and
+/// releases it (`mapping::region`). All fields but `live_pages` are written
+/// before the region is shared and never again; `record` is written in the
+/// device call that mapped it, before anyone but the tracker can reach it.
+pub(crate) struct Region<M: TrackingMode> {
+    /// The region's memory, from the pool's region source.
+    pub(crate) cpu: NonNull<u8>,
+    pub(crate) backing: RegionBacking,
+    /// Where the device sees the region.
+    pub(crate) dma: DmaAddr,
+    /// The region's record in the device's region tracker.
+    pub(crate) record: RecordId,
+    /// The pool the region belongs to; kept alive by the region.
+    pub(crate) pool: Arc<PoolShared<M>>,
+    /// Pages of the region that have not yet left the pool for good.
+    pub(crate) live_pages: AtomicUsize,
+    /// The metas of the region's pages, in address order: a leaked
+    /// `Box<[PageMeta]>`, reclaimed when the region is freed (page handles
+    /// point into it).
+    pub(crate) pages: NonNull<[PageMeta<M>]>,
+}
+
+// SAFETY: as for `PageMeta`: immutable after publication but for the atomic
+// `live_pages`; the memory behind `cpu` is reached through page handles,
+// under the one-owner rule.
+unsafe impl<M: TrackingMode> Send for Region<M> {}
+// SAFETY: as above.
+unsafe impl<M: TrackingMode> Sync for Region<M> {}
+
+impl<M: TrackingMode> Region<M> {
+    /// The region's one mapping.
+    pub(crate) fn mapping(&self) -> DmaMapping {
+        DmaMapping {
+            addr: self.dma,
+            len: self.pages.len() * self.pool.config.page_len,
             direction: self.pool.config.direction,
         }
     }

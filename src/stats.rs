@@ -13,6 +13,7 @@
 
 use std::time::SystemTime;
 
+use crate::memory::RegionBacking;
 use crate::sync::{AtomicU64, Ordering};
 
 /// Allocation counters (Linux: `page_pool_alloc_stats`).
@@ -49,7 +50,9 @@ pub struct RecycleStats {
     pub cache_full: u64,
     /// Pages recycled into the shared ring.
     pub ring: u64,
-    /// Pages that found the ring full and left the pool (unmapped, freed).
+    /// Pages that found the ring full: left the pool (unmapped and freed),
+    /// or, in a region-mapped pool, went to the pool's spare list (a
+    /// region's pages stay mapped with their region).
     pub ring_full: u64,
     /// Pages that came back after their pool was dropped or its device
     /// unbound, and were released instead of recycled.
@@ -84,6 +87,31 @@ pub struct PoolInfo {
     pub inflight_mem: u64,
     /// When the pool was dropped by its owner, if it was (`detach-time`).
     pub detach_time: Option<SystemTime>,
+    /// A region-mapped pool's regions; `None` for a pool mapped page by
+    /// page.
+    pub regions: Option<RegionInfo>,
+}
+
+/// The regions of a region-mapped pool (see
+/// [`PagePoolBuilder::regions`](crate::PagePoolBuilder::regions)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// Bytes per region.
+    pub region_len: usize,
+    /// Regions mapped now: one device mapping each.
+    pub regions_mapped: u64,
+    /// Regions allocated now: the mapped ones, plus those `unbind` unmapped
+    /// while some of their pages were still held.
+    pub regions_live: u64,
+    /// Regions mapped since the pool was built.
+    pub regions_total: u64,
+    /// Pages carved from the regions allocated now.
+    pub pages_carved: u64,
+    /// Memory pinned for the device now: every mapped region whole, free
+    /// pages included (`regions_mapped * region_len`).
+    pub bytes_pinned: u64,
+    /// What backs the last region allocated (huge pages or not).
+    pub backing: Option<RegionBacking>,
 }
 
 /// A counter with a single writer: bumped by load + store, never an atomic

@@ -5,12 +5,20 @@
 //! the block's DMA mapping is gone (invariant 4). The default source,
 //! [`GlobalPages`], uses the global allocator; supply your own to take pages
 //! from hugepages or from a pre-registered region.
+//!
+//! A region-mapped pool takes whole regions instead, from a
+//! [`RegionSource`] ([`regions`]).
 
 use core::alloc::Layout;
 use core::fmt;
 use core::ptr::NonNull;
 
 use crate::sync;
+
+pub(crate) mod regions;
+pub use regions::{
+    RegionBacking, RegionBlock, RegionSource, SystemRegions, DEFAULT_REGION_SIZE, MAX_REGION_SIZE,
+};
 
 /// Size of an order-0 page: 4 KiB.
 pub const PAGE_SIZE: usize = 4096;

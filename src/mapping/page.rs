@@ -1,95 +1,23 @@
-//! A page's mapping, from `map` to free: the one place where a mapping
-//! begins ([`map_page`]) and ends ([`release_pages`], and `unbind` through
-//! [`Unmapper`]), and the one owner of the `pages_mapped` and
-//! `pages_allocated` counters.
-//!
-//! # The rule
-//!
-//! **Whoever removes a page's tracker record unmaps it, and only after the
-//! unmap may the page be freed.** A page leaving its pool removes its own
-//! record inside a device call ([`PoolShared::device_call`]), unmaps it in
-//! the same call, then frees the page outside it. `unbind` removes every
-//! record left, and so unmaps every mapping left, only after it has closed
-//! every gate and waited for the calls in progress; pages that come back
-//! meanwhile are handed to it ([`DeviceShared::free_after_unbind`]) and
-//! freed once its unmaps are done.
+//! Pools that map page by page: [`map_page`] maps and records one page,
+//! [`release_pages`] takes pages out of their pool (remove the record,
+//! unmap, free), [`free_pages`] frees pages whose mapping is gone.
 //!
 //! # Invariants
 //!
-//! - No mapping without a record: [`map_page`] records a page in the same
-//!   device call that mapped it, so an `unbind` either waits for that call
-//!   (and then finds the record) or closed the gate before it (and then the
-//!   page was never mapped). Memory allocated for a page that is not mapped
-//!   in the end (error, panic, unbind) goes back to its source at once.
-//! - A record is removed before its mapping is handed to `unmap_batch`, so a
-//!   backend that panics can never see the same mapping twice.
-//! - Page memory is freed only after its unmap returned (or, if the unmap
-//!   panicked, after the call that counts as made), and never inside a
-//!   device call: `PageSource` calls run outside every gate.
-//! - Every `PageSource::free_pages` of a batch is made even if one panics,
-//!   and a release goes on after a panicking `unmap_batch`; the first panic
-//!   goes on afterwards. The guards that do this cost nothing on the normal
-//!   path (no `catch_unwind` there).
+//! See the [parent module](super): no mapping without a record; a record
+//! removed before its unmap; memory freed only after the unmap, outside
+//! every device call; every free of a batch made even if one panics.
 
-use core::mem::MaybeUninit;
 use core::ptr::NonNull;
 
-use crate::dma::{DmaMapping, DmaOps};
+use super::region::{retire_pages, return_pages};
+use super::unmapper::{Unmapper, UNMAP_BATCH};
 use crate::error::AllocError;
 use crate::mode::TrackingMode;
 use crate::shared::{meta_ref, DeviceShared, PageMeta, PoolShared};
 use crate::sync::{Arc, AtomicUsize, Ordering};
 use crate::tracker::{InsertError, RecordId};
 use crate::unwind::Panics;
-
-/// Mappings handed to one `unmap_batch` call.
-pub(crate) const UNMAP_BATCH: usize = 64;
-
-/// Mappings waiting for one `unmap_batch` call, on the stack. The array is
-/// left uninitialised until pushed to, so a one-page release does not write
-/// the whole batch.
-pub(crate) struct Unmapper {
-    /// `batch[..len]` are initialised.
-    batch: [MaybeUninit<DmaMapping>; UNMAP_BATCH],
-    len: usize,
-}
-
-impl Unmapper {
-    pub(crate) const fn new() -> Self {
-        Self {
-            batch: [const { MaybeUninit::uninit() }; UNMAP_BATCH],
-            len: 0,
-        }
-    }
-
-    /// Adds the mapping of `meta`, whose record the caller removed (or, in
-    /// an untracked build, whose page the caller owns). Returns whether the
-    /// batch is now full and must be flushed.
-    pub(crate) fn push<M: TrackingMode>(&mut self, meta: &PageMeta<M>) -> bool {
-        self.batch[self.len].write(meta.mapping());
-        self.len += 1;
-        meta.pool.pages_mapped.fetch_sub(1, Ordering::Relaxed);
-        self.len == UNMAP_BATCH
-    }
-
-    /// Unmaps the batch in one call and empties it (also if the call
-    /// panics: a call that panics counts as made, never repeated).
-    ///
-    /// # Safety
-    /// Every mapping pushed came from a successful `map` on `ops` and had
-    /// its record removed by the caller; none is unmapped elsewhere.
-    pub(crate) unsafe fn flush(&mut self, ops: &dyn DmaOps) {
-        let len = core::mem::take(&mut self.len);
-        if len > 0 {
-            // SAFETY: `batch[..len]` were written by `push` (`DmaMapping` is
-            // `Copy`, so nothing needs dropping), and `MaybeUninit<T>` has
-            // `T`'s layout.
-            let batch = unsafe { &*(&raw const self.batch[..len] as *const [DmaMapping]) };
-            // SAFETY: forwarded caller contract.
-            unsafe { ops.unmap_batch(batch) };
-        }
-    }
-}
 
 /// Page memory taken from a source and not (yet) part of a page: goes back
 /// to the source when dropped, also on unwind.
@@ -152,6 +80,7 @@ pub(crate) fn map_page<M: TrackingMode>(
         record: RecordId::NONE,
         pool: Arc::clone(pool),
         frag_refs: AtomicUsize::new(0),
+        region: None,
     })));
     pool.pages_allocated.fetch_add(1, Ordering::Relaxed);
     pool.pages_mapped.fetch_add(1, Ordering::Relaxed);
@@ -219,11 +148,17 @@ pub(crate) unsafe fn free_pages<M: TrackingMode>(pages: &[NonNull<PageMeta<M>>])
     }
 }
 
-/// Frees one page's memory and metadata.
+/// Frees one page's memory and metadata; a region page is retired instead
+/// (its region is freed with its last page).
 ///
 /// # Safety
 /// As for [`free_pages`].
 unsafe fn free_page<M: TrackingMode>(meta: NonNull<PageMeta<M>>) {
+    // SAFETY: live until freed here (caller contract).
+    if unsafe { meta_ref(meta) }.region.is_some() {
+        // SAFETY: owned by the caller, leaving the pool for good.
+        return unsafe { retire_pages(&[meta]) };
+    }
     // SAFETY: metas are created with `Box::leak` in `map_page` and freed
     // only here, once (caller contract).
     let meta = unsafe { Box::from_raw(meta.as_ptr()) };
@@ -250,6 +185,11 @@ pub(crate) unsafe fn release_pages<M: TrackingMode>(
     pool: &PoolShared<M>,
     pages: &[NonNull<PageMeta<M>>],
 ) {
+    if pool.regions.is_some() {
+        // A region's pages are not mapped one by one.
+        // SAFETY: forwarded caller contract.
+        return unsafe { return_pages(pool, pages) };
+    }
     /// Finishes the release if a callback panics: frees the pages whose
     /// unmap was made (or panicked, which counts as made) and releases the
     /// rest; the panic then goes on. Nothing runs on the normal path (no
