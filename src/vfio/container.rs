@@ -617,6 +617,13 @@ impl DmaOps for VfioDma {
     fn needs_sync(&self) -> bool {
         false
     }
+
+    /// The IOMMU's smallest page (the lowest bit of `iova_pgsizes`): a pool
+    /// whose pages are smaller is refused, since mapping one would expose
+    /// the rest of its IOMMU page to the device.
+    fn min_page_size(&self) -> Option<usize> {
+        usize::try_from(self.inner.page_size).ok()
+    }
 }
 
 #[cfg(test)]
