@@ -31,6 +31,12 @@
 //!   both pools on one device or each on its own.
 //! - `unbind_during_slow_map`: `unbind` while another thread's slow path maps
 //!   a batch of 1024 pages with a 1 ms `map`.
+//! - `regions`: region-mapped pools against pools mapped page by page.
+//!   `slow_fill/*`: a fresh pool hands out [`FILL_PAGES`] pages, all from
+//!   the slow path, and everything is given back and unmapped (pages
+//!   dropped, pool dropped): the whole life of a mapping per page, with the
+//!   no-op backend and with one whose `map` spins for 1 µs. `unbind_1M`:
+//!   `unbind` with 1 M region pages held outside the pool.
 //!
 //! With `PAGEPOOL_COUNT=<workload>:<n>` in the environment the binary runs
 //! one workload `n` times instead, for instruction counts under callgrind
@@ -49,7 +55,8 @@ use crossbeam_queue::ArrayQueue;
 use lockfree_object_pool::{LinearObjectPool, SpinLockObjectPool};
 use pagepool::{
     put_bulk, Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, OutOfMemory, Page,
-    PagePool, PageSource, Tracked, TrackingMode, Untracked, PAGE_SIZE,
+    PagePool, PageSource, RegionBacking, RegionBlock, RegionSource, Tracked, TrackingMode,
+    Untracked, DEFAULT_REGION_SIZE, PAGE_SIZE,
 };
 
 type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>;
@@ -197,6 +204,96 @@ unsafe impl PageSource for ArenaPages {
     unsafe fn free_pages(&self, block: NonNull<u8>, _order: u32) {
         arena().free.lock().unwrap().push(block.as_ptr() as usize);
     }
+}
+
+/// Regions carved out of one large, never-touched allocation, as
+/// [`ArenaPages`] for pages: a lock and a pointer pop per region.
+struct RegionArena {
+    free: Mutex<Vec<usize>>,
+}
+
+/// 2 MiB regions in the arena: 1 M pages for the largest unbind, plus
+/// slack.
+const ARENA_REGIONS: usize = (1 << 20) / (DEFAULT_REGION_SIZE / PAGE_SIZE) + 16;
+
+fn region_arena() -> &'static RegionArena {
+    static ARENA: OnceLock<RegionArena> = OnceLock::new();
+    ARENA.get_or_init(|| {
+        let layout =
+            Layout::from_size_align(ARENA_REGIONS * DEFAULT_REGION_SIZE, DEFAULT_REGION_SIZE)
+                .unwrap();
+        // SAFETY: non-zero size. Never freed: the arena lives for the process.
+        // The kernel backs it lazily; nothing here touches the pages.
+        let base = unsafe { std::alloc::alloc(layout) };
+        assert!(!base.is_null(), "region arena allocation failed");
+        let free = (0..ARENA_REGIONS)
+            .rev()
+            .map(|i| base as usize + i * DEFAULT_REGION_SIZE)
+            .collect();
+        RegionArena {
+            free: Mutex::new(free),
+        }
+    })
+}
+
+#[derive(Clone, Copy)]
+struct ArenaRegions;
+
+// SAFETY: every block is a distinct, 2 MiB-aligned 2 MiB piece of one live
+// allocation that is never freed; a block is handed out at most once until
+// it is given back.
+unsafe impl RegionSource for ArenaRegions {
+    fn alloc_region(&self, len: usize) -> Result<RegionBlock, OutOfMemory> {
+        assert_eq!(
+            len, DEFAULT_REGION_SIZE,
+            "the arena hands out 2 MiB regions"
+        );
+        let addr = region_arena()
+            .free
+            .lock()
+            .unwrap()
+            .pop()
+            .ok_or(OutOfMemory)?;
+        Ok(RegionBlock {
+            ptr: NonNull::new(addr as *mut u8).ok_or(OutOfMemory)?,
+            backing: RegionBacking::User,
+        })
+    }
+
+    unsafe fn free_region(&self, block: RegionBlock, _len: usize) {
+        region_arena()
+            .free
+            .lock()
+            .unwrap()
+            .push(block.ptr.as_ptr() as usize);
+    }
+}
+
+/// [`NoopOps`] whose `map` spins for [`SPIN_MAP`]: an IOMMU map with a
+/// realistic price (the kernel's IOMMU benchmark reports about 1 µs per
+/// small mapping).
+struct SpinMapOps;
+
+/// How long one [`SpinMapOps::map`] spins.
+const SPIN_MAP: Duration = Duration::from_micros(1);
+
+impl DmaOps for SpinMapOps {
+    unsafe fn map(
+        &self,
+        cpu: NonNull<u8>,
+        len: usize,
+        direction: DmaDirection,
+    ) -> Result<DmaAddr, DmaError> {
+        let start = Instant::now();
+        while start.elapsed() < SPIN_MAP {
+            std::hint::spin_loop();
+        }
+        // SAFETY: forwarded contract.
+        unsafe { NoopOps.map(cpu, len, direction) }
+    }
+    unsafe fn unmap(&self, _mapping: DmaMapping) {}
+    unsafe fn sync_for_device(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
+    unsafe fn sync_for_cpu(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
 }
 
 // ---------------------------------------------------------------------------
@@ -1133,6 +1230,101 @@ fn unbind(c: &mut Criterion) {
     g.finish();
 }
 
+// ---------------------------------------------------------------------------
+// Region-mapped pools against pools mapped page by page.
+
+/// Pages each `slow_fill` round maps and unmaps: 8 regions.
+const FILL_PAGES: usize = 8 * DEFAULT_REGION_SIZE / PAGE_SIZE;
+
+/// One `slow_fill` round: a fresh pool hands out `FILL_PAGES` pages from
+/// its slow path, then the pages and the pool are dropped, which unmaps
+/// everything. Returns the tracker's heap bytes at the peak.
+fn fill_round(device: &Device, regions: bool, held: &mut Vec<Page>) -> usize {
+    let builder = device.pool_builder().cache_size(64).refill_batch(64);
+    let builder = if regions {
+        builder.region_source(ArenaRegions)
+    } else {
+        builder.page_source(ArenaPages)
+    };
+    let mut pool = builder.build().unwrap();
+    held.extend((0..FILL_PAGES).map(|_| pool.alloc().unwrap()));
+    let tracker_bytes = device.tracker_heap_bytes();
+    held.clear();
+    drop(pool);
+    tracker_bytes
+}
+
+fn slow_fill(g: &mut Group<'_>, backend: &str, ops: fn() -> Device) {
+    for (mode, regions) in [("per_page", false), ("region", true)] {
+        let mut held: Vec<Page> = Vec::with_capacity(FILL_PAGES);
+        // Tracker bytes per page in flight, on a fresh device: what the
+        // records cost above the empty tracker.
+        let fresh = ops();
+        let empty = fresh.tracker_heap_bytes();
+        let peak = fill_round(&fresh, regions, &mut held);
+        eprintln!(
+            "regions/slow_fill/{mode}/{backend}: {:.3} tracker bytes per page in flight",
+            (peak - empty) as f64 / FILL_PAGES as f64
+        );
+        drop(fresh);
+        let device = ops();
+        g.bench_function(format!("slow_fill/{mode}/{backend}"), |b| {
+            b.iter_custom(|iters| {
+                // One iteration is one page: whole rounds, the time scaled
+                // to the pages asked for.
+                let rounds = (iters as usize).div_ceil(FILL_PAGES);
+                let start = Instant::now();
+                for _ in 0..rounds {
+                    fill_round(&device, regions, &mut held);
+                }
+                start
+                    .elapsed()
+                    .mul_f64(iters as f64 / (rounds * FILL_PAGES) as f64)
+            })
+        });
+        drop(device);
+    }
+}
+
+fn regions(c: &mut Criterion) {
+    let mut g = c.benchmark_group("regions");
+    g.throughput(Throughput::Elements(1));
+    slow_fill(&mut g, "noop", || Device::new(NoopOps));
+    slow_fill(&mut g, "map1us", || Device::new(SpinMapOps));
+
+    const PAGES: usize = 1 << 20;
+    g.throughput(Throughput::Elements(PAGES as u64));
+    g.sampling_mode(criterion::SamplingMode::Flat);
+    g.sample_size(10);
+    g.bench_function("unbind_1M", |b| {
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            let mut held: Vec<Page> = Vec::with_capacity(PAGES);
+            for _ in 0..iters {
+                let device = Device::new(NoopOps);
+                let mut pool = device
+                    .pool_builder()
+                    .region_source(ArenaRegions)
+                    .build()
+                    .unwrap();
+                held.extend((0..PAGES).map(|_| pool.alloc().unwrap()));
+                let start = Instant::now();
+                let report = device.unbind().unwrap();
+                timed += start.elapsed();
+                assert_eq!(
+                    report.regions_unmapped,
+                    PAGES * PAGE_SIZE / DEFAULT_REGION_SIZE,
+                    "{report}"
+                );
+                held.clear();
+                drop(pool);
+            }
+            timed
+        })
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(500))
@@ -1292,7 +1484,7 @@ fn count(spec: &str) {
 criterion_group! {
     name = benches;
     config = config();
-    targets = single_thread, ring, slow, cross_thread, unbind, sync, unbind_during_slow_map
+    targets = single_thread, ring, slow, cross_thread, unbind, sync, unbind_during_slow_map, regions
 }
 
 fn main() {
