@@ -1,7 +1,7 @@
 //! Replays the fuzz target's seed corpus (`fuzz/seeds/interleavings/`) and
 //! every saved fuzz regression (`fuzz/regressions/interleavings/`) on
 //! stable, as an ordinary `cargo test`, with the very interpreter the fuzz
-//! target runs (`tests/support/interp.rs`). Each input runs in both modes: the
+//! target runs (`tests/support/interp/`). Each input runs in both modes: the
 //! deterministic one with the full reference-model check, and the one with
 //! real threads.
 //!
@@ -9,12 +9,13 @@
 //! them (or the encoding) run
 //! `cargo test --features bytes --test fuzz_replay -- --ignored write_seeds`.
 
-#[path = "support/interp.rs"]
+#[path = "support/interp/mod.rs"]
 mod interp;
 
 use std::path::{Path, PathBuf};
 
-use interp::{encode, pool_cfg_from, Callback, Config, How, Op, UnbindHow};
+use interp::codec::{encode, pool_cfg_from};
+use interp::ops::{Callback, Config, How, Op, UnbindHow};
 
 fn inputs(dir: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
@@ -36,10 +37,10 @@ fn inputs(dir: &str) -> Vec<PathBuf> {
 
 fn replay(path: &Path) {
     let data = std::fs::read(path).expect("readable input");
-    let (cfg, _threaded, ops) = interp::decode(&data);
+    let (cfg, _threaded, ops) = interp::codec::decode(&data);
     eprintln!("replaying {} ({} ops)", path.display(), ops.len());
-    interp::run(&cfg, &ops);
-    interp::run_threaded(&cfg, &ops);
+    interp::harness::run(&cfg, &ops);
+    interp::actors::run_threaded(&cfg, &ops);
 }
 
 #[test]
@@ -71,7 +72,7 @@ fn seed_files_are_current() {
             "fuzz/seeds/interleavings/{name} is stale: run \
              `cargo test --features bytes --test fuzz_replay -- --ignored write_seeds`"
         );
-        let (dcfg, dthreaded, dops) = interp::decode(&want);
+        let (dcfg, dthreaded, dops) = interp::codec::decode(&want);
         assert_eq!(
             (dcfg, dthreaded, dops),
             (cfg, threaded, ops),
@@ -111,7 +112,7 @@ fn panic_config() -> Config {
 #[test]
 fn panicking_recycle_sync_counts_the_page_returned() {
     use Op::*;
-    interp::run(
+    interp::harness::run(
         &panic_config(),
         &[
             Alloc { t: 0 },
@@ -133,7 +134,7 @@ fn panicking_recycle_sync_counts_the_page_returned() {
 #[test]
 fn panicking_pool_drop_unregisters_the_pool() {
     use Op::*;
-    interp::run(
+    interp::harness::run(
         &panic_config(),
         &[
             Alloc { t: 0 },
@@ -151,7 +152,7 @@ fn panicking_pool_drop_unregisters_the_pool() {
 #[test]
 fn panicking_pool_drop_releases_the_cache() {
     use Op::*;
-    interp::run(
+    interp::harness::run(
         &panic_config(),
         &[
             AllocFrag { t: 0, size: 100 },

@@ -28,8 +28,10 @@ use pagepool::checking::Violation;
 use pagepool::{
     AllocError, BuildError, Device, DmaDirection, Page, SyncError, UnbindReport, PAGE_SIZE,
 };
-use support::checks::{assert_unbound_clean, checker, slow_checker, GuardedPages, SpyOps};
-use support::counting::{CountingOps, CountingPages};
+use support::checks::{
+    assert_unbound_clean, checker, slow_checker, CountingOps, GuardedPages, SpyOps,
+};
+use support::counting::CountingPages;
 
 // ---------------------------------------------------------------------------
 // Invariant 1: every mapping is unmapped exactly once.

@@ -17,9 +17,9 @@ use pagepool::{
     DEFAULT_RING_SIZE, FRAG_ALIGN, MAX_CACHE_SIZE, MAX_ORDER, MAX_RING_SIZE, PAGE_SIZE,
 };
 use support::checks::{
-    assert_unbound_clean, checker, GuardedPages, LimitedPages, SpyOps, SyncCall,
+    assert_unbound_clean, checker, CountingOps, GuardedPages, LimitedPages, SpyOps, SyncCall,
 };
-use support::counting::{CountingOps, CountingPages};
+use support::counting::CountingPages;
 
 fn pool_on(device: &Device, pages: &GuardedPages) -> PagePool {
     device

@@ -14,7 +14,7 @@
 //! (`map`, `unmap_batch`, either sync, `on_unbind`, the page source's
 //! `alloc_pages` / `free_pages`) panics, or drops one of the held buffers
 //! from inside the call (a re-entrant drop). The interpreter and reference
-//! model are shared with the fuzz target (`tests/support/interp.rs`): after every
+//! model are shared with the fuzz target (`tests/support/interp/`): after every
 //! operation the model's pages in flight, cached, mapped, live and freed
 //! are compared with the pool stats, the checking device, the tracker and a
 //! counting page source, and the model says whether each pool call raises
@@ -32,10 +32,11 @@
 //! short cases run: `cargo +nightly miri test --features bytes --test
 //! state_machine`.
 
-#[path = "support/interp.rs"]
+#[path = "support/interp/mod.rs"]
 mod interp;
 
-use interp::{pool_cfg_from, Callback, Config, How, Op, UnbindHow};
+use interp::codec::pool_cfg_from;
+use interp::ops::{Callback, Config, How, Op, UnbindHow};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 
@@ -143,7 +144,7 @@ proptest! {
 
     #[test]
     fn pool_state_machine(cfg in config(), ops in proptest::collection::vec(op(), 1..=MAX_OPS)) {
-        interp::run(&cfg, &ops);
+        interp::harness::run(&cfg, &ops);
     }
 }
 
@@ -373,6 +374,6 @@ fn scenarios() {
         ),
     ];
     for (cfg, ops) in &scenarios {
-        interp::run(cfg, ops);
+        interp::harness::run(cfg, ops);
     }
 }

@@ -1,11 +1,11 @@
 //! Checks shared by the integration tests: the checking device as the tests
 //! configure it, a page source that proves invariant 4, a `DmaOps` spy that
-//! proves invariant 2, a tiny RNG, and the "everything is clean after
-//! unbind" assertion.
+//! proves invariant 2, a `DmaOps` that only counts its calls, a tiny RNG,
+//! and the "everything is clean after unbind" assertion.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -343,6 +343,33 @@ impl DmaOps for SpyOps {
             self.inner.on_unbind();
         }
         self.state.unbound.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A device that maps nothing real: counts calls, hands out fake addresses.
+#[derive(Clone, Default)]
+pub struct CountingOps {
+    pub maps: Arc<AtomicU64>,
+    pub unmaps: Arc<AtomicU64>,
+    pub syncs: Arc<AtomicU64>,
+    next: Arc<AtomicU64>,
+}
+
+impl DmaOps for CountingOps {
+    unsafe fn map(&self, _: NonNull<u8>, len: usize, _: DmaDirection) -> Result<DmaAddr, DmaError> {
+        self.maps.fetch_add(1, Ordering::SeqCst);
+        Ok(DmaAddr(
+            0x1000_0000 + self.next.fetch_add(len as u64, Ordering::SeqCst),
+        ))
+    }
+    unsafe fn unmap(&self, _: DmaMapping) {
+        self.unmaps.fetch_add(1, Ordering::SeqCst);
+    }
+    unsafe fn sync_for_device(&self, _: DmaMapping, _: usize, _: usize) {
+        self.syncs.fetch_add(1, Ordering::SeqCst);
+    }
+    unsafe fn sync_for_cpu(&self, _: DmaMapping, _: usize, _: usize) {
+        self.syncs.fetch_add(1, Ordering::SeqCst);
     }
 }
 

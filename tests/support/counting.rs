@@ -1,15 +1,20 @@
-//! Counting stand-ins: a page source that checks every block is freed
-//! exactly once, and a `DmaOps` that counts its calls.
+//! A page source that counts: every block it hands out is recorded, and
+//! each must be freed exactly once.
+//!
+//! The one page source of this kind in the repository: the tests take it
+//! through `mod support;`, the fuzz interpreter (`interp/`) and
+//! `examples/nic_demo.rs` include this file by `#[path]`, so it must stay
+//! self-contained (no `super::`, nothing beyond `pagepool` and `std`).
 
 use std::collections::HashSet;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use pagepool::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, GlobalPages, PageSource};
+use pagepool::{GlobalPages, OutOfMemory, PageSource};
 
 /// A page source that records every block it hands out and checks each is
-/// freed exactly once.
+/// freed exactly once. Clones share the records.
 #[derive(Clone, Default)]
 pub struct CountingPages {
     inner: Arc<CountingInner>,
@@ -24,19 +29,62 @@ struct CountingInner {
 }
 
 impl CountingPages {
+    /// The live set; a panic elsewhere (injected by a test) never poisons
+    /// the records for good.
+    fn live_set(&self) -> MutexGuard<'_, HashSet<usize>> {
+        self.inner
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Blocks handed out so far.
     pub fn allocated(&self) -> usize {
         self.inner.allocated.load(Ordering::SeqCst)
     }
+
+    /// Blocks given back so far (each once).
     pub fn freed(&self) -> usize {
         self.inner.freed.load(Ordering::SeqCst)
     }
-    pub fn live(&self) -> usize {
-        self.inner.live.lock().unwrap().len()
-    }
+
+    /// Frees of a block that was not live (not passed on to the allocator).
     pub fn double_frees(&self) -> usize {
         self.inner.double_frees.load(Ordering::SeqCst)
     }
-    /// Every page allocated was freed exactly once.
+
+    /// [`PageSource::free_pages`] that tells whether the block was live: a
+    /// block that was not is counted as a double free and not passed on
+    /// (that would corrupt the heap).
+    ///
+    /// # Safety
+    ///
+    /// The contract of [`PageSource::free_pages`].
+    pub unsafe fn free_once(&self, block: NonNull<u8>, order: u32) -> bool {
+        let was_live = self.live_set().remove(&(block.as_ptr() as usize));
+        if !was_live {
+            self.inner.double_frees.fetch_add(1, Ordering::SeqCst);
+            return false;
+        }
+        self.inner.freed.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: the block came from GlobalPages with this order and is
+        // freed once (checked just above).
+        unsafe { GlobalPages.free_pages(block, order) };
+        true
+    }
+}
+
+// The assertions of the tests and the fuzz interpreter;
+// `examples/nic_demo.rs` reports the counts instead of asserting.
+#[allow(dead_code)]
+impl CountingPages {
+    /// Blocks handed out and not given back.
+    pub fn live(&self) -> usize {
+        self.live_set().len()
+    }
+
+    /// Every block allocated was freed exactly once.
+    #[track_caller]
     pub fn assert_all_freed_once(&self) {
         assert_eq!(self.double_frees(), 0, "a page was freed twice");
         assert_eq!(self.live(), 0, "pages leaked");
@@ -45,59 +93,18 @@ impl CountingPages {
 }
 
 // SAFETY: delegates to GlobalPages, which meets the contract; the
-// bookkeeping does not touch the blocks.
+// bookkeeping never touches the blocks, and a block that is not live is
+// never passed on.
 unsafe impl PageSource for CountingPages {
-    fn alloc_pages(&self, order: u32) -> Result<NonNull<u8>, pagepool::OutOfMemory> {
+    fn alloc_pages(&self, order: u32) -> Result<NonNull<u8>, OutOfMemory> {
         let block = GlobalPages.alloc_pages(order)?;
-        self.inner
-            .live
-            .lock()
-            .unwrap()
-            .insert(block.as_ptr() as usize);
+        self.live_set().insert(block.as_ptr() as usize);
         self.inner.allocated.fetch_add(1, Ordering::SeqCst);
         Ok(block)
     }
 
     unsafe fn free_pages(&self, block: NonNull<u8>, order: u32) {
-        if !self
-            .inner
-            .live
-            .lock()
-            .unwrap()
-            .remove(&(block.as_ptr() as usize))
-        {
-            self.inner.double_frees.fetch_add(1, Ordering::SeqCst);
-            return;
-        }
-        self.inner.freed.fetch_add(1, Ordering::SeqCst);
-        // SAFETY: the block came from GlobalPages with this order, once.
-        unsafe { GlobalPages.free_pages(block, order) }
-    }
-}
-
-/// A device that maps nothing real: counts calls, hands out fake addresses.
-#[derive(Clone, Default)]
-pub struct CountingOps {
-    pub maps: Arc<AtomicU64>,
-    pub unmaps: Arc<AtomicU64>,
-    pub syncs: Arc<AtomicU64>,
-    next: Arc<AtomicU64>,
-}
-
-impl DmaOps for CountingOps {
-    unsafe fn map(&self, _: NonNull<u8>, len: usize, _: DmaDirection) -> Result<DmaAddr, DmaError> {
-        self.maps.fetch_add(1, Ordering::SeqCst);
-        Ok(DmaAddr(
-            0x1000_0000 + self.next.fetch_add(len as u64, Ordering::SeqCst),
-        ))
-    }
-    unsafe fn unmap(&self, _: DmaMapping) {
-        self.unmaps.fetch_add(1, Ordering::SeqCst);
-    }
-    unsafe fn sync_for_device(&self, _: DmaMapping, _: usize, _: usize) {
-        self.syncs.fetch_add(1, Ordering::SeqCst);
-    }
-    unsafe fn sync_for_cpu(&self, _: DmaMapping, _: usize, _: usize) {
-        self.syncs.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: forwarded contract.
+        unsafe { self.free_once(block, order) };
     }
 }
