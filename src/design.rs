@@ -8,9 +8,10 @@
 //! ```text
 //!  handles      Device (device.rs)  PagePool (pool.rs)  Page (page.rs)  Frag (frag.rs)
 //!                  │ unbind             │ slow path          │ recycle / release
-//!  lifecycle    mapping.rs: map_page, release_pages, Unmapper, free_pages
+//!  lifecycle    mapping/: page.rs (map_page, release_pages, free_pages),
+//!               region.rs (map_region, retire_pages), unmapper.rs (Unmapper)
 //!               (the one place a mapping begins and ends)
-//!  state        shared.rs: DeviceShared, PoolShared, PageMeta      mode.rs: TrackingMode
+//!  state        shared.rs: DeviceShared, PoolShared, PageMeta, Region   mode.rs
 //!  mechanisms   gate.rs (call gates, OpsCell)  ring.rs  tracker.rs  memory.rs  unwind.rs
 //!  seam         dma.rs (DmaOps)  stats.rs  error.rs               sync.rs (all primitives)
 //! ```
@@ -35,9 +36,11 @@
 //!    `unbind` waits for at most one device call per thread, and walks the
 //!    tracker without waiting for any holder.
 //! 4. **Page memory is never freed, reused or handed out while mapped.**
-//!    Pages are freed only after their unmap returned (`mapping.rs`); a
+//!    Pages are freed only after their unmap returned (`mapping/`); a
 //!    page that comes back while `unbind` runs is handed to `unbind`, which
-//!    frees it after its own unmaps.
+//!    frees it after its own unmaps. A region is freed only when its last
+//!    page has left the pool for good and its one mapping is gone; whoever
+//!    retires that last page releases it, or hands it to `unbind`.
 //! 5. **Pages held outside stay valid after unbind**: `unbind` unmaps them
 //!    but leaves their memory alone; when they come back, the closed gate
 //!    sends them straight to be freed, with no device call.
@@ -54,9 +57,13 @@
 //! 2. Wait for the device calls in progress: the heavy fence, then every
 //!    thread's announcement slots, then every gate's counted calls.
 //! 3. Close and drain every ring: remove each page's record, unmap, free.
+//!    A region-mapped pool's ring and spare list are drained too, and
+//!    their pages retired (a region is never unmapped page by page).
 //! 4. Close the tracker and take every record left, shard by shard (the
 //!    records leave the shard under its lock; the unmaps happen after the
-//!    lock is released): unmap each, wherever its page is.
+//!    lock is released): unmap each, wherever its page is. Then the same
+//!    for the region tracker: every region is unmapped once, whatever its
+//!    pages are doing.
 //! 5. `on_unbind`, then take the ops out of their cell and drop them.
 //! 6. Free the pages handed over since step 1.
 //!
@@ -119,11 +126,13 @@
 //! | a sync and a release entering the call gate while it closes | `call_gate` |
 //! | an `unmap_batch` that panics during unbind | `panicking_unmap` |
 //! | a page dropped from inside a callback while another thread drops one | `reentrant_drop` |
+//! | the last page of a region coming back while unbind runs or the pool drops | `region_retire` |
 //!
 //! Deliberately broken variants of the core (`--cfg pagepool_broken`) show
 //! that the models can fail: `unbind-no-wait` (unbind does not wait for
 //! device calls in progress), `release-keeps-record` (a release unmaps
 //! without removing the record), `ring-push-after-close` (a ring drained
 //! but left open), `free-before-unbind` (a page coming back during unbind
-//! is freed at once instead of after unbind's unmaps). `loom-tests/README.md`
+//! is freed at once instead of after unbind's unmaps), `region-free-before-unbind`
+//! (the same for a region). `loom-tests/README.md`
 //! says which model catches each.

@@ -35,7 +35,8 @@ use loom::thread::ThreadId;
 use pagepool::checking::{CheckMode, CheckingDevice, CheckingStats};
 use pagepool::{
     CpuAccess, Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, GlobalPages,
-    OutOfMemory, Page, PagePool, PageSource, UnbindReport,
+    OutOfMemory, Page, PagePool, PageSource, RegionBlock, RegionSource, SystemRegions,
+    UnbindReport,
 };
 
 /// Preemption bound used when `LOOM_MAX_PREEMPTIONS` is not set (see
@@ -159,6 +160,32 @@ impl Harness {
             .page_source(source)
             .build()
             .unwrap()
+    }
+
+    /// A region source that checks every free against this harness's
+    /// checker (see [`CheckedRegions`]), and the log of its frees.
+    pub fn checked_regions(&self) -> (CheckedRegions, FreeLog) {
+        let log = FreeLog::default();
+        let source = CheckedRegions {
+            checker: self.checker.clone(),
+            log: log.clone(),
+        };
+        (source, log)
+    }
+
+    /// A region-mapped pool of two-page (8 KiB) regions, cache 2, refill 1,
+    /// ring 1: the first allocation maps a region and puts one page in the
+    /// cache and the other in the spare list.
+    pub fn region_pool(&self, source: CheckedRegions) -> PagePool {
+        self.device
+            .pool_builder()
+            .cache_size(2)
+            .refill_batch(1)
+            .ring_size(1)
+            .region_size(REGION_LEN)
+            .region_source(source)
+            .build()
+            .expect("pool builds on a bound device")
     }
 
     /// A small pool that syncs 64 bytes for the device on every recycle.
@@ -421,6 +448,54 @@ unsafe impl PageSource for CheckedSource {
         // SAFETY: the pool's caller contract (from `alloc_pages(order)` on
         // this source, freed once), and `GlobalPages` gave the block out.
         unsafe { GlobalPages.free_pages(block, order) }
+    }
+}
+
+/// Bytes per region of [`Harness::region_pool`]: two pages.
+pub const REGION_LEN: usize = 8192;
+
+/// Region memory from [`SystemRegions`] (loom's tracked allocator under
+/// loom), with the check of [`CheckedSource`] on every free: the checker
+/// must not have any byte of the region mapped any more. Every free is
+/// logged with its thread.
+pub struct CheckedRegions {
+    checker: CheckingDevice,
+    log: FreeLog,
+}
+
+// SAFETY: every block comes from `SystemRegions` and goes back to it, once,
+// unchanged.
+unsafe impl RegionSource for CheckedRegions {
+    fn alloc_region(&self, len: usize) -> Result<RegionBlock, OutOfMemory> {
+        SystemRegions::new().alloc_region(len)
+    }
+
+    unsafe fn free_region(&self, block: RegionBlock, len: usize) {
+        let addr = block.ptr.as_ptr().addr();
+        let mapped = self
+            .checker
+            .live_mapping_list()
+            .iter()
+            .any(|m| m.cpu_addr < addr + len && addr < m.cpu_addr + m.mapping.len);
+        let thread = loom::thread::current().id();
+        self.log.0.lock().unwrap().push(Free {
+            block: addr,
+            thread,
+        });
+        if mapped {
+            let report = self.checker.report();
+            panic!("{FREED_WHILE_MAPPED} (region {addr:#x})\nchecker: {report}");
+        }
+        // SAFETY: the pool's caller contract; `SystemRegions` gave the block
+        // out with this length.
+        unsafe { SystemRegions::new().free_region(block, len) }
+    }
+}
+
+impl FreeLog {
+    /// Every free logged so far.
+    pub fn all(&self) -> Vec<Free> {
+        self.0.lock().unwrap().clone()
     }
 }
 

@@ -377,6 +377,17 @@ impl<M: TrackingMode> DeviceShared<M> {
             }
             return;
         }
+        // BROKEN VARIANT (test-only, `--cfg pagepool_broken`,
+        // PAGEPOOL_BROKEN=region-free-before-unbind): free the regions at
+        // once instead of handing them to the running unbind, so a region's
+        // memory is freed while still mapped. Caught by the region-retire
+        // loom model (a mapped region freed).
+        #[cfg(pagepool_broken)]
+        if crate::sync::broken("region-free-before-unbind") {
+            // SAFETY: none, deliberately: this is the planted bug.
+            unsafe { free_regions(regions) };
+            return;
+        }
         if self.defer_regions_until_unbound(regions) {
             return;
         }
