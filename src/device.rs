@@ -51,7 +51,9 @@ use crate::unwind::Panics;
 pub struct UnbindReport {
     /// Pools that were still open.
     pub pools: usize,
-    /// Pages drained from the pools' shared rings: unmapped and freed.
+    /// Pages drained from the pools' shared rings (and region-mapped pools'
+    /// spare lists): unmapped and freed, or, region pages, retired (their
+    /// regions are counted in `regions_unmapped`).
     pub pages_from_rings: usize,
     /// Pages unmapped through the in-flight tracker: held outside the pool
     /// (by the stack, by sockets) or in a live owner's local cache. Their

@@ -102,9 +102,18 @@ pub unsafe trait RegionSource: Send + Sync + 'static {
     unsafe fn free_region(&self, block: RegionBlock, len: usize);
 }
 
-/// Region memory from the operating system: huge pages where the system
-/// has them reserved, else transparent huge pages, else the heap (see the
-/// [module documentation](self)).
+/// Region memory from the operating system, in this order:
+///
+/// 1. **Huge pages** (`mmap` with `MAP_HUGETLB`): 2 MiB pages reserved by
+///    the administrator (`vm.nr_hugepages`, or `hugepages=` on the kernel
+///    command line). One IOTLB entry covers 2 MiB.
+/// 2. **Transparent huge pages**: anonymous memory aligned to 2 MiB with
+///    `madvise(MADV_HUGEPAGE)`, backed with huge pages when the kernel can.
+/// 3. Elsewhere (not Linux, or under Miri and loom): aligned memory from
+///    the global allocator.
+///
+/// Which one a region got is reported as its [`RegionBacking`] in
+/// [`RegionInfo`](crate::RegionInfo).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SystemRegions {
     huge_tlb: bool,
