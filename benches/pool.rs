@@ -42,6 +42,10 @@
 //! one workload `n` times instead, for instruction counts under callgrind
 //! (see [`count`]).
 
+// The no-op device, shared with `tests/no_alloc_fast_path.rs`.
+#[path = "../tests/support/noop.rs"]
+mod noop;
+
 use std::alloc::Layout;
 use std::hint::black_box;
 use std::ptr::NonNull;
@@ -53,6 +57,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use crossbeam_queue::ArrayQueue;
 use lockfree_object_pool::{LinearObjectPool, SpinLockObjectPool};
+use noop::NoopOps;
 use pagepool::{
     put_bulk, Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, OutOfMemory, Page,
     PagePool, PageSource, RegionBacking, RegionBlock, RegionSource, Tracked, TrackingMode,
@@ -72,24 +77,6 @@ const BURSTS_IN_FLIGHT: usize = 8;
 
 // ---------------------------------------------------------------------------
 // The no-op device and page sources.
-
-/// A device whose DMA costs nothing: `map` returns the CPU address as the
-/// "device address"; unmap and sync do nothing.
-struct NoopOps;
-
-impl DmaOps for NoopOps {
-    unsafe fn map(
-        &self,
-        cpu: NonNull<u8>,
-        _len: usize,
-        _direction: DmaDirection,
-    ) -> Result<DmaAddr, DmaError> {
-        Ok(DmaAddr(cpu.as_ptr() as u64))
-    }
-    unsafe fn unmap(&self, _mapping: DmaMapping) {}
-    unsafe fn sync_for_device(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
-    unsafe fn sync_for_cpu(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
-}
 
 /// [`NoopOps`] that says its syncs do nothing (`needs_sync() == false`, as
 /// VFIO does): the pool then skips every sync.

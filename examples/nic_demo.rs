@@ -31,22 +31,29 @@
 //! with status 1 on any violation, leak, corrupted frame, or device call
 //! after unbind.
 
-use std::collections::{HashSet, VecDeque};
+// The stand-ins shared with the tests: a page source that counts every
+// block (and catches a double free), and the RNG.
+#[path = "../tests/support/counting.rs"]
+mod counting;
+#[path = "../tests/support/rng.rs"]
+// Without `bytes` the demo flips no coin for `Bytes` (`Rng::one_in`).
+#[cfg_attr(not(feature = "bytes"), allow(dead_code))]
+mod rng;
+
+use std::collections::VecDeque;
 use std::process::exit;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 #[cfg(feature = "bytes")]
 use bytes::Bytes;
+use counting::CountingPages;
 use pagepool::checking::{CheckMode, CheckingDevice};
-use pagepool::{
-    put_bulk, Device, DmaDirection, Frag, GlobalPages, OutOfMemory, Page, PagePool, PageSource,
-    PoolStats, UnbindReport,
-};
+use pagepool::{put_bulk, Device, DmaDirection, Frag, Page, PagePool, PoolStats, UnbindReport};
+use rng::Rng;
 
 const RX_DESCRIPTORS: usize = 256;
 const NAPI_BUDGET: usize = 64;
@@ -58,7 +65,7 @@ const DST: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const SRC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
 // ---------------------------------------------------------------------------
-// Frames, RNG, page memory that counts.
+// Frames.
 // ---------------------------------------------------------------------------
 
 /// Writes frame `seq` of `len` bytes: dst, src, ethertype, seq, length,
@@ -97,64 +104,6 @@ fn check_frame(buf: &[u8]) -> Option<u64> {
         .enumerate()
         .all(|(i, &b)| b == base.wrapping_add(i as u8));
     ok.then_some(seq)
-}
-
-/// xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next() % (hi - lo + 1) as u64) as usize
-    }
-}
-
-/// Page memory from the global allocator, counting every block and
-/// catching a double free.
-#[derive(Clone, Default)]
-struct CountingPages(Arc<CountingInner>);
-
-#[derive(Default)]
-struct CountingInner {
-    live: Mutex<HashSet<usize>>,
-    allocated: AtomicU64,
-    freed: AtomicU64,
-    bad_frees: AtomicU64,
-}
-
-// SAFETY: every block comes from GlobalPages, which meets the contract, and
-// goes back to it once; the bookkeeping never touches the memory.
-unsafe impl PageSource for CountingPages {
-    fn alloc_pages(&self, order: u32) -> Result<NonNull<u8>, OutOfMemory> {
-        let block = GlobalPages.alloc_pages(order)?;
-        self.0.live.lock().unwrap().insert(block.as_ptr() as usize);
-        self.0.allocated.fetch_add(1, Ordering::Relaxed);
-        Ok(block)
-    }
-
-    unsafe fn free_pages(&self, block: NonNull<u8>, order: u32) {
-        if !self
-            .0
-            .live
-            .lock()
-            .unwrap()
-            .remove(&(block.as_ptr() as usize))
-        {
-            self.0.bad_frees.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        self.0.freed.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: from GlobalPages with this order, freed once.
-        unsafe { GlobalPages.free_pages(block, order) }
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -231,7 +180,7 @@ impl Packet {
 /// `Page`s.
 #[cfg(feature = "bytes")]
 fn page_packet(page: Page, len: usize, rng: &mut Rng) -> Packet {
-    if rng.next() % 2 == 0 {
+    if rng.one_in(2) {
         Packet::Bytes(page.into_bytes().slice(0..len))
     } else {
         Packet::Page(page, len)
@@ -241,7 +190,7 @@ fn page_packet(page: Page, len: usize, rng: &mut Rng) -> Packet {
 /// A third of the fragments go up as `Bytes`, the rest as `Frag`s.
 #[cfg(feature = "bytes")]
 fn frag_packet(frag: Frag, len: usize, rng: &mut Rng) -> Packet {
-    if rng.next() % 3 == 0 {
+    if rng.one_in(3) {
         Packet::Bytes(frag.into_bytes().slice(0..len))
     } else {
         Packet::Frag(frag, len)
@@ -331,7 +280,7 @@ fn rx_loop(mut q: RxQueue, shared: Arc<Shared>, sockets: Vec<SyncSender<Vec<Pack
                     frag_packet(frag, len, &mut rng)
                 }
             };
-            let flow = (rng.next() % sockets.len() as u64) as usize;
+            let flow = rng.below(sockets.len() as u64) as usize;
             batches[flow].push(packet);
         }
         // Deliver each socket's share of the poll in one go.
@@ -393,7 +342,7 @@ fn socket(rx: Receiver<Vec<Packet>>, shared: Arc<Shared>, seed: u64) {
                     if check_frame(packet.data()).is_none() {
                         bad(c, "corrupted frame received");
                     }
-                    let roll = rng.next() % 1000;
+                    let roll = rng.below(1000);
                     if roll < 700 {
                         continue; // consumed at once: dropped here
                     }
@@ -783,9 +732,9 @@ fn main() {
 
     let verdict = checker.verdict();
     let stats = checker.stats();
-    let allocated = pages.0.allocated.load(Ordering::Relaxed);
-    let freed = pages.0.freed.load(Ordering::Relaxed);
-    let bad_frees = pages.0.bad_frees.load(Ordering::Relaxed);
+    let allocated = pages.allocated();
+    let freed = pages.freed();
+    let bad_frees = pages.double_frees();
     let bad_frames = c.bad_frames.load(Ordering::Relaxed);
     let calls_since_unbind = stats != after_unbind;
     println!("\nchecker verdict: {verdict}");

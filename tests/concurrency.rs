@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use pagepool::checking::{CheckMode, CheckingDevice};
 use pagepool::{put_bulk, AllocError, Device, DmaDirection, Frag, Page, PagePool, Untracked};
-use support::checks::{assert_unbound_clean, GuardedPages, Rng, SpyOps};
+use support::checks::{assert_unbound_clean, GuardedPages, SpyOps};
+use support::rng::Rng;
 
 /// What a holder receives: a buffer and what it must contain.
 enum Buf {

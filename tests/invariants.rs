@@ -489,7 +489,7 @@ fn inv4_no_page_is_handed_out_twice_or_reused_while_mapped() {
         .page_source(pages.clone())
         .build()
         .unwrap();
-    let mut rng = support::checks::Rng::new(4);
+    let mut rng = support::rng::Rng::new(4);
     let mut held: Vec<Page> = Vec::new();
     for _ in 0..3000 {
         if held.len() < 100 && !rng.one_in(3) {

@@ -8,14 +8,17 @@
 //! The counters are per thread: every test does its work on its own thread,
 //! so tests running in parallel do not disturb each other's counts.
 
+#[path = "support/noop.rs"]
+mod noop;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use noop::NoopOps;
 use pagepool::{
-    Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, OutOfMemory, Page, PageSource,
-    Tracked, TrackingMode, Untracked, PAGE_SIZE,
+    Device, OutOfMemory, Page, PageSource, Tracked, TrackingMode, Untracked, PAGE_SIZE,
 };
 
 struct Counting;
@@ -65,23 +68,6 @@ fn calls() -> u64 {
 }
 fn live() -> i64 {
     LIVE.with(Cell::get)
-}
-
-/// A device whose DMA costs nothing: the CPU address is the device address.
-struct NoopOps;
-
-impl DmaOps for NoopOps {
-    unsafe fn map(
-        &self,
-        cpu: NonNull<u8>,
-        _len: usize,
-        _direction: DmaDirection,
-    ) -> Result<DmaAddr, DmaError> {
-        Ok(DmaAddr(cpu.as_ptr() as u64))
-    }
-    unsafe fn unmap(&self, _mapping: DmaMapping) {}
-    unsafe fn sync_for_device(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
-    unsafe fn sync_for_cpu(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
 }
 
 trait Mode: TrackingMode {

@@ -1,7 +1,7 @@
 //! Checks shared by the integration tests: the checking device as the tests
 //! configure it, a page source that proves invariant 4, a `DmaOps` spy that
-//! proves invariant 2, a `DmaOps` that only counts its calls, a tiny RNG,
-//! and the "everything is clean after unbind" assertion.
+//! proves invariant 2, a `DmaOps` that only counts its calls, and the
+//! "everything is clean after unbind" assertion.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ptr::NonNull;
@@ -409,30 +409,4 @@ pub fn calls(checker: &CheckingDevice) -> CheckingStats {
 /// Whether a violation of the kind `pred` matches was recorded.
 pub fn has_violation(checker: &CheckingDevice, pred: impl Fn(&Violation) -> bool) -> bool {
     checker.violations().iter().any(pred)
-}
-
-/// xorshift64*: a tiny deterministic RNG for the stress tests.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-    /// True with probability `1/n`.
-    pub fn one_in(&mut self, n: u64) -> bool {
-        self.below(n) == 0
-    }
 }

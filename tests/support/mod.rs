@@ -5,9 +5,17 @@
 //!   once.
 //! - [`checks`]: the checking device as the tests configure it, the guarded
 //!   page source (no block freed while mapped), the `DmaOps` spy, a
-//!   counting `DmaOps`, the RNG, and the after-unbind assertions.
+//!   counting `DmaOps`, and the after-unbind assertions.
 //! - [`faulty`]: programmable faults (panic, re-enter, block) for the
 //!   callback tests.
+//! - [`rng`]: a tiny deterministic RNG for the stress tests.
+//!
+//! Some files here are also included by `#[path]` from outside the tree,
+//! so they stand alone (no `super::`): `counting.rs` (by the interpreter
+//! and `examples/nic_demo.rs`), `rng.rs` (by `examples/nic_demo.rs`) and
+//! `noop.rs`, the device whose DMA costs nothing (by
+//! `tests/no_alloc_fast_path.rs` and `benches/pool.rs`; no test here needs
+//! it).
 //!
 //! `interp/` beside them is not part of this module: it is the operation
 //! interpreter and reference model that `tests/state_machine.rs`,
@@ -19,3 +27,4 @@
 pub mod checks;
 pub mod counting;
 pub mod faulty;
+pub mod rng;
