@@ -3,13 +3,15 @@
 //!
 //! ```text
 //! e1000e <bdf> [--peer IFACE] [--seconds S] [--tx-frames N] [--consumers N]
-//!              [--echo-pattern HEX] [--min-rx N] [--unplug-test]
+//!              [--echo-pattern HEX] [--min-rx N] [--unplug-test] [--regions]
 //! ```
 //!
 //! - probe ([`nic::Nic::probe`]): VFIO device fd, BAR0, bus master, reset,
 //!   interrupts masked, link up; descriptor rings mapped by the driver
 //!   ([`coherent`]); one `Device` on the VFIO container, a receive pool
-//!   (`FromDevice`) and a transmit pool (`ToDevice`);
+//!   (`FromDevice`) and a transmit pool (`ToDevice`), mapped page by page,
+//!   or with `--regions` a 2 MiB region at a time (one `MAP_DMA` per 512
+//!   pages, huge pages where the system has them reserved);
 //! - the poll loop: receive with a NAPI budget of 64 and refill from the
 //!   pool's fast path ([`nic::RxQueue::poll`]), frames to consumer threads
 //!   ([`consumer`]) that check them, hold them and drop them on their own
@@ -82,7 +84,8 @@ fn main() -> ExitCode {
 
 #[cfg(target_os = "linux")]
 const USAGE: &str = "usage: e1000e <bdf> [--peer IFACE] [--seconds S] [--tx-frames N] \
-                     [--consumers N] [--echo-pattern HEX] [--min-rx N] [--unplug-test]";
+                     [--consumers N] [--echo-pattern HEX] [--min-rx N] [--unplug-test] \
+                     [--regions]";
 
 /// Command-line options.
 #[cfg(target_os = "linux")]
@@ -95,6 +98,8 @@ struct Args {
     echo_pattern: Option<u8>,
     min_rx: u64,
     unplug_test: bool,
+    /// Both pools region-mapped (`PagePoolBuilder::regions`).
+    regions: bool,
 }
 
 #[cfg(target_os = "linux")]
@@ -109,6 +114,7 @@ impl Args {
             echo_pattern: None,
             min_rx: 1,
             unplug_test: false,
+            regions: false,
         };
         fn value<T: std::str::FromStr>(
             it: &mut impl Iterator<Item = String>,
@@ -134,6 +140,7 @@ impl Args {
                     );
                 }
                 "--unplug-test" => args.unplug_test = true,
+                "--regions" => args.regions = true,
                 "-h" | "--help" => return Err("help".into()),
                 _ if args.bdf.is_empty() && !arg.starts_with('-') => args.bdf = arg,
                 _ => return Err(format!("unknown argument {arg}")),
@@ -180,7 +187,9 @@ mod driver {
     use std::time::{Duration, Instant};
 
     use pagepool::vfio::VfioStats;
-    use pagepool::{put_bulk, Device, DmaAddr, DmaDirection, PagePool, PoolStats};
+    use pagepool::{
+        put_bulk, Device, DmaAddr, DmaDirection, PagePool, PagePoolBuilder, PoolStats, RegionInfo,
+    };
 
     use crate::consumer::{self, HoldPolicy, Msg, RxBuf, RxFrame};
     use crate::frame::{build_tx, Expect, Mac};
@@ -227,6 +236,33 @@ mod driver {
             s.pages_mapped,
             s.pages_in_flight
         );
+    }
+
+    fn print_regions(name: &str, r: &RegionInfo) {
+        println!(
+            "e1000e: {name} pool regions: {} of {} KiB mapped in all ({} pages carved), {} \
+             mapped now, {} live, {} KiB pinned; backing {}",
+            r.regions_total,
+            r.region_len / 1024,
+            r.regions_total * (r.region_len / 4096) as u64,
+            r.regions_mapped,
+            r.regions_live,
+            r.bytes_pinned / 1024,
+            r.backing.map_or("none yet".to_owned(), |b| b.to_string())
+        );
+    }
+
+    fn with_regions(builder: PagePoolBuilder<'_>, regions: bool) -> PagePoolBuilder<'_> {
+        if regions {
+            builder.regions()
+        } else {
+            builder
+        }
+    }
+
+    /// Pages the pool ever mapped: one region's pages per region mapped.
+    fn pages_carved_ever(r: &RegionInfo) -> u64 {
+        r.regions_total * (r.region_len / 4096) as u64
     }
 
     fn print_vfio(what: &str, s: &VfioStats) {
@@ -306,15 +342,24 @@ mod driver {
         );
 
         let device = Device::new(dma.clone());
-        let mut rx_pool: PagePool = device
-            .pool_builder()
+        // With --regions, each pool maps a 2 MiB region at a time and
+        // carves its pages from it; the driver code is the same either way.
+        let mode = |b| with_regions(b, args.regions);
+        println!(
+            "e1000e: buffers from {}",
+            if args.regions {
+                "region-mapped pools (2 MiB regions, one MAP_DMA each)"
+            } else {
+                "pools mapped page by page (one MAP_DMA per page)"
+            }
+        );
+        let mut rx_pool: PagePool = mode(device.pool_builder())
             .direction(DmaDirection::FromDevice)
             .ring_size(1024)
             .cache_size(128)
             .refill_batch(BUDGET)
             .build()?;
-        let mut tx_pool: PagePool = device
-            .pool_builder()
+        let mut tx_pool: PagePool = mode(device.pool_builder())
             .direction(DmaDirection::ToDevice)
             .ring_size(256)
             .cache_size(64)
@@ -430,12 +475,48 @@ mod driver {
         let tx_stats = txq.stats;
         let held_at_unbind = shared.held.load(Ordering::Relaxed);
         let vfio_before_unbind = dma.stats();
+        let avail_pools = dma.dma_avail()?;
+        let rx_regions = rx_pool.info().regions;
+        let tx_regions = tx_pool.info().regions;
         let report = device.unbind()?;
+        let vfio_after_unbind = dma.stats();
         println!(
             "e1000e: {report} (consumers holding about {held_at_unbind} pages, frames still \
              flowing at the peer)"
         );
         let avail_unbound = dma.dma_avail()?;
+        let unbind_unmapped = vfio_after_unbind.unmapped - vfio_before_unbind.unmapped;
+        if let (Some(rx), Some(tx)) = (&rx_regions, &tx_regions) {
+            print_regions("RX", rx);
+            print_regions("TX", tx);
+            let mapped = rx.regions_mapped + tx.regions_mapped;
+            checks.check(
+                report.regions_unmapped as u64 == mapped
+                    && unbind_unmapped == mapped
+                    && avail_pools == avail_rings - mapped as u32,
+                format!(
+                    "unbind unmapped every region once: regions_unmapped {} = {mapped} regions \
+                     mapped (RX {}, TX {}) = {unbind_unmapped} mappings the kernel removed \
+                     ({} UNMAP_DMA); DMA_AVAIL {avail_pools} with the pools",
+                    report.regions_unmapped,
+                    rx.regions_mapped,
+                    tx.regions_mapped,
+                    vfio_after_unbind.unmap_calls - vfio_before_unbind.unmap_calls
+                ),
+            );
+        } else {
+            checks.check(
+                unbind_unmapped == (report.pages_from_rings + report.pages_in_flight) as u64,
+                format!(
+                    "unbind unmapped every page once: {} from rings + {} in flight = \
+                     {unbind_unmapped} mappings the kernel removed ({} UNMAP_DMA); DMA_AVAIL \
+                     {avail_pools} with the pools",
+                    report.pages_from_rings,
+                    report.pages_in_flight,
+                    vfio_after_unbind.unmap_calls - vfio_before_unbind.unmap_calls
+                ),
+            );
+        }
         checks.check(
             report.mappings_left == 0,
             "unbind reached every mapping (mappings_left 0)".to_owned(),
@@ -546,24 +627,37 @@ mod driver {
         let tx_pool_stats = tx_pool.stats();
         print_pool("RX", &rx_pool_stats);
         print_pool("TX", &tx_pool_stats);
-        let rx_mapped_total = vfio_before_unbind.map_calls - u64::from(RING_MAPPINGS);
+        let map_calls = vfio_before_unbind.map_calls - u64::from(RING_MAPPINGS);
+        // Page by page, every MAP_DMA is one page; with regions, every one
+        // is a region of 512 pages, most of which may never leave the pool.
+        let rx_mapped_total = match (&rx_regions, &tx_regions) {
+            (Some(rx), Some(tx)) => pages_carved_ever(rx) + pages_carved_ever(tx),
+            _ => map_calls,
+        };
+        let rx_distinct = rxq.distinct_posted() as u64;
         println!(
             "e1000e: pages recycled: {} through the RX pool's ring (dropped by consumers), {} \
              straight into the TX cache on completion; {} frames received into {} RX+TX pages \
-             ever mapped",
+             ever mapped ({map_calls} MAP_DMA)",
             rx_pool_stats.recycle.ring,
             tx_pool_stats.recycle.cached,
             rx_stats.frames,
             rx_mapped_total
         );
+        // Reuse: more buffers posted than distinct pages behind them (and,
+        // page by page, than pages ever mapped), pages back through the
+        // ring, transmit pages straight back into the cache.
         checks.check(
-            rx_pool_stats.alloc.refill > 0
+            rx_pool_stats.recycle.ring > 0
+                && rx_pool_stats.alloc.refill > 0
                 && tx_pool_stats.recycle.cached > 0
-                && rx_stats.posted > rx_mapped_total,
+                && rx_stats.posted > rx_distinct
+                && (args.regions || rx_stats.posted > rx_mapped_total),
             format!(
-                "pages were reused: {} RX buffers posted from {rx_mapped_total} pages ever \
-                 mapped, {} cache refills from the ring",
-                rx_stats.posted, rx_pool_stats.alloc.refill
+                "pages were reused: {} RX buffers posted from {rx_distinct} distinct pages \
+                 ({rx_mapped_total} RX+TX pages ever mapped by {map_calls} MAP_DMA), {} pages \
+                 back through the RX ring, {} cache refills",
+                rx_stats.posted, rx_pool_stats.recycle.ring, rx_pool_stats.alloc.refill
             ),
         );
 
@@ -619,7 +713,14 @@ mod driver {
         );
 
         // ---- summary --------------------------------------------------------
-        println!("e1000e: ---- summary ----");
+        println!(
+            "e1000e: ---- summary ({}) ----",
+            if args.regions {
+                "region-mapped pools"
+            } else {
+                "pools mapped page by page"
+            }
+        );
         println!(
             "e1000e: RX {} frames / {} bytes; TX {} frames / {} bytes",
             rx_stats.frames, rx_stats.bytes, tx_stats.frames, tx_stats.bytes
@@ -633,8 +734,8 @@ mod driver {
             rx_pool_stats.recycle.released_refcnt
         );
         println!(
-            "e1000e: DMA_AVAIL {avail_start} before, {avail_rings} with the rings, \
-             {avail_unbound} after unbind, {avail_end} after remove"
+            "e1000e: DMA_AVAIL {avail_start} before, {avail_rings} with the rings, {avail_pools} \
+             with the pools, {avail_unbound} after unbind, {avail_end} after remove"
         );
         if let Some(o) = outcome {
             println!(

@@ -1,6 +1,7 @@
 //! The device: probe (open, BAR0, bus master, reset, interrupts masked,
 //! link up), the receive and transmit queues, and stopping DMA in remove.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{fence, Ordering};
 use std::thread::sleep;
@@ -357,6 +358,9 @@ pub struct RxQueue {
     ntu: usize,
     pub stats: RxStats,
     pub last_alloc_error: Option<AllocError>,
+    /// Device addresses of every buffer ever posted: how many distinct
+    /// pages served `stats.posted` buffers.
+    posted_pages: HashSet<u64>,
 }
 
 impl RxQueue {
@@ -370,6 +374,7 @@ impl RxQueue {
             ntu: 0,
             stats: RxStats::default(),
             last_alloc_error: None,
+            posted_pages: HashSet::new(),
         })
     }
 
@@ -398,6 +403,7 @@ impl RxQueue {
             let at = self.ntu * DESC_LEN;
             self.ring.write_u64(at, page.dma_addr().0);
             self.ring.write_u64(at + 8, 0); // length, status, errors: clear
+            self.posted_pages.insert(page.dma_addr().0);
             self.slots[self.ntu] = Some(page);
             self.ntu = (self.ntu + 1) % RING_LEN;
             self.stats.posted += 1;
@@ -466,6 +472,11 @@ impl RxQueue {
             }
         }
         done
+    }
+
+    /// Distinct pages (device addresses) among all buffers ever posted.
+    pub fn distinct_posted(&self) -> usize {
+        self.posted_pages.len()
     }
 
     /// After DMA is stopped: takes the pages of every still-armed slot

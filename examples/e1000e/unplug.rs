@@ -37,7 +37,9 @@ pub struct Outcome {
 }
 
 /// Runs the experiment. `freed` are device addresses of pages unbind
-/// unmapped and freed; `kmsg` was opened when the driver started.
+/// unmapped and freed (with region-mapped pools, unmapped with their region,
+/// whose memory lives on while a consumer holds one of its pages); `kmsg`
+/// was opened when the driver started.
 pub fn run(
     nic: &Nic,
     rxq: &mut RxQueue,
@@ -102,7 +104,7 @@ pub fn run(
     let bdf = nic.dev.bdf().to_owned();
     println!(
         "e1000e: unplug: re-arming the RX ring with {} stale IOVAs ({} of pages consumers hold, \
-         {} of pages unbind freed) and enabling RX: DMAR faults for {bdf} expected from here",
+         {} of pages unbind unmapped) and enabling RX: DMAR faults for {bdf} expected from here",
         stale.len(),
         out.rearmed_held,
         stale.len() - out.rearmed_held
@@ -132,7 +134,7 @@ pub fn run(
         out.completed > 0 && out.completed >= out.rearmed_held,
         format!(
             "the device wrote back {} of the {} stale descriptors in {:?}: it sent a frame to \
-             the old IOVA of each of the {} held pages and of {} freed ones",
+             the old IOVA of each of the {} held pages and of {} unmapped ones",
             out.completed,
             out.rearmed,
             out.waited,

@@ -48,14 +48,42 @@
 //! # Limits you will meet
 //!
 //! - Each `MAP_DMA` uses one entry of the container's `dma_entry_limit`
-//!   (65535 by default): a pool of 4 KiB pages maps at most 256 MiB.
-//!   Past it `map` fails with [`DmaError::MappingLimit`]. Raise the
-//!   `vfio_iommu_type1` module parameter `dma_entry_limit`.
+//!   (65535 by default), whatever its size. A pool mapped page by page
+//!   spends one entry per 4 KiB page, so it maps at most 256 MiB; past it
+//!   `map` fails with [`DmaError::MappingLimit`] (the pool's
+//!   `AllocError::Map(DmaError::MappingLimit { .. })`). A region-mapped
+//!   pool ([`PagePoolBuilder::regions`]) spends one entry per 2 MiB region
+//!   of 512 pages, so the same limit holds 128 GiB, and the slow path and
+//!   `unbind` make one `MAP_DMA` and one unmap per region instead of per
+//!   page. Otherwise raise the `vfio_iommu_type1` module parameter
+//!   `dma_entry_limit` (writable at run time; a container takes the value
+//!   in force when it is set up).
 //! - Mapped pages are pinned and count against `RLIMIT_MEMLOCK` unless the
 //!   process has `CAP_IPC_LOCK`; past it `map` fails with
-//!   [`DmaError::LockedMemoryLimit`].
+//!   [`DmaError::LockedMemoryLimit`]. A region is pinned whole, its free
+//!   pages too, from its first page handed out until the pool is dropped or
+//!   the device unbound.
+//! - The IOMMU maps whole pages of its smallest page size
+//!   ([`VfioDma::page_size`], reported to the pool as
+//!   [`DmaOps::min_page_size`]; 4 KiB with Intel's and AMD's IOMMUs). A
+//!   pool mapped page by page whose pages are smaller is refused with
+//!   [`BuildError::PageBelowIommuPage`], since the device would reach the
+//!   rest of the IOMMU page; a region must be a multiple of it.
 //! - [`VfioDma::dma_avail`] reads the kernel's own count of entries left
 //!   (`DMA_AVAIL`, Linux 5.10+): the exact oracle for a leak check.
+//!
+//! # Regions and huge pages
+//!
+//! A region-mapped pool takes its regions from
+//! [`SystemRegions`](crate::SystemRegions) by default: reserved huge pages
+//! (`MAP_HUGETLB`) where the system has them (`vm.nr_hugepages`, or
+//! `hugepages=` on the kernel command line), else memory aligned to 2 MiB
+//! with transparent huge pages requested. Either way a 2 MiB region is
+//! usually physically contiguous, and this backend hands it a 2 MiB-aligned
+//! IOVA, so the IOMMU can map it with one 2 MiB page where it supports
+//! them (bit 21 of [`VfioDma::page_sizes`]). `unbind` unmaps every region
+//! once, in as few `UNMAP_DMA` calls as touching IOVA ranges allow, and
+//! pages held outside the pool stay valid memory.
 //!
 //! # Soundness
 //!
@@ -96,4 +124,4 @@ pub use info::IommuInfo;
 pub use iova::IovaRange;
 
 #[cfg(doc)]
-use crate::{DmaError, DmaOps};
+use crate::{BuildError, DmaError, DmaOps, PagePoolBuilder};

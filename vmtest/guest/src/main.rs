@@ -15,7 +15,10 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use pagepool::vfio::{VfioDevice, VfioDma, VfioError, BAR0_REGION_INDEX, DMA_ENTRY_LIMIT_PARAM};
-use pagepool::{AllocError, Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, Page};
+use pagepool::{
+    AllocError, BuildError, Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, Page,
+    PagePool, RegionBacking, RegionInfo, SystemRegions, DEFAULT_REGION_SIZE,
+};
 
 const PAGE: usize = 4096;
 
@@ -389,15 +392,23 @@ fn test_iova_alignment_and_reuse(ctx: &Ctx) -> TestResult {
 /// error once 64 mappings exist, and the failure leaves nothing mapped. Then
 /// the same through the pool.
 fn test_entry_limit(ctx: &Ctx) -> TestResult {
+    with_entry_limit(64, || entry_limit_inner(ctx))
+}
+
+/// Runs `f` with the `vfio_iommu_type1` module parameter `dma_entry_limit`
+/// set to `limit`, and restores it afterwards. The parameter is writable at
+/// run time and the kernel reads it when a container gets its IOMMU, so
+/// every container opened inside `f` has this limit, with no module reload.
+fn with_entry_limit(limit: u32, f: impl FnOnce() -> TestResult) -> TestResult {
     let old = ok(
         std::fs::read_to_string(DMA_ENTRY_LIMIT_PARAM),
         "read dma_entry_limit",
     )?;
     ok(
-        std::fs::write(DMA_ENTRY_LIMIT_PARAM, "64"),
+        std::fs::write(DMA_ENTRY_LIMIT_PARAM, limit.to_string()),
         "write dma_entry_limit",
     )?;
-    let result = entry_limit_inner(ctx);
+    let result = f();
     ok(
         std::fs::write(DMA_ENTRY_LIMIT_PARAM, old.trim()),
         "restore dma_entry_limit",
@@ -913,6 +924,550 @@ fn test_unbind_time_16k(ctx: &Ctx) -> TestResult {
     unbind_time(ctx, 16 * 1024)
 }
 
+// ---------------------------------------------------------------------------
+// Region-mapped pools: one MAP_DMA per 2 MiB region, 512 pages carved from it.
+// ---------------------------------------------------------------------------
+
+/// Pages of one default region.
+const REGION_PAGES: usize = DEFAULT_REGION_SIZE / PAGE;
+/// The `dma_entry_limit` of the region tests.
+const REGION_TEST_LIMIT: u32 = 64;
+/// Huge pages reserved by `hugepages=` on the guest's kernel command line.
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+/// A `/proc/meminfo` value (kB, or a count for the `HugePages_` lines).
+fn meminfo(key: &str) -> Result<u64, String> {
+    let text = ok(
+        std::fs::read_to_string("/proc/meminfo"),
+        "read /proc/meminfo",
+    )?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| format!("no {key} in /proc/meminfo"))
+}
+
+fn region_info(pool: &PagePool) -> Result<RegionInfo, String> {
+    pool.info()
+        .regions
+        .ok_or_else(|| "a region-mapped pool reports no RegionInfo".to_string())
+}
+
+fn mib(bytes: u64) -> u64 {
+    bytes >> 20
+}
+
+/// The IOMMU's smallest page, as the pool sees it: intel-iommu maps 4 KiB
+/// pages, so an order-0 pool mapped page by page is accepted (a pool whose
+/// pages were smaller than this would be refused with
+/// `BuildError::PageBelowIommuPage`, which an IOMMU with 4 KiB pages never
+/// gives for 4 KiB pages).
+fn test_iommu_min_page(ctx: &Ctx) -> TestResult {
+    let dma = ctx.open()?;
+    let start = avail(&dma)?;
+    let min = DmaOps::min_page_size(&dma);
+    println!(
+        "  DmaOps::min_page_size {min:?} (IOMMU page sizes {:#x}: smallest {} bytes)",
+        dma.page_sizes(),
+        dma.page_size()
+    );
+    check_eq!(min, Some(PAGE), "min_page_size with intel-iommu");
+    let device = Device::new(dma.clone());
+    let per_page = device.pool_builder().build();
+    check!(
+        !matches!(per_page, Err(BuildError::PageBelowIommuPage { .. })),
+        "an order-0 per-page pool refused: {:?}",
+        per_page.err()
+    );
+    let region = ok(
+        device.pool_builder().region_size(PAGE).build(),
+        "a region pool with one-IOMMU-page regions",
+    )?;
+    drop((per_page, region));
+    check_eq!(avail(&dma)?, start, "nothing left mapped");
+    Ok(())
+}
+
+/// How one fill of a fresh pool went.
+struct Fill {
+    pages: usize,
+    took: Duration,
+    map_calls: u64,
+    unmap_calls: u64,
+    unmapped: u64,
+    unbind: Duration,
+    backing: Option<RegionBacking>,
+}
+
+impl Fill {
+    fn rate(&self) -> f64 {
+        self.pages as f64 / self.took.as_secs_f64()
+    }
+}
+
+/// Takes `n` pages from a fresh pool (every one through the slow path),
+/// timed, then unbinds with them all held.
+fn fill_fresh_pool(
+    ctx: &Ctx,
+    n: usize,
+    build: impl FnOnce(&Device) -> Result<PagePool, BuildError>,
+) -> Result<Fill, String> {
+    let dma = ctx.open()?;
+    let start = avail(&dma)?;
+    let device = Device::new(dma.clone());
+    let mut pool = ok(build(&device), "build pool")?;
+    let s0 = dma.stats();
+    let t0 = Instant::now();
+    let mut pages = Vec::with_capacity(n);
+    for _ in 0..n {
+        let page: Page = ok(pool.alloc(), "alloc")?;
+        pages.push(page);
+    }
+    let took = t0.elapsed();
+    let s1 = dma.stats();
+    let mid = avail(&dma)?;
+    let map_calls = s1.map_calls - s0.map_calls;
+    check_eq!(
+        u64::from(start - mid),
+        map_calls,
+        "one DMA_AVAIL entry per MAP_DMA"
+    );
+    let backing = pool.info().regions.and_then(|r| r.backing);
+    let report = ok(device.unbind(), "unbind")?;
+    let s2 = dma.stats();
+    check_eq!(avail(&dma)?, start, "DMA_AVAIL after unbind");
+    let before_drop = dma.stats();
+    drop(pages);
+    drop(pool);
+    check_eq!(
+        dma.stats().ioctls,
+        before_drop.ioctls,
+        "VFIO calls made by dropping the pages and the pool"
+    );
+    Ok(Fill {
+        pages: n,
+        took,
+        map_calls,
+        unmap_calls: s2.unmap_calls - s1.unmap_calls,
+        unmapped: s2.unmapped - s1.unmapped,
+        unbind: report.duration,
+        backing,
+    })
+}
+
+/// Map throughput in the guest: pages per second through the slow path of
+/// a fresh pool, per-page mode (one `MAP_DMA` per page) against region mode
+/// (one per 512 pages), with the `MAP_DMA`/`UNMAP_DMA` counts of each.
+fn test_map_throughput(ctx: &Ctx) -> TestResult {
+    let n = 8192;
+    let per_page = fill_fresh_pool(ctx, n, |d| d.pool_builder().build())?;
+    let huge = fill_fresh_pool(ctx, n, |d| d.pool_builder().regions().build())?;
+    let thp = fill_fresh_pool(ctx, n, |d| {
+        d.pool_builder()
+            .region_source(SystemRegions::without_huge_tlb())
+            .build()
+    })?;
+    check_eq!(per_page.map_calls, n as u64, "per-page MAP_DMA calls");
+    check_eq!(per_page.unmapped, n as u64, "per-page mappings unmapped");
+    for (what, fill) in [("hugetlb", &huge), ("without hugetlb", &thp)] {
+        check_eq!(
+            fill.map_calls,
+            (n / REGION_PAGES) as u64,
+            "region MAP_DMA calls ({what})"
+        );
+        check_eq!(
+            fill.unmapped,
+            (n / REGION_PAGES) as u64,
+            "regions unmapped ({what})"
+        );
+    }
+    for (name, fill) in [
+        ("per-page", &per_page),
+        ("regions, SystemRegions::new()", &huge),
+        ("regions, SystemRegions::without_huge_tlb()", &thp),
+    ] {
+        println!(
+            "  map throughput {name}: {} pages in {:?} = {:.0} pages/s; {} MAP_DMA; unbind {} \
+             UNMAP_DMA for {} mappings in {:?}; backing {}",
+            fill.pages,
+            fill.took,
+            fill.rate(),
+            fill.map_calls,
+            fill.unmap_calls,
+            fill.unmapped,
+            fill.unbind,
+            fill.backing
+                .map_or("per-page (global allocator)".to_string(), |b| b.to_string())
+        );
+    }
+    println!(
+        "  map throughput: region mode {:.1}x (hugetlb) and {:.1}x (without hugetlb) the pages/s \
+         of per-page mode; {}x fewer MAP_DMA",
+        huge.rate() / per_page.rate(),
+        thp.rate() / per_page.rate(),
+        per_page.map_calls / huge.map_calls.max(1)
+    );
+    check!(
+        huge.rate() > per_page.rate() && thp.rate() > per_page.rate(),
+        "region mode maps faster than per-page mode"
+    );
+    Ok(())
+}
+
+/// Region mode at `dma_entry_limit=64` with huge pages reserved (the guest
+/// boots with `hugepages=`): 64 regions of 2 MiB hold 32768 pages, backed
+/// by hugetlb. Then a per-page pool on the same container and limit.
+fn test_regions_entry_limit_hugetlb(ctx: &Ctx) -> TestResult {
+    let total = meminfo("HugePages_Total")?;
+    let free = meminfo("HugePages_Free")?;
+    println!("  huge pages reserved: {total} ({free} free)");
+    check!(
+        free > u64::from(REGION_TEST_LIMIT),
+        "the guest needs more than {REGION_TEST_LIMIT} free huge pages (hugepages= on the kernel \
+         command line): {free}"
+    );
+    with_entry_limit(REGION_TEST_LIMIT, || {
+        let dma = ctx.open()?;
+        regions_at_limit(&dma, RegionBacking::HugeTlb)?;
+        per_page_at_limit(&dma)
+    })
+}
+
+/// The same with no huge page reserved (`vm.nr_hugepages` set to 0 for the
+/// test): `SystemRegions` falls back to transparent huge pages.
+fn test_regions_entry_limit_no_hugepages(ctx: &Ctx) -> TestResult {
+    let old = ok(std::fs::read_to_string(NR_HUGEPAGES), "read nr_hugepages")?;
+    ok(std::fs::write(NR_HUGEPAGES, "0"), "write nr_hugepages")?;
+    let result = (|| {
+        check_eq!(
+            meminfo("HugePages_Total")?,
+            0,
+            "huge pages after nr_hugepages=0"
+        );
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_else(|e| e.to_string());
+        println!(
+            "  huge pages reserved: 0; transparent huge pages: {}",
+            thp.trim()
+        );
+        with_entry_limit(REGION_TEST_LIMIT, || {
+            let dma = ctx.open()?;
+            regions_at_limit(&dma, RegionBacking::TransparentHuge)
+        })
+    })();
+    ok(
+        std::fs::write(NR_HUGEPAGES, old.trim()),
+        "restore nr_hugepages",
+    )?;
+    println!(
+        "  nr_hugepages restored to {} ({} reserved)",
+        old.trim(),
+        meminfo("HugePages_Total")?
+    );
+    result
+}
+
+/// A fresh container at `dma_entry_limit=64`: a region-mode pool keeps
+/// 32768 pages (128 MiB) in flight through its 64 mappings, threads hold
+/// some of them across `unbind`, which unmaps each region once and leaves
+/// the container empty when it returns.
+fn regions_at_limit(dma: &VfioDma, want_backing: RegionBacking) -> TestResult {
+    let limit = REGION_TEST_LIMIT as usize;
+    check_eq!(
+        dma.entry_limit(),
+        Some(limit as u64),
+        "limit seen by the backend"
+    );
+    check_eq!(
+        avail(dma)?,
+        REGION_TEST_LIMIT,
+        "DMA_AVAIL of a fresh container"
+    );
+    let device = Device::new(dma.clone());
+    let mut pool = ok(
+        device
+            .pool_builder()
+            .regions()
+            .direction(DmaDirection::Bidirectional)
+            .build(),
+        "build region pool",
+    )?;
+    let huge_free0 = meminfo("HugePages_Free")?;
+    let anon_huge0 = meminfo("AnonHugePages")?;
+    let n = limit * REGION_PAGES;
+    let s0 = dma.stats();
+    let t0 = Instant::now();
+    let mut pages = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut page: Page = ok(pool.alloc(), "alloc")?;
+        let s = page.as_mut_slice();
+        let tag = (i as u32).to_le_bytes();
+        s[..4].copy_from_slice(&tag);
+        s[PAGE - 4..].copy_from_slice(&tag);
+        pages.push(page);
+    }
+    let fill_time = t0.elapsed();
+    let s1 = dma.stats();
+    let at_limit = avail(dma)?;
+    let info = region_info(&pool)?;
+    let huge_used = huge_free0.saturating_sub(meminfo("HugePages_Free")?);
+    let anon_huge = meminfo("AnonHugePages")?.saturating_sub(anon_huge0);
+    check_eq!(at_limit, 0, "DMA_AVAIL with 64 regions mapped");
+    check_eq!(s1.map_calls - s0.map_calls, limit as u64, "MAP_DMA calls");
+    check_eq!(
+        (
+            info.regions_mapped,
+            info.regions_live,
+            info.regions_total,
+            info.pages_carved,
+            info.bytes_pinned
+        ),
+        (
+            limit as u64,
+            limit as u64,
+            limit as u64,
+            n as u64,
+            (limit * DEFAULT_REGION_SIZE) as u64
+        ),
+        "RegionInfo (mapped, live, total, pages carved, bytes pinned)"
+    );
+    check_eq!(info.backing, Some(want_backing), "region backing");
+    // Every page's IOVA lies in one of 64 distinct 2 MiB blocks, 512 each.
+    let mut blocks = std::collections::HashMap::<u64, usize>::new();
+    for page in &pages {
+        *blocks
+            .entry(page.dma_addr().0 / DEFAULT_REGION_SIZE as u64)
+            .or_default() += 1;
+    }
+    check!(
+        blocks.len() == limit && blocks.values().all(|&c| c == REGION_PAGES),
+        "pages per 2 MiB IOVA block: {} blocks",
+        blocks.len()
+    );
+    println!(
+        "  {n} pages ({} MiB) in flight through {} MAP_DMA in {fill_time:?}: DMA_AVAIL {} -> \
+         {at_limit}; regions mapped {}, live {}, carved {} pages, {} MiB pinned, backing {} \
+         (HugePages used {huge_used}, AnonHugePages +{} MiB)",
+        mib((n * PAGE) as u64),
+        s1.map_calls - s0.map_calls,
+        REGION_TEST_LIMIT,
+        info.regions_mapped,
+        info.regions_live,
+        info.pages_carved,
+        mib(info.bytes_pinned),
+        want_backing,
+        anon_huge / 1024
+    );
+    if want_backing == RegionBacking::HugeTlb {
+        check_eq!(huge_used, limit as u64, "huge pages taken by the regions");
+    }
+
+    // The 65th region: the typed limit error, and the region given back.
+    let err = pool.alloc().err();
+    check_eq!(
+        err,
+        Some(AllocError::Map(DmaError::MappingLimit {
+            limit: Some(limit as u64)
+        })),
+        "alloc past the 64th region"
+    );
+    let info = region_info(&pool)?;
+    check_eq!(
+        (info.regions_mapped, info.regions_live),
+        (limit as u64, limit as u64),
+        "regions after the refused map"
+    );
+    check_eq!(avail(dma)?, 0, "the refused map left nothing");
+    let refused = dma.stats();
+    check_eq!(
+        (
+            refused.map_calls - s1.map_calls,
+            refused.map_failures - s1.map_failures
+        ),
+        (1, 1),
+        "MAP_DMA calls (and failures) for the 65th region"
+    );
+    println!(
+        "  page {}: one more MAP_DMA, refused: {}; its region went back to its source",
+        n + 1,
+        err.unwrap()
+    );
+
+    // Four threads hold 1024 pages each across unbind, writing to them
+    // while it runs; the owner holds the rest.
+    let threads = 4;
+    let per_thread = 1024;
+    let held = Arc::new(Barrier::new(threads + 1));
+    let unbound = Arc::new(Barrier::new(threads + 1));
+    let release = Arc::new(Barrier::new(threads + 1));
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let mut batch = pages.split_off(pages.len() - per_thread);
+        let (held, unbound, release) = (held.clone(), unbound.clone(), release.clone());
+        handles.push(std::thread::spawn(move || -> TestResult {
+            for page in batch.iter_mut() {
+                page.as_mut_slice()[4..PAGE - 4].fill(t as u8 + 1);
+            }
+            held.wait();
+            let deadline = Instant::now() + Duration::from_millis(50);
+            while Instant::now() < deadline {
+                for page in batch.iter_mut() {
+                    let s = page.as_mut_slice();
+                    s[8] = s[8].wrapping_add(1);
+                    s[8] = s[8].wrapping_sub(1);
+                }
+            }
+            unbound.wait();
+            let mut result = Ok(());
+            for (i, page) in batch.iter_mut().enumerate() {
+                let s = page.as_slice();
+                if s[4..PAGE - 4].iter().any(|&b| b != t as u8 + 1) || s[..4] != s[PAGE - 4..] {
+                    result = Err(format!("thread {t} page {i}: data changed"));
+                }
+                page.as_mut_slice().fill(0x5a);
+                if page.as_slice().iter().any(|&b| b != 0x5a) {
+                    result = Err(format!("thread {t} page {i}: write lost"));
+                }
+            }
+            release.wait();
+            drop(batch);
+            result
+        }));
+    }
+    held.wait();
+    let s2 = dma.stats();
+    let report = ok(device.unbind(), "unbind")?;
+    let after = avail(dma)?;
+    let s3 = dma.stats();
+    unbound.wait();
+    let info_unbound = region_info(&pool)?;
+    // The owner's pages: intact, and dropping them makes no VFIO call.
+    let mut intact = 0;
+    for (i, page) in pages.iter().enumerate() {
+        let s = page.as_slice();
+        let tag = (i as u32).to_le_bytes();
+        if s[..4] == tag && s[PAGE - 4..] == tag {
+            intact += 1;
+        }
+    }
+    let owner_held = pages.len();
+    drop(pages);
+    release.wait();
+    let mut failures = Vec::new();
+    for h in handles {
+        if let Err(e) = h
+            .join()
+            .map_err(|_| "holder thread panicked".to_string())
+            .and_then(|r| r)
+        {
+            failures.push(e);
+        }
+    }
+    let info_dropped = region_info(&pool)?;
+    drop(pool);
+    let s4 = dma.stats();
+    check!(failures.is_empty(), "{failures:?}");
+    check_eq!(after, REGION_TEST_LIMIT, "DMA_AVAIL when unbind returned");
+    check_eq!(report.regions_unmapped, limit, "regions_unmapped");
+    check_eq!(report.mappings_left, 0, "mappings left");
+    check_eq!(s3.unmapped - s2.unmapped, limit as u64, "mappings unmapped");
+    check_eq!(s3.live_mappings, 0, "live mappings after unbind");
+    check_eq!(intact, owner_held, "owner's pages intact after unbind");
+    check_eq!(
+        (info_unbound.regions_mapped, info_unbound.regions_live),
+        (0, limit as u64),
+        "regions after unbind, pages still held"
+    );
+    check_eq!(
+        (info_dropped.regions_mapped, info_dropped.regions_live),
+        (0, 0),
+        "regions after every page came back"
+    );
+    check_eq!(
+        s4.ioctls,
+        s3.ioctls,
+        "VFIO calls made by dropping the held pages and the pool"
+    );
+    println!(
+        "  unbind with {owner_held} pages held by the owner and {} by {threads} threads: \
+         DMA_AVAIL 0 -> {after} when it returned; {} mappings torn down by {} UNMAP_DMA; {report}",
+        threads * per_thread,
+        s3.unmapped - s2.unmapped,
+        s3.unmap_calls - s2.unmap_calls
+    );
+    println!(
+        "  held pages intact and writable after unbind; regions live {} -> 0 as they came back; \
+         dropping them and the pool: {} VFIO calls",
+        info_unbound.regions_live,
+        s4.ioctls - s3.ioctls
+    );
+    Ok(())
+}
+
+/// A per-page pool on a container at `dma_entry_limit=64`: 64 pages, then
+/// the typed limit error; dropping the pages and the pool gives every entry
+/// back without an unbind.
+fn per_page_at_limit(dma: &VfioDma) -> TestResult {
+    let limit = REGION_TEST_LIMIT as usize;
+    check_eq!(
+        avail(dma)?,
+        REGION_TEST_LIMIT,
+        "DMA_AVAIL before the per-page pool"
+    );
+    let device = Device::new(dma.clone());
+    let mut pool = ok(device.pool_builder().build(), "build per-page pool")?;
+    let mut pages = Vec::new();
+    let err = loop {
+        match pool.alloc() {
+            Ok(p) => pages.push(p),
+            Err(e) => break e,
+        }
+        check!(pages.len() <= limit, "more than {limit} pages mapped");
+    };
+    check_eq!(
+        err,
+        AllocError::Map(DmaError::MappingLimit {
+            limit: Some(limit as u64)
+        }),
+        "per-page pool alloc past the limit"
+    );
+    check_eq!(pages.len(), limit, "pages mapped before the limit");
+    check_eq!(avail(dma)?, 0, "DMA_AVAIL at the limit");
+    let held = pages.len();
+    drop(pages);
+    drop(pool);
+    let after = avail(dma)?;
+    let s = dma.stats();
+    check_eq!(
+        after,
+        REGION_TEST_LIMIT,
+        "DMA_AVAIL after dropping pages and pool"
+    );
+    check_eq!(s.live_mappings, 0, "live mappings");
+    let report = ok(device.unbind(), "unbind")?;
+    check_eq!(
+        (
+            report.pages_in_flight,
+            report.pages_from_rings,
+            report.regions_unmapped
+        ),
+        (0, 0, 0),
+        "nothing left for unbind"
+    );
+    println!(
+        "  per-page pool on the same limit: {held} pages ({} KiB), then {err}; pages and pool \
+         dropped: DMA_AVAIL 0 -> {after}",
+        held * PAGE / 1024
+    );
+    println!(
+        "  {REGION_TEST_LIMIT} mappings hold {} MiB as regions, {} KiB page by page ({}x)",
+        mib((limit * DEFAULT_REGION_SIZE) as u64),
+        held * PAGE / 1024,
+        REGION_PAGES
+    );
+    Ok(())
+}
+
 type Test = (&'static str, fn(&Ctx) -> TestResult);
 
 const TESTS: &[Test] = &[
@@ -932,6 +1487,16 @@ const TESTS: &[Test] = &[
     ),
     ("unbind_time_1k", test_unbind_time_1k),
     ("unbind_time_16k", test_unbind_time_16k),
+    ("iommu_min_page", test_iommu_min_page),
+    ("map_throughput", test_map_throughput),
+    (
+        "regions_entry_limit_hugetlb",
+        test_regions_entry_limit_hugetlb,
+    ),
+    (
+        "regions_entry_limit_no_hugepages",
+        test_regions_entry_limit_no_hugepages,
+    ),
 ];
 
 fn main() {
