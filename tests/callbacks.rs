@@ -15,6 +15,7 @@
 
 mod support;
 
+use std::ops::Deref;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{mpsc, Arc, Mutex, Weak};
@@ -26,34 +27,42 @@ use pagepool::{
     put_bulk, AllocError, Device, DmaDirection, Page, PagePool, PagePoolBuilder, SyncError,
     UnbindError, UnbindReport,
 };
-use support::checks::{assert_unbound_clean, has_violation, GuardedPages};
+use support::checks::{assert_unbound_clean, checker, has_violation};
 use support::counting::CountingPages;
 use support::faulty::{injected, wait_until, watchdog, Call, Faults, FaultyOps, FaultyPages, When};
+use support::rig::Rig;
 
 // ---------------------------------------------------------------------------
-// The rig: a device over FaultyOps, pools over FaultyPages, one program.
+// The rig: the support tree's, with its device over FaultyOps, pools over
+// FaultyPages, one program.
 // ---------------------------------------------------------------------------
 
-struct Rig {
-    checker: CheckingDevice,
-    pages: GuardedPages,
+struct FaultRig {
+    rig: Rig,
     faults: Arc<Faults>,
-    device: Arc<Device>,
 }
 
-impl Rig {
+/// `checker`, `pages` and `device` are the support rig's. (Its pools take
+/// their pages through the program: build them with [`FaultRig::builder`],
+/// not the support rig's `pool`.)
+impl Deref for FaultRig {
+    type Target = Rig;
+
+    fn deref(&self) -> &Rig {
+        &self.rig
+    }
+}
+
+impl FaultRig {
     /// A `Record`-mode checker that accepts for-device syncs of
     /// `FromDevice` pages (sync on recycle).
     fn new() -> Self {
-        let checker = support::checks::checker();
+        let checker = checker();
         let faults = Faults::new();
-        let pages = GuardedPages::new(&checker);
-        let device = Arc::new(Device::new(FaultyOps::new(&checker, &faults)));
+        let ops = FaultyOps::new(&checker, &faults);
         Self {
-            checker,
-            pages,
+            rig: Rig::over(checker, ops),
             faults,
-            device,
         }
     }
 
@@ -61,6 +70,7 @@ impl Rig {
         FaultyPages::new(&self.pages, &self.faults)
     }
 
+    /// Pools whose page source is under the program too.
     fn builder(&self) -> PagePoolBuilder<'_> {
         self.device.pool_builder().page_source(self.source())
     }
@@ -90,7 +100,7 @@ impl Rig {
     }
 }
 
-impl Drop for Rig {
+impl Drop for FaultRig {
     fn drop(&mut self) {
         // Rules that never ran may own pages (whose pools own the program):
         // drop them so nothing outlives the test.
@@ -109,7 +119,7 @@ const HELD: usize = if cfg!(miri) { 70 } else { 300 };
 // 1. A page source that panics in the middle of a slow-path batch.
 // ---------------------------------------------------------------------------
 
-fn batch_pool(rig: &Rig) -> PagePool {
+fn batch_pool(rig: &FaultRig) -> PagePool {
     rig.builder()
         .cache_size(4)
         .refill_batch(4)
@@ -120,7 +130,7 @@ fn batch_pool(rig: &Rig) -> PagePool {
 
 #[test]
 fn alloc_pages_panic_mid_batch_leaks_nothing_and_the_pool_stays_usable() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     let mut pool = batch_pool(&rig);
     rig.faults.panic_on(Call::AllocPages, 2);
     let payload = catch_unwind(AssertUnwindSafe(|| pool.alloc()))
@@ -146,7 +156,7 @@ fn alloc_pages_panic_mid_batch_leaks_nothing_and_the_pool_stays_usable() {
 
 #[test]
 fn alloc_pages_panic_unwinding_through_the_pool_and_its_pages_aborts_nothing() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     // The first batch maps 4 pages; the second batch panics at its second
     // page, with pages of the first held by the closure's locals.
     rig.faults.panic_on(Call::AllocPages, 6);
@@ -173,7 +183,7 @@ fn alloc_pages_panic_unwinding_through_the_pool_and_its_pages_aborts_nothing() {
 
 #[test]
 fn map_panic_mid_batch_returns_the_block_and_leaks_nothing() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     let mut pool = batch_pool(&rig);
     rig.faults.panic_on(Call::Map, 2);
     let payload = catch_unwind(AssertUnwindSafe(|| pool.alloc()))
@@ -199,7 +209,7 @@ fn map_panic_mid_batch_returns_the_block_and_leaks_nothing() {
 
 #[test]
 fn map_panic_unwinding_through_the_pool_aborts_nothing() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     rig.faults.panic_on(Call::Map, 6);
     let payload = catch_unwind(AssertUnwindSafe(|| {
         let mut pool = batch_pool(&rig);
@@ -222,7 +232,7 @@ fn map_panic_unwinding_through_the_pool_aborts_nothing() {
 
 /// A pool with `HELD` pages mapped: `in_ring` of them dropped into the
 /// ring, the rest returned held; some more sit in the cache.
-fn hold_pages(rig: &Rig, in_ring: usize) -> (PagePool, Vec<Page>) {
+fn hold_pages(rig: &FaultRig, in_ring: usize) -> (PagePool, Vec<Page>) {
     let mut pool = rig
         .builder()
         .cache_size(64)
@@ -237,7 +247,7 @@ fn hold_pages(rig: &Rig, in_ring: usize) -> (PagePool, Vec<Page>) {
 }
 
 /// Runs `unbind` expecting the injected panic of `call` to come out of it.
-fn unbind_expecting_panic(rig: &Rig, call: Call) {
+fn unbind_expecting_panic(rig: &FaultRig, call: Call) {
     let payload = catch_unwind(AssertUnwindSafe(|| rig.device.unbind()))
         .expect_err("the callback's panic comes out of unbind");
     assert_eq!(
@@ -249,7 +259,7 @@ fn unbind_expecting_panic(rig: &Rig, call: Call) {
 
 /// What must hold after an unbind that panicked: it still did everything,
 /// and the device is gone for good.
-fn assert_unbind_completed(rig: &Rig, pool: &PagePool, mut held: Vec<Page>) {
+fn assert_unbind_completed(rig: &FaultRig, pool: &PagePool, mut held: Vec<Page>) {
     assert!(!rig.device.is_bound());
     assert!(rig.checker.is_unbound(), "on_unbind was made");
     assert_eq!(rig.device.unbind(), Err(UnbindError::AlreadyUnbound));
@@ -287,7 +297,7 @@ fn assert_unbind_completed(rig: &Rig, pool: &PagePool, mut held: Vec<Page>) {
 
 #[test]
 fn unbind_survives_a_panicking_first_unmap_batch() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     let (pool, held) = hold_pages(&rig, 0);
     rig.faults
         .panic_on(Call::UnmapBatch, rig.faults.next(Call::UnmapBatch));
@@ -303,7 +313,7 @@ fn unbind_survives_a_panicking_first_unmap_batch() {
 
 #[test]
 fn unbind_survives_every_unmap_batch_panicking() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     let (pool, held) = hold_pages(&rig, 10);
     rig.faults.every(Call::UnmapBatch, When::After, || {
         std::panic::panic_any(support::faulty::Injected(Call::UnmapBatch))
@@ -316,7 +326,7 @@ fn unbind_survives_every_unmap_batch_panicking() {
 
 #[test]
 fn unbind_survives_a_panicking_on_unbind() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     let (pool, held) = hold_pages(&rig, 10);
     rig.faults.panic_on(Call::OnUnbind, 1);
     unbind_expecting_panic(&rig, Call::OnUnbind);
@@ -328,7 +338,7 @@ fn unbind_survives_a_panicking_on_unbind() {
 
 #[test]
 fn unbind_survives_a_panicking_free_pages() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     let (pool, held) = hold_pages(&rig, 10);
     let source = rig.source();
     let frees = rig.faults.calls(Call::FreePages);
@@ -495,7 +505,7 @@ fn victims() -> Vec<Victim> {
 /// One case: `hook` drops a `victim`; with `concurrent`, the callback first
 /// waits until another thread has begun to unbind the device.
 fn reentrant_drop(hook: Hook, victim: Victim, concurrent: bool) {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     // Pool A syncs pages on recycle, so a page dropped inside a callback
     // makes a nested device call of its own.
     let mut a = rig
@@ -775,7 +785,7 @@ type UnbindSlot = Arc<Mutex<Option<(Result<UnbindReport, UnbindError>, bool)>>>;
 
 /// Makes the next call of `call` run `unbind` (and note whether the device
 /// was still bound right after it).
-fn unbind_inside(rig: &Rig, call: Call, when: When) -> UnbindSlot {
+fn unbind_inside(rig: &FaultRig, call: Call, when: When) -> UnbindSlot {
     let slot = UnbindSlot::default();
     let (device, out) = (rig.weak(), Arc::clone(&slot));
     rig.faults
@@ -797,7 +807,7 @@ fn refused(slot: &UnbindSlot) {
     );
 }
 
-fn small_pool(rig: &Rig) -> PagePool {
+fn small_pool(rig: &FaultRig) -> PagePool {
     rig.builder()
         .cache_size(4)
         .refill_batch(1)
@@ -809,7 +819,7 @@ fn small_pool(rig: &Rig) -> PagePool {
 #[test]
 fn unbind_inside_map_is_refused_and_a_later_unbind_succeeds() {
     watchdog("unbind inside map", || {
-        let rig = Rig::new();
+        let rig = FaultRig::new();
         let mut pool = small_pool(&rig);
         let slot = unbind_inside(&rig, Call::Map, When::After);
         let page = pool.alloc().expect("the allocation goes on");
@@ -825,7 +835,7 @@ fn unbind_inside_map_is_refused_and_a_later_unbind_succeeds() {
 #[test]
 fn unbind_inside_unmap_batch_is_refused_and_a_later_unbind_succeeds() {
     watchdog("unbind inside unmap_batch", || {
-        let rig = Rig::new();
+        let rig = FaultRig::new();
         let mut pool = small_pool(&rig);
         let held = pool.alloc().unwrap();
         let mut other = small_pool(&rig);
@@ -846,7 +856,7 @@ fn unbind_inside_unmap_batch_is_refused_and_a_later_unbind_succeeds() {
 #[test]
 fn unbind_inside_sync_for_cpu_is_refused_and_a_later_unbind_succeeds() {
     watchdog("unbind inside sync_for_cpu", || {
-        let rig = Rig::new();
+        let rig = FaultRig::new();
         let mut pool = small_pool(&rig);
         let mut page = pool.alloc().unwrap();
         let slot = unbind_inside(&rig, Call::SyncForCpu, When::After);
@@ -864,7 +874,7 @@ fn unbind_inside_sync_for_cpu_is_refused_and_a_later_unbind_succeeds() {
 #[test]
 fn unbind_inside_on_unbind_is_refused_and_the_outer_unbind_completes() {
     watchdog("unbind inside on_unbind", || {
-        let rig = Rig::new();
+        let rig = FaultRig::new();
         let mut pool = small_pool(&rig);
         let held = pool.alloc().unwrap();
         let slot = unbind_inside(&rig, Call::OnUnbind, When::After);
@@ -882,7 +892,7 @@ fn unbind_inside_on_unbind_is_refused_and_the_outer_unbind_completes() {
 #[test]
 fn unbind_inside_free_pages_during_unbind_is_refused_and_the_outer_unbind_completes() {
     watchdog("unbind inside free_pages", || {
-        let rig = Rig::new();
+        let rig = FaultRig::new();
         let mut pool = small_pool(&rig);
         let held = pool.alloc().unwrap();
         drop(pool.alloc().unwrap()); // into the ring: unbind frees it
@@ -902,7 +912,7 @@ fn unbind_inside_free_pages_during_unbind_is_refused_and_the_outer_unbind_comple
 #[test]
 fn unbind_inside_alloc_pages_proceeds_and_the_interrupted_alloc_fails_unbound() {
     watchdog("unbind inside alloc_pages", || {
-        let rig = Rig::new();
+        let rig = FaultRig::new();
         let mut pool = small_pool(&rig);
         let held = pool.alloc().unwrap();
         let slot = unbind_inside(&rig, Call::AllocPages, When::Before);
@@ -934,7 +944,7 @@ fn unbind_inside_alloc_pages_proceeds_and_the_interrupted_alloc_fails_unbound() 
 #[test]
 fn unbind_does_not_wait_for_a_page_source_blocked_in_alloc_pages() {
     watchdog("unbind vs a blocked page source", || {
-        let rig = Rig::new();
+        let rig = FaultRig::new();
         let mut pool = rig.builder().cache_size(4).refill_batch(4).build().unwrap();
         let held: Vec<Page> = (0..4).map(|_| pool.alloc().unwrap()).collect();
         assert_eq!(pool.cached(), 0, "the next alloc goes to the source");
@@ -1000,7 +1010,7 @@ fn unbind_does_not_wait_for_a_page_source_blocked_in_alloc_pages() {
 #[cfg_attr(miri, ignore)]
 fn unbind_waits_for_the_map_in_progress_not_for_the_refill_batch() {
     watchdog("unbind vs a slow refill batch", || {
-        let rig = Rig::new();
+        let rig = FaultRig::new();
         let mut pool = rig
             .builder()
             .cache_size(256)
@@ -1049,7 +1059,7 @@ fn unbind_waits_for_the_map_in_progress_not_for_the_refill_batch() {
 // 7. A panicking sync for the device on recycle.
 // ---------------------------------------------------------------------------
 
-fn syncing_pool(rig: &Rig, direction: DmaDirection) -> PagePool {
+fn syncing_pool(rig: &FaultRig, direction: DmaDirection) -> PagePool {
     rig.builder()
         .cache_size(8)
         .refill_batch(8)
@@ -1061,7 +1071,7 @@ fn syncing_pool(rig: &Rig, direction: DmaDirection) -> PagePool {
 }
 
 /// The counters a released page moves: freed blocks, live mappings.
-fn released_since(rig: &Rig, freed: usize, live: usize) -> (usize, usize) {
+fn released_since(rig: &FaultRig, freed: usize, live: usize) -> (usize, usize) {
     (
         rig.pages.counting.freed() - freed,
         live - rig.checker.live_mappings(),
@@ -1070,7 +1080,7 @@ fn released_since(rig: &Rig, freed: usize, live: usize) -> (usize, usize) {
 
 #[test]
 fn sync_panic_in_page_drop_on_another_thread_releases_the_page() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     let mut pool = syncing_pool(&rig, DmaDirection::Bidirectional);
     let page = pool.alloc().unwrap();
     let others: Vec<Page> = (0..2).map(|_| pool.alloc().unwrap()).collect();
@@ -1096,7 +1106,7 @@ fn sync_panic_in_page_drop_on_another_thread_releases_the_page() {
 
 #[test]
 fn sync_panic_in_recycle_direct_releases_the_page() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     let mut pool = syncing_pool(&rig, DmaDirection::FromDevice);
     let page = pool.alloc().unwrap();
     let cached = pool.cached();
@@ -1119,7 +1129,7 @@ fn sync_panic_in_recycle_direct_releases_the_page() {
 
 #[test]
 fn sync_panic_in_put_bulk_releases_every_page() {
-    let rig = Rig::new();
+    let rig = FaultRig::new();
     let mut pool = syncing_pool(&rig, DmaDirection::Bidirectional);
     let pages: Vec<Page> = (0..5).map(|_| pool.alloc().unwrap()).collect();
     let kept = pool.alloc().unwrap();

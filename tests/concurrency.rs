@@ -20,6 +20,7 @@ use std::time::Duration;
 use pagepool::checking::{CheckMode, CheckingDevice};
 use pagepool::{put_bulk, AllocError, Device, DmaDirection, Frag, Page, PagePool, Untracked};
 use support::checks::{assert_unbound_clean, GuardedPages, SpyOps};
+use support::rig::Rig;
 use support::rng::Rng;
 
 /// What a holder receives: a buffer and what it must contain.
@@ -339,18 +340,17 @@ fn stress_hold_and_drop_while_unbinding() {
 #[test]
 fn stress_unbind_races_pool_drop_and_slow_path() {
     for seed in 0..60u64 {
-        let checker = CheckingDevice::builder()
-            .mode(CheckMode::Record)
-            .call_delay(Duration::from_micros(if seed % 2 == 0 { 0 } else { 30 }))
-            .build();
-        let pages = GuardedPages::new(&checker);
-        let device = Arc::new(Device::new(checker.clone()));
-        let mut pool = device
-            .pool_builder()
+        let rig = Rig::on(
+            CheckingDevice::builder()
+                .mode(CheckMode::Record)
+                .call_delay(Duration::from_micros(if seed % 2 == 0 { 0 } else { 30 }))
+                .build(),
+        );
+        let mut pool = rig
+            .builder()
             .ring_size(4)
             .cache_size(8)
             .refill_batch(8)
-            .page_source(pages.clone())
             .build()
             .unwrap();
         let held: Vec<Page> = (0..24).map(|_| pool.alloc().unwrap()).collect();
@@ -380,7 +380,7 @@ fn stress_unbind_races_pool_drop_and_slow_path() {
         };
         let unbinder = {
             let start = Arc::clone(&start);
-            let device = Arc::clone(&device);
+            let device = Arc::clone(&rig.device);
             thread::spawn(move || {
                 start.wait();
                 device.unbind().unwrap()
@@ -391,8 +391,7 @@ fn stress_unbind_races_pool_drop_and_slow_path() {
         let out = owner.join().unwrap();
         unbinder.join().unwrap();
         thread::spawn(move || drop(out)).join().unwrap();
-        assert_unbound_clean(&checker);
-        pages.assert_all_freed_once_unmapped();
+        rig.finish(());
     }
 }
 
@@ -402,20 +401,20 @@ fn stress_unbind_races_pool_drop_and_slow_path() {
 #[test]
 fn stress_syncs_and_reads_race_unbind() {
     for seed in 0..40u64 {
-        let checker = CheckingDevice::builder()
-            .mode(CheckMode::Record)
-            .call_delay(Duration::from_micros(if seed % 2 == 0 { 0 } else { 10 }))
-            .build();
-        let (spy, state) = SpyOps::new(&checker);
-        let device = Arc::new(Device::new(spy));
-        let mut pool = device.pool_builder().build().unwrap();
+        let (rig, state) = Rig::spied_on(
+            CheckingDevice::builder()
+                .mode(CheckMode::Record)
+                .call_delay(Duration::from_micros(if seed % 2 == 0 { 0 } else { 10 }))
+                .build(),
+        );
+        let mut pool = rig.device.pool_builder().build().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let mut readers = Vec::new();
         for r in 0..3 {
             let mut page = pool.alloc().unwrap();
             let mut frag = pool.alloc_frag(256).unwrap();
-            checker.device_write(page.dma_addr(), &[r; 64]).unwrap();
-            checker.device_write(frag.dma_addr(), &[r; 64]).unwrap();
+            rig.checker.device_write(page.dma_addr(), &[r; 64]).unwrap();
+            rig.checker.device_write(frag.dma_addr(), &[r; 64]).unwrap();
             let stop = Arc::clone(&stop);
             readers.push(thread::spawn(move || {
                 let mut refused = 0;
@@ -432,9 +431,9 @@ fn stress_syncs_and_reads_race_unbind() {
             }));
         }
         thread::sleep(Duration::from_micros(200 + 100 * (seed % 5)));
-        device.unbind().unwrap();
+        rig.device.unbind().unwrap();
         assert_eq!(state.active(), 0);
-        let frozen = checker.stats();
+        let frozen = rig.checker.stats();
         thread::sleep(Duration::from_micros(300));
         stop.store(true, Ordering::Relaxed);
         for t in readers {
@@ -442,9 +441,9 @@ fn stress_syncs_and_reads_race_unbind() {
             drop((page, frag));
         }
         drop(pool);
-        assert_eq!(checker.stats(), frozen, "device called after unbind");
+        assert_eq!(rig.checker.stats(), frozen, "device called after unbind");
         assert_eq!(state.calls_after_unbind(), 0);
-        assert_unbound_clean(&checker);
+        rig.finish(());
     }
 }
 

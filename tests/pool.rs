@@ -17,17 +17,10 @@ use pagepool::{
     DEFAULT_RING_SIZE, FRAG_ALIGN, MAX_CACHE_SIZE, MAX_ORDER, MAX_RING_SIZE, PAGE_SIZE,
 };
 use support::checks::{
-    assert_unbound_clean, checker, CountingOps, GuardedPages, LimitedPages, SpyOps, SyncCall,
+    assert_unbound_clean, checker, CountingOps, GuardedPages, LimitedPages, SyncCall,
 };
 use support::counting::CountingPages;
-
-fn pool_on(device: &Device, pages: &GuardedPages) -> PagePool {
-    device
-        .pool_builder()
-        .page_source(pages.clone())
-        .build()
-        .unwrap()
-}
+use support::rig::Rig;
 
 // ---------------------------------------------------------------------------
 // Types.
@@ -53,13 +46,11 @@ fn handles_are_send_and_sync_as_documented() {
 
 #[test]
 fn fast_path_hands_back_the_same_mapping_without_a_new_map() {
-    let checker = checker();
-    let pages = GuardedPages::new(&checker);
-    let device = Device::new(checker.clone());
-    let mut pool = pool_on(&device, &pages);
+    let rig = Rig::new();
+    let mut pool = rig.pool();
     let page = pool.alloc().unwrap();
     let addr = page.dma_addr();
-    let maps = checker.stats().maps;
+    let maps = rig.checker.stats().maps;
     for _ in 0..100 {
         let p = pool.alloc().unwrap();
         pool.recycle_direct(p);
@@ -67,31 +58,24 @@ fn fast_path_hands_back_the_same_mapping_without_a_new_map() {
     pool.recycle_direct(page);
     let again = pool.alloc().unwrap();
     assert_eq!(again.dma_addr(), addr, "the page recycled last comes first");
-    assert_eq!(checker.stats().maps, maps, "no new map on the fast path");
-    assert_eq!(checker.stats().unmaps, 0);
+    assert_eq!(
+        rig.checker.stats().maps,
+        maps,
+        "no new map on the fast path"
+    );
+    assert_eq!(rig.checker.stats().unmaps, 0);
     let s = pool.stats();
     assert_eq!(s.alloc.fast, 101);
     assert_eq!(s.alloc.slow, 1);
     assert_eq!(s.recycle.cached, 101);
     drop(again);
-    device.unbind().unwrap();
-    drop(pool);
-    assert_unbound_clean(&checker);
-    pages.assert_all_freed_once_unmapped();
+    rig.finish(pool);
 }
 
 #[test]
 fn ring_path_takes_pages_dropped_on_other_threads_and_refills() {
-    let checker = checker();
-    let pages = GuardedPages::new(&checker);
-    let device = Device::new(checker.clone());
-    let mut pool = device
-        .pool_builder()
-        .cache_size(8)
-        .refill_batch(8)
-        .page_source(pages.clone())
-        .build()
-        .unwrap();
+    let rig = Rig::new();
+    let mut pool = rig.builder().cache_size(8).refill_batch(8).build().unwrap();
     let batch: Vec<Page> = (0..8).map(|_| pool.alloc().unwrap()).collect();
     let addrs: Vec<_> = batch.iter().map(Page::dma_addr).collect();
     assert_eq!(pool.cached(), 0);
@@ -103,9 +87,9 @@ fn ring_path_takes_pages_dropped_on_other_threads_and_refills() {
         "remote drops go to the ring, not the cache"
     );
 
-    let maps = checker.stats().maps;
+    let maps = rig.checker.stats().maps;
     let again: Vec<Page> = (0..8).map(|_| pool.alloc().unwrap()).collect();
-    assert_eq!(checker.stats().maps, maps, "refilled from the ring");
+    assert_eq!(rig.checker.stats().maps, maps, "refilled from the ring");
     let s = pool.stats();
     assert_eq!(s.alloc.refill, 1, "one refill of a whole batch");
     assert_eq!(s.alloc.fast, 7 + 7);
@@ -115,104 +99,74 @@ fn ring_path_takes_pages_dropped_on_other_threads_and_refills() {
     b.sort();
     assert_eq!(a, b, "the same mappings came back");
     drop(again);
-    device.unbind().unwrap();
-    drop(pool);
-    assert_unbound_clean(&checker);
-    pages.assert_all_freed_once_unmapped();
+    rig.finish(pool);
 }
 
 #[test]
 fn ring_full_releases_unmap_and_free() {
-    let checker = checker();
-    let pages = GuardedPages::new(&checker);
-    let device = Device::new(checker.clone());
-    let mut pool = device
-        .pool_builder()
-        .ring_size(3)
-        .refill_batch(10)
-        .page_source(pages.clone())
-        .build()
-        .unwrap();
+    let rig = Rig::new();
+    let mut pool = rig.builder().ring_size(3).refill_batch(10).build().unwrap();
     let batch: Vec<Page> = (0..10).map(|_| pool.alloc().unwrap()).collect();
     thread::spawn(move || drop(batch)).join().unwrap();
     let s = pool.stats();
     assert_eq!((s.recycle.ring, s.recycle.ring_full), (3, 7));
-    assert_eq!(checker.stats().unmaps, 7);
-    assert_eq!(pages.counting.freed(), 7, "ring-full pages are freed");
+    assert_eq!(rig.checker.stats().unmaps, 7);
+    assert_eq!(rig.pages.counting.freed(), 7, "ring-full pages are freed");
     assert_eq!(s.pages_mapped, 3);
     assert_eq!(s.pages_in_flight, 0);
-    assert_eq!(checker.live_mappings(), 3);
-    assert_eq!(device.tracked_mappings(), 3);
+    assert_eq!(rig.checker.live_mappings(), 3);
+    assert_eq!(rig.device.tracked_mappings(), 3);
     drop(pool);
     assert_eq!(
-        checker.live_mappings(),
+        rig.checker.live_mappings(),
         0,
         "the dropped pool drained its ring"
     );
-    device.unbind().unwrap();
-    assert_unbound_clean(&checker);
-    pages.assert_all_freed_once_unmapped();
+    rig.finish(());
 }
 
 #[test]
 fn slow_path_maps_a_batch_of_64() {
-    let checker = checker();
-    let pages = GuardedPages::new(&checker);
-    let device = Device::new(checker.clone());
-    let mut pool = pool_on(&device, &pages);
+    let rig = Rig::new();
+    let mut pool = rig.pool();
     assert_eq!(DEFAULT_REFILL_BATCH, 64);
     assert_eq!(DEFAULT_CACHE_SIZE, 128);
     assert_eq!(DEFAULT_RING_SIZE, 1024);
     let first = pool.alloc().unwrap();
-    assert_eq!(checker.stats().maps, 64);
-    assert_eq!(pages.counting.allocated(), 64);
+    assert_eq!(rig.checker.stats().maps, 64);
+    assert_eq!(rig.pages.counting.allocated(), 64);
     assert_eq!(pool.cached(), 63);
     let rest: Vec<Page> = (0..63).map(|_| pool.alloc().unwrap()).collect();
-    assert_eq!(checker.stats().maps, 64, "63 more from the cache");
+    assert_eq!(rig.checker.stats().maps, 64, "63 more from the cache");
     let next = pool.alloc().unwrap();
-    assert_eq!(checker.stats().maps, 128, "empty again: another batch");
+    assert_eq!(rig.checker.stats().maps, 128, "empty again: another batch");
     let s = pool.stats();
     assert_eq!((s.alloc.slow, s.alloc.empty, s.alloc.fast), (2, 2, 63));
     assert_eq!(s.pages_mapped, 128);
     assert_eq!(s.bytes_mapped, 128 * PAGE_SIZE as u64);
-    assert_eq!(device.tracked_mappings(), 128);
+    assert_eq!(rig.device.tracked_mappings(), 128);
 
     // A smaller refill batch maps that many.
-    let mut small = device
-        .pool_builder()
-        .refill_batch(5)
-        .page_source(pages.clone())
-        .build()
-        .unwrap();
+    let mut small = rig.builder().refill_batch(5).build().unwrap();
     let _p = small.alloc().unwrap();
-    assert_eq!(checker.stats().maps, 133);
+    assert_eq!(rig.checker.stats().maps, 133);
     drop((first, rest, next, _p));
-    device.unbind().unwrap();
-    drop((pool, small));
-    assert_unbound_clean(&checker);
-    pages.assert_all_freed_once_unmapped();
+    rig.finish((pool, small));
 }
 
 #[test]
 fn higher_order_pages_are_mapped_one_at_a_time_at_full_size() {
-    let checker = checker();
-    let pages = GuardedPages::new(&checker);
-    let device = Device::new(checker.clone());
+    let rig = Rig::new();
     for order in [1u32, 2, 4, MAX_ORDER] {
-        let mut pool = device
-            .pool_builder()
-            .order(order)
-            .page_source(pages.clone())
-            .build()
-            .unwrap();
+        let mut pool = rig.builder().order(order).build().unwrap();
         let len = PAGE_SIZE << order;
         assert_eq!(pool.page_len(), len);
-        let maps = checker.stats().maps;
+        let maps = rig.checker.stats().maps;
         let mut page = pool.alloc().unwrap();
-        assert_eq!(checker.stats().maps, maps + 1, "one page per slow path");
+        assert_eq!(rig.checker.stats().maps, maps + 1, "one page per slow path");
         assert_eq!(page.len(), len);
         assert_eq!(page.as_slice().as_ptr() as usize % PAGE_SIZE, 0);
-        let list = checker.live_mapping_list();
+        let list = rig.checker.live_mapping_list();
         let m = list
             .iter()
             .find(|m| m.mapping.addr == page.dma_addr())
@@ -224,12 +178,10 @@ fn higher_order_pages_are_mapped_one_at_a_time_at_full_size() {
         assert_eq!(s.bytes_in_flight, len as u64);
         pool.recycle_direct(page);
         let again = pool.alloc().unwrap();
-        assert_eq!(checker.stats().maps, maps + 1, "recycled, not remapped");
+        assert_eq!(rig.checker.stats().maps, maps + 1, "recycled, not remapped");
         drop(again);
     }
-    device.unbind().unwrap();
-    assert_unbound_clean(&checker);
-    pages.assert_all_freed_once_unmapped();
+    rig.finish(());
 }
 
 // ---------------------------------------------------------------------------
@@ -238,10 +190,8 @@ fn higher_order_pages_are_mapped_one_at_a_time_at_full_size() {
 
 #[test]
 fn fragments_are_carved_aligned_from_one_page() {
-    let checker = checker();
-    let pages = GuardedPages::new(&checker);
-    let device = Device::new(checker.clone());
-    let mut pool = pool_on(&device, &pages);
+    let rig = Rig::new();
+    let mut pool = rig.pool();
     let frags: Vec<Frag> = (0..4).map(|_| pool.alloc_frag(1000).unwrap()).collect();
     let base = frags[0].dma_addr();
     for (i, f) in frags.iter().enumerate() {
@@ -270,25 +220,18 @@ fn fragments_are_carved_aligned_from_one_page() {
     ));
     assert_eq!(pool.stats().pages_in_flight, 2, "two pages carry fragments");
     drop((frags, fifth));
-    device.unbind().unwrap();
-    drop(pool);
-    assert_unbound_clean(&checker);
-    pages.assert_all_freed_once_unmapped();
+    rig.finish(pool);
 }
 
 /// The page is synced for the device once, after its last fragment drops
 /// (and after the owner moved on), never per fragment.
 #[test]
 fn last_fragment_recycles_the_page_and_only_then_syncs_once() {
-    let checker = checker();
-    let (spy, state) = SpyOps::new(&checker);
-    let pages = GuardedPages::new(&checker);
-    let device = Device::new(spy);
-    let mut pool = device
-        .pool_builder()
+    let (rig, state) = Rig::spied();
+    let mut pool = rig
+        .builder()
         .direction(DmaDirection::Bidirectional)
         .sync_for_device(0, 4096)
-        .page_source(pages.clone())
         .build()
         .unwrap();
     let frags: Vec<Frag> = (0..4).map(|_| pool.alloc_frag(1000).unwrap()).collect();
@@ -324,24 +267,20 @@ fn last_fragment_recycles_the_page_and_only_then_syncs_once() {
     assert!(state.take_syncs().is_empty());
     assert_eq!(pool.stats().recycle.ring, 1);
     drop(pool); // lets go of the fragment page: recycled into the closing pool
-    assert_eq!(checker.live_mappings(), 0);
-    device.unbind().unwrap();
-    assert_unbound_clean(&checker);
-    pages.assert_all_freed_once_unmapped();
+    assert_eq!(rig.checker.live_mappings(), 0);
+    rig.finish(());
 }
 
 /// Fragments of one page written on different threads do not overlap, and
 /// each one syncs only its own range for the CPU.
 #[test]
 fn fragments_sync_their_own_range() {
-    let checker = checker();
-    let (spy, state) = SpyOps::new(&checker);
-    let device = Device::new(spy);
-    let mut pool = device.pool_builder().build().unwrap();
+    let (rig, state) = Rig::spied();
+    let mut pool = rig.device.pool_builder().build().unwrap();
     let mut a = pool.alloc_frag(100).unwrap();
     let mut b = pool.alloc_frag(100).unwrap();
-    checker.device_write(a.dma_addr(), &[1; 100]).unwrap();
-    checker.device_write(b.dma_addr(), &[2; 100]).unwrap();
+    rig.checker.device_write(a.dma_addr(), &[1; 100]).unwrap();
+    rig.checker.device_write(b.dma_addr(), &[2; 100]).unwrap();
     a.sync_for_cpu(0..100).unwrap();
     b.sync_for_cpu(10..20).unwrap();
     assert!(a.as_slice().iter().all(|&x| x == 1));
@@ -365,9 +304,7 @@ fn fragments_sync_their_own_range() {
     assert!(a.as_slice().iter().all(|&x| x == 8));
     assert!(b.as_slice().iter().all(|&x| x == 9));
     drop((a, b));
-    device.unbind().unwrap();
-    drop(pool);
-    assert_unbound_clean(&checker);
+    rig.finish(pool);
 }
 
 // ---------------------------------------------------------------------------
@@ -376,17 +313,13 @@ fn fragments_sync_their_own_range() {
 
 #[test]
 fn recycle_syncs_min_of_dirty_len_and_max_len_from_offset() {
-    let checker = checker();
-    let (spy, state) = SpyOps::new(&checker);
-    let pages = GuardedPages::new(&checker);
-    let device = Device::new(spy);
-    let mut pool = device
-        .pool_builder()
+    let (rig, state) = Rig::spied();
+    let mut pool = rig
+        .builder()
         .direction(DmaDirection::Bidirectional)
         .sync_for_device(256, 1024)
         .cache_size(4)
         .refill_batch(1)
-        .page_source(pages.clone())
         .build()
         .unwrap();
     let sync = |offset, len, addr| SyncCall {
@@ -431,46 +364,43 @@ fn recycle_syncs_min_of_dirty_len_and_max_len_from_offset() {
     page.set_dirty_len(100);
     pool.recycle_direct(page);
     assert_eq!(
-        checker.device_read(addr.offset(256), 100).unwrap(),
+        rig.checker.device_read(addr.offset(256), 100).unwrap(),
         vec![0xEE; 100]
     );
     assert!(matches!(
-        checker.device_read(addr.offset(400), 1),
+        rig.checker.device_read(addr.offset(400), 1),
         Err(Violation::DeviceReadBeforeSync { .. })
     ));
-    assert_eq!(checker.take_violations().len(), 1);
+    assert_eq!(rig.checker.take_violations().len(), 1);
     assert_eq!(state.take_syncs(), vec![sync(256, 100, addr)]);
 
     // After unbind nothing is synced: recycling releases instead.
     let page = pool.alloc().unwrap();
-    device.unbind().unwrap();
+    rig.device.unbind().unwrap();
     pool.recycle_direct(page);
     assert!(state.take_syncs().is_empty());
     assert_eq!(pool.stats().recycle.released_refcnt, 1);
     drop(pool);
-    assert_eq!(checker.stats().violations, 1, "only the deliberate one");
-    assert_eq!(checker.live_mappings(), 0);
-    assert_eq!(checker.stats().calls_after_unbind, 0);
-    pages.assert_all_freed_once_unmapped();
+    // Not `Rig::finish`: the checker keeps the deliberate violation.
+    assert_eq!(rig.checker.stats().violations, 1, "only the deliberate one");
+    assert_eq!(rig.checker.live_mappings(), 0);
+    assert_eq!(rig.checker.stats().calls_after_unbind, 0);
+    rig.pages.assert_all_freed_once_unmapped();
 }
 
 /// Without sync_for_device configured, recycling makes no device call.
 #[test]
 fn no_sync_on_recycle_unless_configured() {
-    let checker = checker();
-    let (spy, state) = SpyOps::new(&checker);
-    let device = Device::new(spy);
-    let mut pool = device.pool_builder().build().unwrap();
+    let (rig, state) = Rig::spied();
+    let mut pool = rig.device.pool_builder().build().unwrap();
     let p = pool.alloc().unwrap();
-    let before = checker.stats();
+    let before = rig.checker.stats();
     pool.recycle_direct(p);
     let p = pool.alloc().unwrap();
     thread::spawn(move || drop(p)).join().unwrap();
     assert!(state.take_syncs().is_empty());
-    assert_eq!(checker.stats(), before);
-    device.unbind().unwrap();
-    drop(pool);
-    assert_unbound_clean(&checker);
+    assert_eq!(rig.checker.stats(), before);
+    rig.finish(pool);
 }
 
 // ---------------------------------------------------------------------------
@@ -480,15 +410,12 @@ fn no_sync_on_recycle_unless_configured() {
 /// A scripted run with every counter worked out by hand (Linux's names).
 #[test]
 fn stats_count_every_path_with_linux_names() {
-    let checker = checker();
-    let pages = GuardedPages::new(&checker);
-    let device = Device::new(checker.clone());
-    let mut pool = device
-        .pool_builder()
+    let rig = Rig::new();
+    let mut pool = rig
+        .builder()
         .cache_size(4)
         .refill_batch(2)
         .ring_size(2)
-        .page_source(pages.clone())
         .build()
         .unwrap();
     let a = pool.alloc().unwrap(); // empty, slow (maps 2)
@@ -526,25 +453,22 @@ fn stats_count_every_path_with_linux_names() {
     assert_eq!(s.pages_in_flight, 4, "the four in `f`");
     assert_eq!(s.pages_mapped, 8 - 1);
     assert_eq!(s.bytes_mapped, 7 * 4096);
-    assert_eq!(checker.live_mappings(), 7);
+    assert_eq!(rig.checker.live_mappings(), 7);
 
-    device.unbind().unwrap();
+    rig.device.unbind().unwrap();
     drop(f);
     let s = pool.stats();
     assert_eq!(s.recycle.released_refcnt, 4, "came back after unbind");
     assert_eq!(s.pages_in_flight, 0);
     assert_eq!(s.pages_mapped, 0);
-    drop(pool);
-    assert_unbound_clean(&checker);
-    pages.assert_all_freed_once_unmapped();
+    rig.finish(pool);
 }
 
 #[test]
 fn pool_info_is_page_pool_get() {
-    let checker = checker();
-    let device = Device::new(checker.clone());
-    let mut pool = device.pool_builder().order(1).build().unwrap();
-    let other = device.pool_builder().build().unwrap();
+    let rig = Rig::new();
+    let mut pool = rig.device.pool_builder().order(1).build().unwrap();
+    let other = rig.device.pool_builder().build().unwrap();
     assert_ne!(pool.id(), other.id());
     let held: Vec<Page> = (0..3).map(|_| pool.alloc().unwrap()).collect();
     assert!(held.iter().all(|p| p.pool_id() == pool.id()));
@@ -553,15 +477,13 @@ fn pool_info_is_page_pool_get() {
     assert_eq!(info.inflight, 3);
     assert_eq!(info.inflight_mem, 3 * 8192);
     assert_eq!(info.detach_time, None);
-    let listed = device.pools();
+    let listed = rig.device.pools();
     assert_eq!(listed.len(), 2);
     assert!(listed.contains(&info));
     drop(other);
-    assert_eq!(device.pools(), vec![pool.info()]);
+    assert_eq!(rig.device.pools(), vec![pool.info()]);
     drop(held);
-    device.unbind().unwrap();
-    drop(pool);
-    assert_unbound_clean(&checker);
+    rig.finish(pool);
 }
 
 /// Like Linux's `page-pool-get`, a pool dropped by its owner while pages
@@ -569,19 +491,18 @@ fn pool_info_is_page_pool_get() {
 /// until the pages come back.
 #[test]
 fn dropped_pool_with_pages_in_flight_is_listed_with_detach_time() {
-    let checker = checker();
-    let device = Device::new(checker.clone());
-    let mut pool = device.pool_builder().build().unwrap();
-    let mut idle = device.pool_builder().build().unwrap();
+    let rig = Rig::new();
+    let mut pool = rig.device.pool_builder().build().unwrap();
+    let mut idle = rig.device.pool_builder().build().unwrap();
     let id = pool.id();
     let held: Vec<Page> = (0..2).map(|_| pool.alloc().unwrap()).collect();
     drop(idle.alloc().unwrap()); // back in its ring: nothing in flight
-    assert!(device.detached_pools().is_empty());
+    assert!(rig.device.detached_pools().is_empty());
     let before = SystemTime::now();
     drop(pool);
     drop(idle);
-    assert!(device.pools().is_empty(), "no pool is open");
-    let detached = device.detached_pools();
+    assert!(rig.device.pools().is_empty(), "no pool is open");
+    let detached = rig.device.detached_pools();
     assert_eq!(detached.len(), 1, "only the pool with pages in flight");
     let info = detached[0];
     assert_eq!(info.id, id);
@@ -590,28 +511,25 @@ fn dropped_pool_with_pages_in_flight_is_listed_with_detach_time() {
     assert!(info.detach_time.expect("detach time is set") >= before);
     drop(held);
     assert!(
-        device.detached_pools().is_empty(),
+        rig.device.detached_pools().is_empty(),
         "gone once every page came back"
     );
-    device.unbind().unwrap();
-    assert_unbound_clean(&checker);
+    rig.finish(());
 }
 
 /// A detached pool's pages held across unbind: unbind forgets the pool.
 #[test]
 fn detached_pools_are_forgotten_at_unbind() {
-    let checker = checker();
-    let device = Device::new(checker.clone());
-    let mut pool = device.pool_builder().build().unwrap();
+    let rig = Rig::new();
+    let mut pool = rig.device.pool_builder().build().unwrap();
     let held = pool.alloc().unwrap();
     drop(pool);
-    assert_eq!(device.detached_pools().len(), 1);
-    let report = device.unbind().unwrap();
+    assert_eq!(rig.device.detached_pools().len(), 1);
+    let report = rig.device.unbind().unwrap();
     assert_eq!(report.pools, 0, "no pool was open");
     assert_eq!(report.pages_in_flight, 1);
-    assert!(device.detached_pools().is_empty());
-    drop(held);
-    assert_unbound_clean(&checker);
+    assert!(rig.device.detached_pools().is_empty());
+    rig.finish(held);
 }
 
 // ---------------------------------------------------------------------------
@@ -620,34 +538,33 @@ fn detached_pools_are_forgotten_at_unbind() {
 
 #[test]
 fn dropped_pool_keeps_held_pages_mapped_and_tracked_until_they_return() {
-    let checker = checker();
-    let pages = GuardedPages::new(&checker);
-    let device = Device::new(checker.clone());
-    let mut pool = pool_on(&device, &pages);
+    let rig = Rig::new();
+    let mut pool = rig.pool();
     let mut held: Vec<Page> = (0..5).map(|_| pool.alloc().unwrap()).collect();
     drop(pool); // 59 cached pages unmapped and freed
-    assert_eq!(checker.stats().unmaps, 59);
-    assert_eq!(checker.live_mappings(), 5);
-    assert_eq!(device.tracked_mappings(), 5);
-    assert_eq!(pages.live(), 5);
+    assert_eq!(rig.checker.stats().unmaps, 59);
+    assert_eq!(rig.checker.live_mappings(), 5);
+    assert_eq!(rig.device.tracked_mappings(), 5);
+    assert_eq!(rig.pages.live(), 5);
     // Still usable for DMA: the device writes, the CPU syncs and reads.
-    checker.device_write(held[0].dma_addr(), b"late").unwrap();
+    rig.checker
+        .device_write(held[0].dma_addr(), b"late")
+        .unwrap();
     held[0].sync_for_cpu(0..4).unwrap();
     assert_eq!(&held[0].as_slice()[..4], b"late");
     // Each page that comes back is unmapped and freed, from any thread.
     let last = held.pop().unwrap();
     thread::spawn(move || drop(last)).join().unwrap();
-    assert_eq!(checker.live_mappings(), 4);
-    assert_eq!(pages.live(), 4);
+    assert_eq!(rig.checker.live_mappings(), 4);
+    assert_eq!(rig.pages.live(), 4);
     put_bulk(held.drain(..2));
-    assert_eq!(checker.live_mappings(), 2);
+    assert_eq!(rig.checker.live_mappings(), 2);
     // The rest is unmapped by unbind, and freed when it comes back.
-    let report = device.unbind().unwrap();
+    let report = rig.device.unbind().unwrap();
     assert_eq!(report.pools, 0);
     assert_eq!(report.pages_in_flight, 2);
-    assert_unbound_clean(&checker);
-    drop(held);
-    pages.assert_all_freed_once_unmapped();
+    assert_unbound_clean(&rig.checker);
+    rig.finish(held);
 }
 
 #[test]
@@ -655,7 +572,11 @@ fn dropping_the_device_unbinds_it() {
     let checker = checker();
     let pages = GuardedPages::new(&checker);
     let device = Device::new(checker.clone());
-    let mut pool = pool_on(&device, &pages);
+    let mut pool = device
+        .pool_builder()
+        .page_source(pages.clone())
+        .build()
+        .unwrap();
     let held = pool.alloc().unwrap();
     assert!(!checker.is_unbound());
     drop(device);
@@ -667,34 +588,31 @@ fn dropping_the_device_unbinds_it() {
 
 #[test]
 fn unbind_twice_is_already_unbound() {
-    let checker = checker();
-    let device = Device::new(checker.clone());
-    let mut pool = device.pool_builder().build().unwrap();
+    let rig = Rig::new();
+    let mut pool = rig.device.pool_builder().build().unwrap();
     let _p = pool.alloc().unwrap();
-    assert!(device.is_bound());
-    let first = device.unbind().unwrap();
+    assert!(rig.device.is_bound());
+    let first = rig.device.unbind().unwrap();
     assert_eq!(first.pages_in_flight, 64);
-    assert_eq!(device.unbind(), Err(UnbindError::AlreadyUnbound));
-    assert_eq!(device.unbind(), Err(UnbindError::AlreadyUnbound));
+    assert_eq!(rig.device.unbind(), Err(UnbindError::AlreadyUnbound));
+    assert_eq!(rig.device.unbind(), Err(UnbindError::AlreadyUnbound));
     assert!(UnbindError::AlreadyUnbound
         .to_string()
         .contains("already unbound"));
-    assert!(!device.is_bound());
-    assert_unbound_clean(&checker);
+    assert!(!rig.device.is_bound());
+    rig.finish(());
 }
 
 #[test]
 fn concurrent_unbind_from_two_threads_unbinds_once() {
     for _ in 0..50 {
-        let checker = checker();
-        let pages = GuardedPages::new(&checker);
-        let device = Arc::new(Device::new(checker.clone()));
-        let mut pool = pool_on(&device, &pages);
+        let rig = Rig::new();
+        let mut pool = rig.pool();
         let held: Vec<Page> = (0..70).map(|_| pool.alloc().unwrap()).collect();
         let barrier = Arc::new(Barrier::new(2));
         let results: Vec<_> = (0..2)
             .map(|_| {
-                let device = Arc::clone(&device);
+                let device = Arc::clone(&rig.device);
                 let barrier = Arc::clone(&barrier);
                 thread::spawn(move || {
                     barrier.wait();
@@ -712,9 +630,8 @@ fn concurrent_unbind_from_two_threads_unbinds_once() {
         assert_eq!(ok.len(), 1, "exactly one unbind does the work: {results:?}");
         assert_eq!(ok[0].pages_in_flight, 128);
         assert!(results.contains(&Err(UnbindError::AlreadyUnbound)));
-        assert_unbound_clean(&checker);
-        drop((held, pool));
-        pages.assert_all_freed_once_unmapped();
+        assert_unbound_clean(&rig.checker);
+        rig.finish((held, pool));
     }
 }
 
@@ -815,65 +732,61 @@ fn builder_errors_name_every_invalid_field() {
 
 #[test]
 fn map_failure_is_typed_and_leaks_nothing() {
-    let checker = checker();
-    let pages = GuardedPages::new(&checker);
-    let device = Device::new(checker.clone());
-    let mut pool = pool_on(&device, &pages);
-    checker.fail_next_maps(1);
+    let rig = Rig::new();
+    let mut pool = rig.pool();
+    rig.checker.fail_next_maps(1);
     let err = pool.alloc().unwrap_err();
     assert_eq!(err, AllocError::Map(DmaError::Injected));
     assert!(err.to_string().contains("DMA map"), "{err}");
     assert!(std::error::Error::source(&err).is_some());
-    assert_eq!(checker.live_mappings(), 0);
-    assert_eq!(device.tracked_mappings(), 0);
-    assert_eq!(pages.live(), 0, "the block that failed to map was freed");
+    assert_eq!(rig.checker.live_mappings(), 0);
+    assert_eq!(rig.device.tracked_mappings(), 0);
+    assert_eq!(
+        rig.pages.live(),
+        0,
+        "the block that failed to map was freed"
+    );
     assert_eq!(pool.stats().pages_mapped, 0);
     assert_eq!(pool.stats().pages_in_flight, 0);
 
     // A failure in the middle of a batch keeps what was mapped.
-    checker.fail_maps_every(10);
+    rig.checker.fail_maps_every(10);
     let p = pool.alloc().unwrap();
-    assert_eq!(checker.live_mappings(), 9);
+    assert_eq!(rig.checker.live_mappings(), 9);
     assert_eq!(pool.cached(), 8);
-    assert_eq!(pages.live(), 9);
-    checker.fail_maps_every(0);
+    assert_eq!(rig.pages.live(), 9);
+    rig.checker.fail_maps_every(0);
     drop(p);
-    device.unbind().unwrap();
-    drop(pool);
-    assert_unbound_clean(&checker);
-    pages.assert_all_freed_once_unmapped();
+    rig.finish(pool);
 }
 
 #[test]
 fn mapping_limit_is_a_typed_map_error() {
-    let checker = CheckingDevice::builder()
-        .mode(pagepool::checking::CheckMode::Record)
-        .mapping_limit(3)
-        .build();
-    let pages = GuardedPages::new(&checker);
-    let device = Device::new(checker.clone());
-    let mut pool = pool_on(&device, &pages);
+    let rig = Rig::on(
+        CheckingDevice::builder()
+            .mode(pagepool::checking::CheckMode::Record)
+            .mapping_limit(3)
+            .build(),
+    );
+    let mut pool = rig.pool();
     let held: Vec<Page> = (0..3).map(|_| pool.alloc().unwrap()).collect();
     assert_eq!(
         pool.alloc().unwrap_err(),
         AllocError::Map(DmaError::MappingLimit { limit: Some(3) })
     );
-    assert_eq!(pages.live(), 3);
+    assert_eq!(rig.pages.live(), 3);
     drop(held);
     let again = pool.alloc().unwrap(); // recycled through the ring: no map
     drop(again);
-    device.unbind().unwrap();
-    drop(pool);
-    assert_unbound_clean(&checker);
-    pages.assert_all_freed_once_unmapped();
+    rig.finish(pool);
 }
 
 #[test]
 fn out_of_memory_is_a_typed_error() {
-    let checker = checker();
-    let device = Device::new(checker.clone());
+    let rig = Rig::new();
     let source = LimitedPages::new(0);
-    let mut pool = device
+    let mut pool = rig
+        .device
         .pool_builder()
         .order(1)
         .page_source(source.clone())
@@ -882,11 +795,12 @@ fn out_of_memory_is_a_typed_error() {
     let err = pool.alloc().unwrap_err();
     assert_eq!(err, AllocError::OutOfMemory { bytes: 8192 });
     assert!(err.to_string().contains("out of memory"), "{err}");
-    assert_eq!(checker.stats().maps, 0);
+    assert_eq!(rig.checker.stats().maps, 0);
 
     // Memory for 10 pages: the first batch is short, then OOM.
     let source = LimitedPages::new(10);
-    let mut pool = device
+    let mut pool = rig
+        .device
         .pool_builder()
         .page_source(source.clone())
         .build()
@@ -896,11 +810,9 @@ fn out_of_memory_is_a_typed_error() {
         pool.alloc().unwrap_err(),
         AllocError::OutOfMemory { bytes: 4096 }
     );
-    assert_eq!(checker.live_mappings(), 10);
+    assert_eq!(rig.checker.live_mappings(), 10);
     drop(held);
-    device.unbind().unwrap();
-    drop(pool);
-    assert_unbound_clean(&checker);
+    rig.finish(pool);
     source.inner.assert_all_freed_once();
 }
 
@@ -975,9 +887,8 @@ fn tx_pages_reach_the_device_after_sync_for_device() {
 
 #[test]
 fn sync_range_is_checked() {
-    let checker = checker();
-    let device = Device::new(checker.clone());
-    let mut pool = device.pool_builder().build().unwrap();
+    let rig = Rig::new();
+    let mut pool = rig.device.pool_builder().build().unwrap();
     let mut page = pool.alloc().unwrap();
     assert_eq!(
         page.sync_for_cpu(4000..4097),
@@ -993,9 +904,7 @@ fn sync_range_is_checked() {
     assert_eq!(page.sync_for_cpu(7..7), Ok(()));
     assert_eq!(page.sync_for_cpu(0..4096), Ok(()));
     drop(page);
-    device.unbind().unwrap();
-    drop(pool);
-    assert_unbound_clean(&checker);
+    rig.finish(pool);
 }
 
 // ---------------------------------------------------------------------------
@@ -1004,16 +913,9 @@ fn sync_range_is_checked() {
 
 #[test]
 fn put_bulk_returns_pages_of_several_pools_to_their_rings() {
-    let checker = checker();
-    let pages = GuardedPages::new(&checker);
-    let device = Device::new(checker.clone());
-    let mut a = device
-        .pool_builder()
-        .ring_size(4)
-        .page_source(pages.clone())
-        .build()
-        .unwrap();
-    let mut b = pool_on(&device, &pages);
+    let rig = Rig::new();
+    let mut a = rig.builder().ring_size(4).build().unwrap();
+    let mut b = rig.pool();
     let mut mixed = Vec::new();
     for _ in 0..6 {
         mixed.push(a.alloc().unwrap());
@@ -1031,19 +933,17 @@ fn put_bulk_returns_pages_of_several_pools_to_their_rings() {
     assert_eq!((sa.recycle.ring, sa.recycle.ring_full), (4, 7));
     assert_eq!((sb.recycle.ring, sb.recycle.ring_full), (6, 0));
     assert_eq!(sa.pages_in_flight + sb.pages_in_flight, 0);
-    assert_eq!(checker.stats().unmaps, 7);
+    assert_eq!(rig.checker.stats().unmaps, 7);
     put_bulk(Vec::<Page>::new());
 
     // After unbind, bulk-put pages are released without device calls.
     let held: Vec<Page> = (0..3).map(|_| b.alloc().unwrap()).collect();
-    device.unbind().unwrap();
-    let frozen = checker.stats();
+    rig.device.unbind().unwrap();
+    let frozen = rig.checker.stats();
     put_bulk(held);
     assert_eq!(b.stats().recycle.released_refcnt, 3);
-    assert_eq!(checker.stats(), frozen);
-    drop((a, b));
-    assert_unbound_clean(&checker);
-    pages.assert_all_freed_once_unmapped();
+    assert_eq!(rig.checker.stats(), frozen);
+    rig.finish((a, b));
 }
 
 // ---------------------------------------------------------------------------

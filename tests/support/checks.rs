@@ -101,6 +101,7 @@ impl GuardedPages {
     }
 
     /// Every block was freed exactly once, none while mapped.
+    #[track_caller]
     pub fn assert_all_freed_once_unmapped(&self) {
         assert_eq!(
             self.freed_while_mapped(),

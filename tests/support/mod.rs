@@ -8,6 +8,9 @@
 //!   counting `DmaOps`, and the after-unbind assertions.
 //! - [`faulty`]: programmable faults (panic, re-enter, block) for the
 //!   callback tests.
+//! - [`rig`]: the setup and teardown most tests share: a checking device, a
+//!   device on it and guarded page memory; at the end, unbind, drop
+//!   everything, and check the invariants.
 //! - [`rng`]: a tiny deterministic RNG for the stress tests.
 //!
 //! Some files here are also included by `#[path]` from outside the tree,
@@ -27,4 +30,5 @@
 pub mod checks;
 pub mod counting;
 pub mod faulty;
+pub mod rig;
 pub mod rng;
