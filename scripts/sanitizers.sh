@@ -26,10 +26,8 @@
 # that rests on a fence alone looks like a race to it. The call gates'
 # asymmetric fences (src/sync.rs) are not such a case: what a device call
 # touches is ordered by the release and acquire on the thread's slot, which
-# TSan sees. The acquire fence in `Frag::drop` (src/frag.rs) is: the test
-# that drops fragments on several threads is skipped under TSan below until
-# that fence is visible to TSan (an acquire load of the count instead, as
-# std's `Arc` does under TSan).
+# TSan sees. `Frag::drop` (src/frag.rs) takes an acquire load of the
+# fragment count, not a standalone fence, for the same reason.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,10 +38,9 @@ host=$(rustc +"$toolchain" -vV | sed -n 's/^host: //p')
 
 # The test targets, with the features the Miri runs use.
 features=(--features bytes)
-tsan_tests=(--test concurrency --test invariants --test callbacks)
-asan_tests=(--lib --test concurrency --test invariants --test callbacks)
-# Known TSan false positive (the `Frag::drop` fence, see above).
-tsan_skip=(--skip stress_hold_and_drop_while_unbinding)
+tsan_tests=(--test concurrency --test invariants --test callbacks --test regions)
+asan_tests=(--lib --test concurrency --test invariants --test callbacks --test regions)
+tsan_skip=()
 
 export ASAN_OPTIONS="detect_leaks=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
 export LSAN_OPTIONS="suppressions=$PWD/scripts/lsan.supp:print_suppressions=0${LSAN_OPTIONS:+:$LSAN_OPTIONS}"

@@ -254,7 +254,8 @@ impl fmt::Display for VfioError {
                      entry, so a pool of 4 KiB pages holds at most {} mapped; raise the \
                      vfio_iommu_type1 module parameter dma_entry_limit (`modprobe \
                      vfio_iommu_type1 dma_entry_limit=N`, or write {DMA_ENTRY_LIMIT_PARAM} \
-                     before the container is set up), or map fewer, larger chunks",
+                     before the container is set up), or map fewer, larger chunks (a \
+                     region-mapped pool, `PagePoolBuilder::regions`, maps 2 MiB per entry)",
                     if limit.is_some() { "" } else { ", the default" },
                     human_bytes(n.saturating_mul(4096))
                 )
