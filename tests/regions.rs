@@ -630,3 +630,27 @@ fn threads_dropping_region_pages_race_unbind_without_a_violation() {
         );
     }
 }
+
+#[cfg(feature = "bytes")]
+#[test]
+fn bytes_of_region_pages_outlive_unbind_and_free_the_region_last() {
+    let (checker, device, regions) = setup();
+    let mut pool = region_pool(&device, &regions);
+    let mut page = pool.alloc().unwrap();
+    page.as_mut_slice()[..4].copy_from_slice(b"data");
+    let bytes = page.into_bytes().slice(0..4);
+    let clone = bytes.clone();
+    let frag = pool.alloc_frag(100).unwrap().into_bytes();
+    drop(pool);
+    let report = device.unbind().unwrap();
+    assert_eq!(report.regions_unmapped, 1);
+    assert_eq!(regions.frees(), 0, "the region's pages are still held");
+    let calls = checker.stats();
+    drop(bytes);
+    assert_eq!(&clone[..], b"data", "valid memory after unbind");
+    drop(frag);
+    drop(clone);
+    assert_eq!(checker.stats(), calls, "no device call after unbind");
+    regions.assert_all_freed_once();
+    checker.assert_clean();
+}

@@ -18,6 +18,12 @@
 //! [`Violation`]; in [`CheckMode::Panic`] the first one panics with its
 //! text, in [`CheckMode::Record`] all are recorded.
 //!
+//! Region-mapped pools need nothing special: a region is one mapping, a
+//! page's sync or CPU access is a sub-range of it, and the device may reach
+//! any byte of a live region, including pages sitting free in the pool
+//! (that is what one mapping per region means). An access outside every
+//! live mapping faults, and after unbind nothing of a region is reachable.
+//!
 //! # The checks
 //!
 //! | Call | Violation |
