@@ -654,3 +654,143 @@ fn bytes_of_region_pages_outlive_unbind_and_free_the_region_last() {
     regions.assert_all_freed_once();
     checker.assert_clean();
 }
+
+/// A region source whose next `alloc_region` or `free_region` panics once.
+#[derive(Clone)]
+struct PanickyRegions {
+    inner: CountingRegions,
+    panic_alloc: Arc<Mutex<bool>>,
+    panic_free: Arc<Mutex<bool>>,
+}
+
+// SAFETY: forwards to `CountingRegions`; a panic happens before the call is
+// forwarded, so a panicking alloc allocated nothing and a panicking free
+// freed nothing (the block is leaked, never reused).
+unsafe impl RegionSource for PanickyRegions {
+    fn alloc_region(&self, len: usize) -> Result<RegionBlock, OutOfMemory> {
+        if std::mem::take(&mut *self.panic_alloc.lock().unwrap()) {
+            panic!("alloc_region panics");
+        }
+        self.inner.alloc_region(len)
+    }
+
+    unsafe fn free_region(&self, block: RegionBlock, len: usize) {
+        if std::mem::take(&mut *self.panic_free.lock().unwrap()) {
+            panic!("free_region panics");
+        }
+        // SAFETY: forwarded caller contract.
+        unsafe { self.inner.free_region(block, len) }
+    }
+}
+
+#[test]
+fn a_panicking_region_source_leaves_the_pool_consistent() {
+    let (checker, device, regions) = setup();
+    let source = PanickyRegions {
+        inner: regions.clone(),
+        panic_alloc: Arc::new(Mutex::new(true)),
+        panic_free: Arc::new(Mutex::new(false)),
+    };
+    let mut pool = device
+        .pool_builder()
+        .region_source(source.clone())
+        .build()
+        .unwrap();
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.alloc()));
+    assert!(panicked.is_err(), "the source's panic reaches the caller");
+    assert_eq!(checker.live_mappings(), 0, "nothing was mapped");
+    assert_eq!(device.tracked_mappings(), 0);
+    // The pool is still usable: two regions, then a panicking free at the
+    // pool's drop. The other region is still unmapped and freed.
+    let pages: Vec<_> = (0..PAGES_PER_REGION + 1)
+        .map(|_| pool.alloc().unwrap())
+        .collect();
+    assert_eq!(checker.live_mappings(), 2);
+    drop(pages);
+    *source.panic_free.lock().unwrap() = true;
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(pool)));
+    assert!(
+        dropped.is_err(),
+        "the free's panic reaches the pool's owner"
+    );
+    assert_eq!(
+        checker.live_mappings(),
+        0,
+        "both regions unmapped, once each"
+    );
+    assert_eq!(checker.stats().unmaps, 2);
+    assert_eq!(
+        regions.frees(),
+        1,
+        "the other region was freed all the same"
+    );
+    assert_eq!(device.detached_pools().len(), 0, "no page left counted");
+    device.unbind().unwrap();
+    checker.assert_clean();
+}
+
+#[test]
+fn pages_dropped_inside_a_region_map_are_taken_back_and_nothing_leaks() {
+    /// Drops a held page of the pool from inside `map`.
+    struct DroppingMap {
+        inner: CheckingDevice,
+        page: Arc<Mutex<Option<pagepool::Page>>>,
+    }
+    impl DmaOps for DroppingMap {
+        unsafe fn map(
+            &self,
+            cpu: NonNull<u8>,
+            len: usize,
+            direction: DmaDirection,
+        ) -> Result<DmaAddr, DmaError> {
+            drop(self.page.lock().unwrap().take());
+            // SAFETY: forwarded caller contract.
+            unsafe { self.inner.map(cpu, len, direction) }
+        }
+        unsafe fn unmap(&self, mapping: DmaMapping) {
+            // SAFETY: forwarded caller contract.
+            unsafe { self.inner.unmap(mapping) }
+        }
+        unsafe fn sync_for_device(&self, mapping: DmaMapping, offset: usize, len: usize) {
+            // SAFETY: forwarded caller contract.
+            unsafe { self.inner.sync_for_device(mapping, offset, len) }
+        }
+        unsafe fn sync_for_cpu(&self, mapping: DmaMapping, offset: usize, len: usize) {
+            // SAFETY: forwarded caller contract.
+            unsafe { self.inner.sync_for_cpu(mapping, offset, len) }
+        }
+        fn on_unbind(&self) {
+            self.inner.on_unbind()
+        }
+    }
+    let checker = CheckingDevice::new(CheckMode::Panic);
+    let slot = Arc::new(Mutex::new(None));
+    let device = Device::new(DroppingMap {
+        inner: checker.clone(),
+        page: Arc::clone(&slot),
+    });
+    let regions = CountingRegions::new(&checker);
+    let mut pool = device
+        .pool_builder()
+        .region_source(regions.clone())
+        .ring_size(1)
+        .cache_size(1)
+        .refill_batch(1)
+        .build()
+        .unwrap();
+    let mut pages: Vec<_> = (0..PAGES_PER_REGION)
+        .map(|_| pool.alloc().unwrap())
+        .collect();
+    // The next allocation maps a second region; its `map` drops a page of
+    // the first into the (empty) ring, re-entrantly.
+    *slot.lock().unwrap() = pages.pop();
+    let extra = pool.alloc().unwrap();
+    assert!(slot.lock().unwrap().is_none(), "dropped inside map");
+    assert_eq!(checker.live_mappings(), 2);
+    drop((pages, extra));
+    drop(pool);
+    assert_eq!(checker.live_mappings(), 0);
+    device.unbind().unwrap();
+    regions.assert_all_freed_once();
+    checker.assert_clean();
+}
