@@ -104,6 +104,16 @@
 //! block (then `unbind` waits for that one call); `unbind` from inside a
 //! callback of the same device returns `UnbindError::InsideCallback`.
 //!
+//! The CPU-access hook is not a `DmaOps` method: it is
+//! [`CpuAccessCheck`](crate::checking::CpuAccessCheck), in the `checking`
+//! module, held by the device from bind (a `CheckingDevice` passed to
+//! `Device::new` is detected, a wrapper passes one to
+//! `Device::with_cpu_access_check`; real backends have none, and a page
+//! access then costs one pointer test). The pool calls it from the page and
+//! fragment accessors inside a gate hold, like a device call: it follows
+//! the same rules, `unbind` waits for a check in progress, and none runs
+//! after `unbind` returned.
+//!
 //! # The races and the loom models that cover them
 //!
 //! The models live in `loom-tests/tests/`, one file per subject, and run

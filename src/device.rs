@@ -35,6 +35,7 @@
 use core::fmt;
 use std::time::{Duration, Instant};
 
+use crate::checking::{self, CpuAccessCheck};
 use crate::dma::DmaOps;
 use crate::error::UnbindError;
 use crate::gate::held;
@@ -45,6 +46,9 @@ use crate::shared::{meta_ref, DeviceShared, PageMeta, PoolShared};
 use crate::stats::PoolInfo;
 use crate::sync::{Arc, Ordering};
 use crate::unwind::Panics;
+
+#[cfg(doc)]
+use crate::checking::CheckingDevice;
 
 /// What `unbind` did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -98,23 +102,100 @@ pub struct Device<M: TrackingMode = Tracked> {
 
 impl Device<Tracked> {
     /// Binds a device whose DMA goes through `ops`, with in-flight tracking.
+    ///
+    /// If `ops` is a [`CheckingDevice`], it also checks every CPU access to
+    /// the device's pages (see [`CpuAccessCheck`]); other ops get no such
+    /// check. A test backend that wraps a checking device binds with
+    /// [`with_cpu_access_check`](Self::with_cpu_access_check) instead.
     pub fn new(ops: impl DmaOps) -> Self {
-        Self::bind(Box::new(ops))
+        let check = checking::detect(&ops);
+        Self::bind(Box::new(ops), check)
+    }
+
+    /// Binds a device whose DMA goes through `ops`, with in-flight
+    /// tracking, and tells `check` before the CPU reads or writes one of its
+    /// pages or fragments. For test backends that put a
+    /// [`CheckingDevice`] behind a `DmaOps` of their own, which
+    /// [`new`](Self::new) cannot see through.
+    ///
+    /// `check` is called under the same rules as a device call: inside the
+    /// pool's call gate, so [`unbind`](Self::unbind) waits for a check in
+    /// progress and none runs after it returned.
+    ///
+    /// ```
+    /// use core::ptr::NonNull;
+    /// use pagepool::checking::{CheckMode, CheckingDevice, Violation};
+    /// use pagepool::{Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
+    ///
+    /// /// A test backend: the checking device with syncs counted.
+    /// struct CountingSyncs {
+    ///     inner: CheckingDevice,
+    ///     syncs: std::sync::atomic::AtomicUsize,
+    /// }
+    ///
+    /// impl DmaOps for CountingSyncs {
+    ///     unsafe fn map(
+    ///         &self,
+    ///         cpu: NonNull<u8>,
+    ///         len: usize,
+    ///         direction: DmaDirection,
+    ///     ) -> Result<DmaAddr, DmaError> {
+    ///         // SAFETY: the caller's contract, forwarded.
+    ///         unsafe { self.inner.map(cpu, len, direction) }
+    ///     }
+    ///     unsafe fn unmap(&self, mapping: DmaMapping) {
+    ///         // SAFETY: the caller's contract, forwarded.
+    ///         unsafe { self.inner.unmap(mapping) }
+    ///     }
+    ///     unsafe fn sync_for_device(&self, mapping: DmaMapping, offset: usize, len: usize) {
+    ///         self.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ///         // SAFETY: the caller's contract, forwarded.
+    ///         unsafe { self.inner.sync_for_device(mapping, offset, len) }
+    ///     }
+    ///     unsafe fn sync_for_cpu(&self, mapping: DmaMapping, offset: usize, len: usize) {
+    ///         self.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ///         // SAFETY: the caller's contract, forwarded.
+    ///         unsafe { self.inner.sync_for_cpu(mapping, offset, len) }
+    ///     }
+    ///     fn on_unbind(&self) {
+    ///         self.inner.on_unbind()
+    ///     }
+    /// }
+    ///
+    /// let checker = CheckingDevice::new(CheckMode::Record);
+    /// let ops = CountingSyncs { inner: checker.clone(), syncs: Default::default() };
+    /// // The wrapper hides the checking device: hand it over as the check.
+    /// let device = Device::with_cpu_access_check(ops, checker.clone());
+    /// let mut rx = device.pool_builder().direction(DmaDirection::FromDevice).build()?;
+    /// let page = rx.alloc()?;
+    /// checker.device_write(page.dma_addr(), b"frame")?;
+    /// let _ = page.as_slice(); // no sync_for_cpu first
+    /// assert!(matches!(
+    ///     checker.violations()[..],
+    ///     [Violation::CpuReadBeforeSync { offset: 0, first_unsynced: 0, .. }]
+    /// ));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_cpu_access_check(ops: impl DmaOps, check: impl CpuAccessCheck) -> Self {
+        Self::bind(Box::new(ops), Some(Box::new(check)))
     }
 }
 
 impl Device<Untracked> {
     /// Binds a device without in-flight tracking. For measuring the cost of
-    /// tracking only: see [`Untracked`] for what it gives up.
+    /// tracking only: see [`Untracked`] for what it gives up. A
+    /// [`CheckingDevice`] as `ops` checks CPU accesses, as with
+    /// [`Device::new`].
     pub fn new_untracked(ops: impl DmaOps) -> Self {
-        Self::bind(Box::new(ops))
+        let check = checking::detect(&ops);
+        Self::bind(Box::new(ops), check)
     }
 }
 
 impl<M: TrackingMode> Device<M> {
-    fn bind(ops: Box<dyn DmaOps>) -> Self {
+    fn bind(ops: Box<dyn DmaOps>, cpu_access_check: Option<Box<dyn CpuAccessCheck>>) -> Self {
         Self {
-            shared: Arc::new(DeviceShared::new(ops)),
+            shared: Arc::new(DeviceShared::new(ops, cpu_access_check)),
         }
     }
 

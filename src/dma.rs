@@ -60,6 +60,17 @@
 //! - `sync_for_cpu` and `sync_for_device` are only called on a live mapping,
 //!   inside it, while no CPU reference to that range exists, and only in the
 //!   directions the DMA API allows.
+//!
+//! # CPU accesses are not part of the seam
+//!
+//! The pool does not tell a backend when the CPU reads or writes a page:
+//! real hardware has no use for it. Checking that the CPU reads
+//! device-written data only after `sync_for_cpu` is a test concern, served
+//! by a separate hook, [`CpuAccessCheck`](crate::checking::CpuAccessCheck)
+//! in the [`checking`](crate::checking) module. A device bound on a
+//! [`CheckingDevice`](crate::checking::CheckingDevice) uses it
+//! automatically; a test backend that wraps one passes the check to
+//! [`Device::with_cpu_access_check`](crate::Device::with_cpu_access_check).
 
 use core::fmt;
 use core::ptr::NonNull;
@@ -127,15 +138,6 @@ pub struct DmaMapping {
     pub len: usize,
     /// The direction it was mapped for.
     pub direction: DmaDirection,
-}
-
-/// How the CPU is about to touch a mapped range (see [`DmaOps::cpu_access`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CpuAccess {
-    /// The CPU reads the range.
-    Read,
-    /// The CPU writes the range.
-    Write,
 }
 
 /// Why a backend could not map memory.
@@ -264,21 +266,6 @@ pub trait DmaOps: Send + Sync + 'static {
     /// regions that are a multiple of it. The default is `None`.
     fn min_page_size(&self) -> Option<usize> {
         None
-    }
-
-    /// Whether [`cpu_access`](Self::cpu_access) wants to be called. Read
-    /// once, when the device is bound; the default is `false`, so real
-    /// backends cost nothing.
-    fn checks_cpu_access(&self) -> bool {
-        false
-    }
-
-    /// Told before the CPU reads or writes `len` bytes from `offset` of a
-    /// live mapping through a pool page, for checking backends that catch
-    /// a read of device-written data before `sync_for_cpu`. The default does
-    /// nothing.
-    fn cpu_access(&self, mapping: DmaMapping, offset: usize, len: usize, access: CpuAccess) {
-        let _ = (mapping, offset, len, access);
     }
 
     /// The device is being released: the last call the pool makes. A

@@ -21,7 +21,8 @@ use core::fmt;
 use core::ops::Range;
 use core::ptr::NonNull;
 
-use crate::dma::{CpuAccess, DmaAddr, DmaDirection};
+use crate::checking::CpuAccess;
+use crate::dma::{DmaAddr, DmaDirection};
 use crate::error::SyncError;
 use crate::mode::{Tracked, TrackingMode};
 use crate::page::{cpu_access_hook, recycle_remote, sync_range, SyncTo};

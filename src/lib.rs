@@ -67,7 +67,7 @@ mod tracker;
 mod unwind;
 
 pub use device::{Device, UnbindReport};
-pub use dma::{CpuAccess, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
+pub use dma::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
 pub use error::{AllocError, BuildError, ConfigError, SyncError, UnbindError};
 pub use frag::{Frag, FRAG_ALIGN};
 pub use memory::{

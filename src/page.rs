@@ -22,7 +22,8 @@ use core::mem::ManuallyDrop;
 use core::ops::Range;
 use core::ptr::NonNull;
 
-use crate::dma::{CpuAccess, DmaAddr, DmaDirection};
+use crate::checking::CpuAccess;
+use crate::dma::{DmaAddr, DmaDirection};
 use crate::error::SyncError;
 use crate::mapping::release_pages;
 use crate::mode::{Tracked, TrackingMode};
@@ -328,7 +329,9 @@ fn sync_through_device<M: TrackingMode>(
     Ok(())
 }
 
-/// Tells a checking backend about a CPU access, when it asked to be told.
+/// Tells the device's CPU-access check (if it has one) about a CPU access,
+/// inside a device call's gate hold: `unbind` waits for it, and none runs
+/// once the gate is closed.
 pub(crate) fn cpu_access_hook<M: TrackingMode>(
     meta: &PageMeta<M>,
     offset: usize,
@@ -336,10 +339,10 @@ pub(crate) fn cpu_access_hook<M: TrackingMode>(
     access: CpuAccess,
 ) {
     let pool = &*meta.pool;
-    if pool.device.checks_cpu_access {
-        if let Some(call) = pool.device_call() {
+    if let Some(check) = &pool.device.cpu_access_check {
+        if let Some(_call) = pool.device_call() {
             let (mapping, page_offset) = meta.device_range();
-            call.cpu_access(mapping, page_offset + offset, len, access);
+            check.cpu_access(mapping, page_offset + offset, len, access);
         }
     }
 }

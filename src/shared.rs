@@ -27,6 +27,7 @@
 use core::ptr::NonNull;
 use std::time::SystemTime;
 
+use crate::checking::CpuAccessCheck;
 use crate::dma::{DmaAddr, DmaDirection, DmaMapping, DmaOps};
 use crate::error::BuildError;
 use crate::gate::{CallGate, DeviceCall, OpsCell};
@@ -82,7 +83,9 @@ pub(crate) struct DeviceShared<M: TrackingMode> {
     pub(crate) ops: OpsCell,
     /// The backend's [`DmaOps::needs_sync`], read once at bind.
     pub(crate) needs_sync: bool,
-    pub(crate) checks_cpu_access: bool,
+    /// The device's CPU-access check, fixed at bind (see
+    /// [`CpuAccessCheck`]); called only inside a device call's gate hold.
+    pub(crate) cpu_access_check: Option<Box<dyn CpuAccessCheck>>,
     pub(crate) tracker: InFlightTracker<PageMeta<M>>,
     /// The records of region mappings (one per region, not per page).
     pub(crate) region_tracker: InFlightTracker<Region<M>>,
@@ -100,9 +103,12 @@ pub(crate) struct DeviceShared<M: TrackingMode> {
 }
 
 impl<M: TrackingMode> DeviceShared<M> {
-    /// A bound device over `ops`.
-    pub(crate) fn new(ops: Box<dyn DmaOps>) -> Self {
-        let checks_cpu_access = ops.checks_cpu_access();
+    /// A bound device over `ops`, with `cpu_access_check` told of CPU
+    /// accesses to its pages.
+    pub(crate) fn new(
+        ops: Box<dyn DmaOps>,
+        cpu_access_check: Option<Box<dyn CpuAccessCheck>>,
+    ) -> Self {
         let needs_sync = ops.needs_sync();
         let min_page_size = ops.min_page_size();
         Self {
@@ -111,7 +117,7 @@ impl<M: TrackingMode> DeviceShared<M> {
             tracker: InFlightTracker::new(),
             region_tracker: InFlightTracker::new(),
             min_page_size,
-            checks_cpu_access,
+            cpu_access_check,
             leaked_pages: AtomicUsize::new(0),
             registry: Mutex::new(Registry {
                 bound: true,

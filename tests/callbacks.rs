@@ -60,8 +60,9 @@ impl FaultRig {
         let checker = checker();
         let faults = Faults::new();
         let ops = FaultyOps::new(&checker, &faults);
+        let check = ops.check();
         Self {
-            rig: Rig::over(checker, ops),
+            rig: Rig::over(checker, ops, check),
             faults,
         }
     }

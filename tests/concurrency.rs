@@ -223,7 +223,7 @@ fn run_round(round: Round) {
         .build();
     let (spy, spy_state) = SpyOps::new(&checker);
     let pages = GuardedPages::with_spy(&spy_state);
-    let device = Arc::new(Device::new(spy));
+    let device = Arc::new(spy.into_device());
     let mut rng = Rng::new(round.seed);
 
     let pools: Vec<PagePool> = (0..round.owners)

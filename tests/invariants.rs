@@ -172,7 +172,7 @@ fn inv2_nothing_reaches_the_device_after_unbind() {
     let checker = checker();
     let (spy, state) = SpyOps::new(&checker);
     let pages = GuardedPages::new(&checker);
-    let device = Device::new(spy);
+    let device = spy.into_device();
     let mut pool = device
         .pool_builder()
         .direction(DmaDirection::Bidirectional)

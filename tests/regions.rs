@@ -11,7 +11,7 @@ use std::thread;
 
 use pagepool::checking::{CheckMode, CheckingDevice, Violation};
 use pagepool::{
-    AllocError, BuildError, CpuAccess, Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps,
+    AllocError, BuildError, Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps,
     OutOfMemory, PagePool, RegionBacking, RegionBlock, RegionSource, SystemRegions,
     DEFAULT_REGION_SIZE,
 };
@@ -446,9 +446,6 @@ impl DmaOps for LargeIommuPage {
         // SAFETY: forwarded caller contract.
         unsafe { self.0.sync_for_cpu(mapping, offset, len) }
     }
-    fn cpu_access(&self, mapping: DmaMapping, offset: usize, len: usize, access: CpuAccess) {
-        self.0.cpu_access(mapping, offset, len, access)
-    }
     fn on_unbind(&self) {
         self.0.on_unbind()
     }
@@ -460,7 +457,7 @@ impl DmaOps for LargeIommuPage {
 #[test]
 fn pages_smaller_than_the_iommu_page_are_refused_unless_regions_map_them() {
     let checker = CheckingDevice::new(CheckMode::Panic);
-    let device = Device::new(LargeIommuPage(checker.clone()));
+    let device = Device::with_cpu_access_check(LargeIommuPage(checker.clone()), checker.clone());
     assert_eq!(
         device.pool_builder().build().unwrap_err(),
         BuildError::PageBelowIommuPage {

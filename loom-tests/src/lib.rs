@@ -34,9 +34,8 @@ use loom::sync::Arc;
 use loom::thread::ThreadId;
 use pagepool::checking::{CheckMode, CheckingDevice, CheckingStats};
 use pagepool::{
-    CpuAccess, Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, GlobalPages,
-    OutOfMemory, Page, PagePool, PageSource, RegionBlock, RegionSource, SystemRegions,
-    UnbindReport,
+    Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, GlobalPages, OutOfMemory, Page,
+    PagePool, PageSource, RegionBlock, RegionSource, SystemRegions, UnbindReport,
 };
 
 /// Preemption bound used when `LOOM_MAX_PREEMPTIONS` is not set (see
@@ -117,7 +116,9 @@ impl Harness {
             inner: checker.clone(),
             hooks: Arc::clone(&hooks),
         };
-        let device = Arc::new(Device::new(ops));
+        // The wrapper hides the checker from `Device::new`: hand it over as
+        // the CPU-access check, so page reads are checked as before.
+        let device = Arc::new(Device::with_cpu_access_check(ops, checker.clone()));
         let harness = Self {
             checker,
             device,
@@ -567,7 +568,8 @@ impl Hooks {
 }
 
 /// A [`CheckingDevice`] with one hook on `unmap_batch` (see [`UnmapHook`]);
-/// every other method delegates unchanged.
+/// every other method delegates unchanged. [`Harness::hooked`] binds it with
+/// the checker as the device's CPU-access check.
 pub struct HookedOps {
     inner: CheckingDevice,
     hooks: Arc<Hooks>,
@@ -614,14 +616,6 @@ impl DmaOps for HookedOps {
 
     fn needs_sync(&self) -> bool {
         self.inner.needs_sync()
-    }
-
-    fn checks_cpu_access(&self) -> bool {
-        self.inner.checks_cpu_access()
-    }
-
-    fn cpu_access(&self, mapping: DmaMapping, offset: usize, len: usize, access: CpuAccess) {
-        self.inner.cpu_access(mapping, offset, len, access);
     }
 
     fn on_unbind(&self) {

@@ -1,4 +1,5 @@
-//! The handle: [`CheckingDevice`], its builder, and its [`DmaOps`] impl.
+//! The handle: [`CheckingDevice`], its builder, and its [`DmaOps`] and
+//! [`CpuAccessCheck`] impls.
 //!
 //! The handle only decides when and how a call runs; what the call does is
 //! [`State`]'s business. Each call (see `CheckingDevice::call`) takes the
@@ -23,10 +24,11 @@ use core::fmt;
 use core::ptr::NonNull;
 use std::time::Duration;
 
+use super::cpu_access::{CpuAccess, CpuAccessCheck};
 use super::model::{State, DEFAULT_RETIRED_CAPACITY};
 use super::report::{self, CheckingStats, LiveMapping, Verdict};
 use super::violation::{CheckMode, Op, Violation};
-use crate::dma::{CpuAccess, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
+use crate::dma::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
 use crate::sync::{pause, Arc, Mutex};
 
 #[cfg(doc)]
@@ -388,23 +390,24 @@ impl DmaOps for CheckingDevice {
         });
     }
 
-    fn checks_cpu_access(&self) -> bool {
-        true
+    fn on_unbind(&self) {
+        self.call(true, |st| {
+            if !st.dead(Op::OnUnbind) {
+                st.on_unbind();
+            }
+        });
     }
+}
 
+/// Checks the range and records a CPU write (for
+/// [`Violation::DeviceReadBeforeSync`]); a read of bytes the device wrote
+/// and nobody synced for the CPU is a [`Violation::CpuReadBeforeSync`].
+impl CpuAccessCheck for CheckingDevice {
     fn cpu_access(&self, mapping: DmaMapping, offset: usize, len: usize, access: CpuAccess) {
         self.call(true, |st| {
             if !st.dead(Op::CpuAccess) {
                 st.stats.cpu_accesses += 1;
                 st.cpu_access(mapping, offset, len, access);
-            }
-        });
-    }
-
-    fn on_unbind(&self) {
-        self.call(true, |st| {
-            if !st.dead(Op::OnUnbind) {
-                st.on_unbind();
             }
         });
     }

@@ -18,6 +18,15 @@
 //! [`Violation`]; in [`CheckMode::Panic`] the first one panics with its
 //! text, in [`CheckMode::Record`] all are recorded.
 //!
+//! The CPU side is checked through a hook that is not part of
+//! [`DmaOps`](crate::DmaOps): [`CpuAccessCheck`], which `CheckingDevice`
+//! implements. A [`Device`](crate::Device) bound straight on a
+//! `CheckingDevice` (`Device::new(checker.clone())`) uses it for every page
+//! and fragment access; a test that wraps the checking device in a `DmaOps`
+//! of its own binds with
+//! [`Device::with_cpu_access_check`](crate::Device::with_cpu_access_check)
+//! instead. See [`CpuAccessCheck`] for the rules.
+//!
 //! Region-mapped pools need nothing special: a region is one mapping, a
 //! page's sync or CPU access is a sub-range of it, and the device may reach
 //! any byte of a live region, including pages sitting free in the pool
@@ -32,7 +41,7 @@
 //! | `unmap`, `unmap_batch` | [`UnmapInvalidAddress`](Violation::UnmapInvalidAddress), [`UnmapNotMapped`](Violation::UnmapNotMapped), [`DoubleUnmap`](Violation::DoubleUnmap), [`UnmapSizeMismatch`](Violation::UnmapSizeMismatch), [`UnmapDirectionMismatch`](Violation::UnmapDirectionMismatch) |
 //! | `sync_for_cpu`, `sync_for_device`, `cpu_access` | [`NotMapped`](Violation::NotMapped), [`OutOfRange`](Violation::OutOfRange), [`MappingLenMismatch`](Violation::MappingLenMismatch), [`MappingDirectionMismatch`](Violation::MappingDirectionMismatch) |
 //! | `sync_for_cpu`, `sync_for_device` | [`SyncDirectionNotAllowed`](Violation::SyncDirectionNotAllowed) (for-CPU sync of a `ToDevice` mapping, for-device sync of a `FromDevice` mapping; opt-in with [`CheckingDeviceBuilder::strict_sync_directions`]) |
-//! | `cpu_access(Read)` | [`CpuReadBeforeSync`](Violation::CpuReadBeforeSync) |
+//! | `cpu_access(Read)` ([`CpuAccessCheck`]) | [`CpuReadBeforeSync`](Violation::CpuReadBeforeSync) |
 //! | `device_read`, `device_write` | [`IommuFault`](Violation::IommuFault), [`DeviceReadBeforeSync`](Violation::DeviceReadBeforeSync) |
 //! | `on_unbind` | [`Leak`](Violation::Leak) (mappings still live) |
 //! | anything after `on_unbind` | [`CallAfterUnbind`](Violation::CallAfterUnbind) |
@@ -50,10 +59,14 @@
 //!   ([`IOVA_BASE`]..[`IOVA_END`]), the live and retired mappings, the
 //!   device-side shadows and per-byte sync marks, and every check. It keeps
 //!   the memory-access, address, live-set, shadow and unbind invariants.
+//! - `cpu_access`: the CPU-access hook, [`CpuAccessCheck`] and
+//!   [`CpuAccess`], and how a device picks its check.
 //! - `device`: the handle, [`CheckingDevice`], its builder, and its
-//!   [`DmaOps`](crate::DmaOps) impl: one lock per call, the call delay, and the panic of
-//!   [`CheckMode::Panic`]. It keeps the concurrency invariant.
+//!   [`DmaOps`](crate::DmaOps) and [`CpuAccessCheck`] impls: one lock per
+//!   call, the call delay, and the panic of [`CheckMode::Panic`]. It keeps
+//!   the concurrency invariant.
 
+mod cpu_access;
 mod device;
 mod model;
 mod report;
@@ -62,6 +75,8 @@ mod violation;
 #[cfg(all(test, not(loom)))]
 mod tests;
 
+pub(crate) use cpu_access::detect;
+pub use cpu_access::{CpuAccess, CpuAccessCheck};
 pub use device::{CheckingDevice, CheckingDeviceBuilder};
 pub use model::{
     DEFAULT_RETIRED_CAPACITY, IOVA_BASE, IOVA_END, IOVA_PAGE, MAX_RECORDED_VIOLATIONS,

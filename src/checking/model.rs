@@ -41,9 +41,10 @@ use core::ptr::NonNull;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
+use super::cpu_access::CpuAccess;
 use super::report::{CheckingStats, LiveMapping};
 use super::violation::{CheckMode, DeviceAccess, FaultReason, Op, Violation};
-use crate::dma::{CpuAccess, DmaAddr, DmaDirection, DmaError, DmaMapping};
+use crate::dma::{DmaAddr, DmaDirection, DmaError, DmaMapping};
 
 #[cfg(doc)]
 use super::CheckingDevice;

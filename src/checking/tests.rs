@@ -1,7 +1,8 @@
 //! Unit tests of the checking device, through its public API only: each
 //! check of the table in the [module documentation](super), the shadow and
-//! sync-mark model, the address space, the reports, and the device's
-//! behaviour across threads, panics and unbind.
+//! sync-mark model, the address space, the reports, the device's
+//! behaviour across threads, panics and unbind, and how a `Device` gets
+//! its CPU-access check (detected, given, or none).
 //!
 //! Invariants: CPU memory handed to `map` is a [`Buf`], reached only through
 //! its raw pointer, so the tests are clean under Miri; built only without
@@ -11,7 +12,7 @@ use core::ptr::NonNull;
 use std::time::Duration;
 
 use super::*;
-use crate::dma::{CpuAccess, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
+use crate::dma::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
 use DmaDirection::{Bidirectional, FromDevice, ToDevice};
 
 /// CPU memory for tests: a heap buffer reached only through its raw
@@ -126,7 +127,6 @@ fn is_send_sync_clone() {
 #[test]
 fn correct_sequence_has_no_violations() {
     let dev = CheckingDevice::new(CheckMode::Panic);
-    assert!(dev.checks_cpu_access());
     let rx = Buf::new(64);
     let tx = Buf::new(32);
     let rx_m = map(&dev, &rx, FromDevice);
@@ -1271,4 +1271,268 @@ fn every_violation_displays() {
     assert!(all[6]
         .to_string()
         .contains("[mapped as DMA_TO_DEVICE] [unmapped as DMA_FROM_DEVICE]"));
+}
+
+// ---------------------------------------------------------------------------
+// The CPU-access check as a `Device` picks it: detected, given, or none.
+// ---------------------------------------------------------------------------
+
+/// A test backend that hides a checking device behind a `DmaOps` of its
+/// own: `Device::new` cannot see through it.
+struct Wrapped(CheckingDevice);
+
+impl DmaOps for Wrapped {
+    unsafe fn map(
+        &self,
+        cpu: NonNull<u8>,
+        len: usize,
+        direction: DmaDirection,
+    ) -> Result<DmaAddr, DmaError> {
+        // SAFETY: forwarded `DmaOps::map` contract.
+        unsafe { self.0.map(cpu, len, direction) }
+    }
+    unsafe fn unmap(&self, mapping: DmaMapping) {
+        // SAFETY: forwarded `DmaOps::unmap` contract.
+        unsafe { self.0.unmap(mapping) }
+    }
+    unsafe fn sync_for_device(&self, mapping: DmaMapping, offset: usize, len: usize) {
+        // SAFETY: forwarded `DmaOps::sync_for_device` contract.
+        unsafe { self.0.sync_for_device(mapping, offset, len) }
+    }
+    unsafe fn sync_for_cpu(&self, mapping: DmaMapping, offset: usize, len: usize) {
+        // SAFETY: forwarded `DmaOps::sync_for_cpu` contract.
+        unsafe { self.0.sync_for_cpu(mapping, offset, len) }
+    }
+    fn on_unbind(&self) {
+        self.0.on_unbind()
+    }
+}
+
+/// One call of a [`LoggedCheck`]: mapping, offset, length, access.
+type CheckCall = (DmaMapping, usize, usize, CpuAccess);
+
+/// Holds a [`LoggedCheck`]'s call until the test lets it go on.
+struct Blocker {
+    /// Told when a call has begun.
+    entered: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    /// The go-ahead.
+    go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+/// A check that logs every call (and then hands it to `inner`, if any),
+/// and can be told to block inside the call.
+#[derive(Clone, Default)]
+struct LoggedCheck {
+    inner: Option<CheckingDevice>,
+    log: std::sync::Arc<std::sync::Mutex<Vec<CheckCall>>>,
+    block: Option<std::sync::Arc<Blocker>>,
+}
+
+impl LoggedCheck {
+    fn calls(&self) -> Vec<CheckCall> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl CpuAccessCheck for LoggedCheck {
+    fn cpu_access(&self, mapping: DmaMapping, offset: usize, len: usize, access: CpuAccess) {
+        self.log
+            .lock()
+            .unwrap()
+            .push((mapping, offset, len, access));
+        if let Some(block) = &self.block {
+            block.entered.lock().unwrap().send(()).unwrap();
+            block.go.lock().unwrap().recv().unwrap();
+        }
+        if let Some(inner) = &self.inner {
+            inner.cpu_access(mapping, offset, len, access);
+        }
+    }
+}
+
+/// A `FromDevice` page the device wrote `frame` into, on a fresh pool of
+/// `device`.
+fn written_page<M: crate::TrackingMode>(
+    device: &crate::Device<M>,
+    checker: &CheckingDevice,
+) -> (crate::PagePool<M>, crate::Page<M>) {
+    let mut pool = device
+        .pool_builder()
+        .direction(FromDevice)
+        .cache_size(1)
+        .refill_batch(1)
+        .build()
+        .unwrap();
+    let page = pool.alloc().unwrap();
+    checker.device_write(page.dma_addr(), b"frame").unwrap();
+    (pool, page)
+}
+
+fn read_before_sync(addr: DmaAddr, len: usize) -> Violation {
+    Violation::CpuReadBeforeSync {
+        addr,
+        offset: 0,
+        len,
+        first_unsynced: 0,
+    }
+}
+
+#[test]
+fn device_new_on_a_checking_device_checks_cpu_accesses() {
+    let checker = record();
+    let device = crate::Device::new(checker.clone());
+    let (pool, mut page) = written_page(&device, &checker);
+    assert_eq!(&page.as_slice()[..5], [0; 5], "not synced for the CPU yet");
+    expect(&checker, &[read_before_sync(page.dma_addr(), 4096)]);
+    page.sync_for_cpu(0..5).unwrap();
+    assert_eq!(&page.as_slice()[..5], b"frame");
+    expect(&checker, &[]);
+    assert_eq!(checker.stats().cpu_accesses, 2);
+    drop((page, pool));
+    device.unbind().unwrap();
+    assert_eq!(checker.stats().calls_after_unbind, 0);
+
+    // The untracked device detects it too.
+    let checker = record();
+    let device = crate::Device::new_untracked(checker.clone());
+    let (pool, page) = written_page(&device, &checker);
+    let _ = page.as_slice();
+    expect(&checker, &[read_before_sync(page.dma_addr(), 4096)]);
+    drop((page, pool));
+    device.unbind().unwrap();
+}
+
+#[test]
+fn a_wrapper_gets_the_checks_through_with_cpu_access_check() {
+    let checker = record();
+    let device = crate::Device::with_cpu_access_check(Wrapped(checker.clone()), checker.clone());
+    let (mut pool, page) = written_page(&device, &checker);
+    let addr = page.dma_addr();
+    let _ = page.as_slice();
+    expect(&checker, &[read_before_sync(addr, 4096)]);
+    drop(page);
+
+    // Fragments report their own range.
+    let frag = pool.alloc_frag(100).unwrap();
+    assert_eq!(frag.dma_addr(), addr, "the same page, recycled");
+    let _ = frag.as_slice();
+    expect(&checker, &[read_before_sync(addr, 100)]);
+    assert_eq!(checker.stats().cpu_accesses, 2);
+    drop((frag, pool));
+    device.unbind().unwrap();
+    assert!(checker.is_unbound());
+}
+
+#[test]
+fn a_device_without_a_check_makes_no_hook_call() {
+    let checker = record();
+    // The wrapper hides the checking device: no check is detected.
+    let device = crate::Device::new(Wrapped(checker.clone()));
+    let (mut pool, mut page) = written_page(&device, &checker);
+    let _ = page.as_slice();
+    page.as_mut_slice()[0] = 1;
+    let mut frag = pool.alloc_frag(64).unwrap();
+    let _ = frag.as_slice();
+    frag.as_mut_slice()[0] = 1;
+    assert_eq!(checker.stats().cpu_accesses, 0);
+    assert!(
+        checker.violations().is_empty(),
+        "the unsynced read is not seen"
+    );
+    drop((page, frag, pool));
+    device.unbind().unwrap();
+    checker.assert_clean();
+}
+
+#[test]
+fn a_given_check_replaces_the_detected_one_and_sees_ranges() {
+    let checker = record();
+    let check = LoggedCheck::default();
+    let device = crate::Device::with_cpu_access_check(checker.clone(), check.clone());
+    let mut pool = device
+        .pool_builder()
+        .cache_size(1)
+        .refill_batch(1)
+        .build()
+        .unwrap();
+    let mut page = pool.alloc().unwrap();
+    let mapping = DmaMapping {
+        addr: page.dma_addr(),
+        len: 4096,
+        direction: page.direction(),
+    };
+    page.as_mut_slice()[0] = 1;
+    let _ = page.as_slice();
+    drop(page);
+    let a = pool.alloc_frag(1000).unwrap();
+    let mut b = pool.alloc_frag(100).unwrap();
+    b.as_mut_slice()[0] = 2;
+    assert_eq!(
+        check.calls(),
+        [
+            (mapping, 0, 4096, CpuAccess::Write),
+            (mapping, 0, 4096, CpuAccess::Read),
+            (mapping, b.offset(), 100, CpuAccess::Write),
+        ]
+    );
+    assert_eq!(
+        checker.stats().cpu_accesses,
+        0,
+        "the checker is not the check"
+    );
+
+    // Held across unbind: still readable, and the check is not called.
+    device.unbind().unwrap();
+    let _ = b.as_slice();
+    let _ = a.as_slice();
+    assert_eq!(check.calls().len(), 3);
+    drop((a, b, pool));
+    checker.assert_clean();
+}
+
+#[test]
+fn unbind_waits_for_a_check_in_progress() {
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel();
+    let checker = record();
+    let check = LoggedCheck {
+        inner: Some(checker.clone()),
+        block: Some(std::sync::Arc::new(Blocker {
+            entered: std::sync::Mutex::new(entered_tx),
+            go: std::sync::Mutex::new(go_rx),
+        })),
+        ..LoggedCheck::default()
+    };
+    let device = std::sync::Arc::new(crate::Device::with_cpu_access_check(
+        Wrapped(checker.clone()),
+        check,
+    ));
+    let mut pool = device.pool_builder().build().unwrap();
+    let page = pool.alloc().unwrap();
+    let reader = std::thread::spawn(move || {
+        let _ = page.as_slice();
+        page
+    });
+    entered_rx.recv().unwrap();
+    let unbound = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let unbinder = {
+        let (device, unbound) = (device.clone(), unbound.clone());
+        std::thread::spawn(move || {
+            device.unbind().unwrap();
+            unbound.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        !unbound.load(std::sync::atomic::Ordering::SeqCst),
+        "unbind returned while a check was running"
+    );
+    go_tx.send(()).unwrap();
+    let page = reader.join().unwrap();
+    unbinder.join().unwrap();
+    assert!(unbound.load(std::sync::atomic::Ordering::SeqCst));
+    let s = checker.stats();
+    assert_eq!((s.cpu_accesses, s.calls_after_unbind), (1, 0));
+    drop((page, pool));
+    checker.assert_clean();
 }

@@ -47,7 +47,7 @@ pub enum Op {
     SyncForDevice,
     /// [`DmaOps::sync_for_cpu`].
     SyncForCpu,
-    /// [`DmaOps::cpu_access`].
+    /// [`CpuAccessCheck::cpu_access`](super::CpuAccessCheck::cpu_access).
     CpuAccess,
     /// [`DmaOps::on_unbind`].
     OnUnbind,

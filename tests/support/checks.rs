@@ -9,10 +9,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pagepool::checking::{CheckMode, CheckingDevice, CheckingStats, Violation};
+use pagepool::checking::{
+    CheckMode, CheckingDevice, CheckingStats, CpuAccess, CpuAccessCheck, Violation,
+};
 use pagepool::{
-    CpuAccess, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, OutOfMemory, PageSource,
-    PAGE_SIZE,
+    Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, OutOfMemory, PageSource, PAGE_SIZE,
 };
 
 use super::counting::CountingPages;
@@ -227,13 +228,39 @@ impl SpyState {
     pub fn take_syncs(&self) -> Vec<SyncCall> {
         std::mem::take(&mut *self.syncs.lock().unwrap())
     }
+
+    /// One call begins (counted as after unbind if it is); it ends when
+    /// the guard drops.
+    fn enter(&self) -> ActiveGuard<'_> {
+        if self.unbound.load(Ordering::SeqCst) {
+            self.calls_after_unbind.fetch_add(1, Ordering::SeqCst);
+        }
+        self.active.fetch_add(1, Ordering::SeqCst);
+        ActiveGuard(self)
+    }
 }
 
 /// Wraps a [`CheckingDevice`]: counts calls in progress, calls made after
-/// `on_unbind`, logs every sync, and notes when the ops are dropped.
+/// `on_unbind`, logs every sync, and notes when the ops are dropped. Bind
+/// it with [`SpyOps::into_device`], so that its CPU-access check
+/// ([`SpyOps::check`]) is counted too.
 pub struct SpyOps {
     inner: CheckingDevice,
     state: Arc<SpyState>,
+}
+
+/// The CPU-access check of a [`SpyOps`]: the checking device's, counted
+/// as a call in the spy's record like every `DmaOps` call.
+pub struct SpyCheck {
+    inner: CheckingDevice,
+    state: Arc<SpyState>,
+}
+
+impl CpuAccessCheck for SpyCheck {
+    fn cpu_access(&self, mapping: DmaMapping, offset: usize, len: usize, access: CpuAccess) {
+        let _g = self.state.enter();
+        self.inner.cpu_access(mapping, offset, len, access)
+    }
 }
 
 impl SpyOps {
@@ -248,12 +275,22 @@ impl SpyOps {
         )
     }
 
-    fn enter(&self) -> ActiveGuard<'_> {
-        if self.state.unbound.load(Ordering::SeqCst) {
-            self.state.calls_after_unbind.fetch_add(1, Ordering::SeqCst);
+    /// The spy's CPU-access check (see [`SpyCheck`]).
+    pub fn check(&self) -> SpyCheck {
+        SpyCheck {
+            inner: self.inner.clone(),
+            state: Arc::clone(&self.state),
         }
-        self.state.active.fetch_add(1, Ordering::SeqCst);
-        ActiveGuard(&self.state)
+    }
+
+    /// A device on the spy, with the spy's CPU-access check.
+    pub fn into_device(self) -> Device {
+        let check = self.check();
+        Device::with_cpu_access_check(self, check)
+    }
+
+    fn enter(&self) -> ActiveGuard<'_> {
+        self.state.enter()
     }
 }
 
@@ -327,15 +364,6 @@ impl DmaOps for SpyOps {
         });
         // SAFETY: forwarded contract.
         unsafe { self.inner.sync_for_cpu(mapping, offset, len) }
-    }
-
-    fn checks_cpu_access(&self) -> bool {
-        self.inner.checks_cpu_access()
-    }
-
-    fn cpu_access(&self, mapping: DmaMapping, offset: usize, len: usize, access: CpuAccess) {
-        let _g = self.enter();
-        self.inner.cpu_access(mapping, offset, len, access)
     }
 
     fn on_unbind(&self) {

@@ -20,10 +20,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Once, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pagepool::checking::CheckingDevice;
-use pagepool::{
-    CpuAccess, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, OutOfMemory, PageSource,
-};
+use pagepool::checking::{CheckingDevice, CpuAccess, CpuAccessCheck};
+use pagepool::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, OutOfMemory, PageSource};
 
 use super::checks::GuardedPages;
 
@@ -249,7 +247,9 @@ fn quiet_injected_panics() {
 }
 
 /// A `DmaOps` that delegates to a [`CheckingDevice`] and runs a
-/// [`Faults`] program around every call.
+/// [`Faults`] program around every call. Its CPU-access check
+/// ([`FaultyOps::check`], [`Call::CpuAccess`]) runs under the same program:
+/// bind with `Device::with_cpu_access_check(ops, ops.check())`.
 pub struct FaultyOps {
     inner: CheckingDevice,
     faults: Arc<Faults>,
@@ -261,6 +261,31 @@ impl FaultyOps {
             inner: inner.clone(),
             faults: Arc::clone(faults),
         }
+    }
+
+    /// The CPU-access check that goes with these ops: the checking
+    /// device's, under the same program.
+    pub fn check(&self) -> FaultyCheck {
+        FaultyCheck {
+            inner: self.inner.clone(),
+            faults: Arc::clone(&self.faults),
+        }
+    }
+}
+
+/// The CPU-access check of a [`FaultyOps`]: delegates to the
+/// [`CheckingDevice`] and runs the [`Faults`] program's
+/// [`Call::CpuAccess`] rules around every call.
+pub struct FaultyCheck {
+    inner: CheckingDevice,
+    faults: Arc<Faults>,
+}
+
+impl CpuAccessCheck for FaultyCheck {
+    fn cpu_access(&self, mapping: DmaMapping, offset: usize, len: usize, access: CpuAccess) {
+        self.faults.around(Call::CpuAccess, || {
+            self.inner.cpu_access(mapping, offset, len, access)
+        })
     }
 }
 
@@ -302,16 +327,6 @@ impl DmaOps for FaultyOps {
         self.faults.around(Call::SyncForCpu, || {
             // SAFETY: forwarded contract.
             unsafe { self.inner.sync_for_cpu(mapping, offset, len) }
-        })
-    }
-
-    fn checks_cpu_access(&self) -> bool {
-        self.inner.checks_cpu_access()
-    }
-
-    fn cpu_access(&self, mapping: DmaMapping, offset: usize, len: usize, access: CpuAccess) {
-        self.faults.around(Call::CpuAccess, || {
-            self.inner.cpu_access(mapping, offset, len, access)
         })
     }
 

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use pagepool::checking::CheckingDevice;
+use pagepool::checking::{CheckingDevice, CpuAccessCheck};
 use pagepool::{Device, DmaOps, PagePool, PagePoolBuilder};
 
 use super::checks::{assert_unbound_clean, checker, GuardedPages, SpyOps, SpyState};
@@ -31,15 +31,22 @@ impl Rig {
     /// A device straight on `checker` (one configured otherwise: a call
     /// delay, a mapping limit).
     pub fn on(checker: CheckingDevice) -> Self {
-        let ops = checker.clone();
-        Self::over(checker, ops)
+        let device = Device::new(checker.clone());
+        Self::with_device(checker, device)
     }
 
-    /// A device on `ops`, a wrapper around `checker`.
-    pub fn over(checker: CheckingDevice, ops: impl DmaOps) -> Self {
+    /// A device on `ops`, a wrapper around `checker`, whose CPU accesses
+    /// `check` checks (`checker` itself, or a wrapper's handle on it).
+    pub fn over(checker: CheckingDevice, ops: impl DmaOps, check: impl CpuAccessCheck) -> Self {
+        let device = Device::with_cpu_access_check(ops, check);
+        Self::with_device(checker, device)
+    }
+
+    /// `device`, bound on `checker` (directly or through a wrapper).
+    fn with_device(checker: CheckingDevice, device: Device) -> Self {
         Self {
             pages: GuardedPages::new(&checker),
-            device: Arc::new(Device::new(ops)),
+            device: Arc::new(device),
             checker,
         }
     }
@@ -53,7 +60,7 @@ impl Rig {
     /// A device on a [`SpyOps`] around `checker`.
     pub fn spied_on(checker: CheckingDevice) -> (Self, Arc<SpyState>) {
         let (spy, state) = SpyOps::new(&checker);
-        (Self::over(checker, spy), state)
+        (Self::with_device(checker, spy.into_device()), state)
     }
 
     /// A pool builder whose pages come from the rig's page memory.

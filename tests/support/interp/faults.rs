@@ -17,9 +17,7 @@ use std::sync::{Arc, Mutex, Once, PoisonError};
 use std::thread;
 
 use pagepool::checking::CheckingDevice;
-use pagepool::{
-    CpuAccess, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, OutOfMemory, PageSource,
-};
+use pagepool::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, OutOfMemory, PageSource};
 
 use super::counting::CountingPages;
 use super::ops::Callback;
@@ -156,7 +154,8 @@ pub fn quiet_injected_panics() {
 /// The backend the pools see: a [`CheckingDevice`] behind the fault slot.
 /// Every method delegates; `map` lets an armed fault act first,
 /// `unmap_batch`, the syncs and `on_unbind` after the checking device has
-/// performed the call.
+/// performed the call. CPU accesses are not part of `DmaOps`: the device is
+/// bound with the checking device itself as its CPU-access check.
 pub struct FaultyOps {
     inner: CheckingDevice,
     faults: Faults,
@@ -206,14 +205,6 @@ impl DmaOps for FaultyOps {
 
     fn needs_sync(&self) -> bool {
         self.inner.needs_sync()
-    }
-
-    fn checks_cpu_access(&self) -> bool {
-        self.inner.checks_cpu_access()
-    }
-
-    fn cpu_access(&self, mapping: DmaMapping, offset: usize, len: usize, access: CpuAccess) {
-        self.inner.cpu_access(mapping, offset, len, access);
     }
 
     fn on_unbind(&self) {

@@ -31,7 +31,12 @@ impl World {
             .build();
         let faults = Faults::default();
         let source = FaultyPages::new(faults.clone());
-        let device = Device::new(FaultyOps::new(checking.clone(), faults.clone()));
+        // The wrapper hides the checking device from `Device::new`: hand it
+        // over as the CPU-access check.
+        let device = Device::with_cpu_access_check(
+            FaultyOps::new(checking.clone(), faults.clone()),
+            checking.clone(),
+        );
         Self {
             checking,
             faults,
