@@ -520,16 +520,28 @@ fn single_thread(c: &mut Criterion) {
 // ---------------------------------------------------------------------------
 // The ring path, one thread.
 
-fn pool_ring<M: Mode>(g: &mut Group<'_>) {
+/// Alloc + drop on the owner thread; `remote_batch` as the builder takes
+/// it (the default batches drops per thread, 0 pushes each into the ring).
+fn pool_ring<M: Mode>(g: &mut Group<'_>, remote_batch: usize) {
     let device = M::device();
-    let mut pool = device.pool_builder().build().unwrap();
+    let mut pool = device
+        .pool_builder()
+        .remote_batch(remote_batch)
+        .build()
+        .unwrap();
     drop(pool.alloc().unwrap());
-    g.bench_function(BenchmarkId::new("pagepool_ring", M::NAME), |b| {
+    let name = if remote_batch > 1 {
+        "pagepool_ring"
+    } else {
+        "pagepool_ring_unbatched"
+    };
+    g.bench_function(BenchmarkId::new(name, M::NAME), |b| {
         b.iter(|| {
             for _ in 0..OPS {
                 let page = pool.alloc().unwrap();
-                // Dropped, not recycled directly: into the shared ring; the
-                // cache refills from it 64 pages at a time.
+                // Dropped, not recycled directly: through this thread's
+                // remote batch into the shared ring; the cache refills from
+                // it 64 pages at a time.
                 drop(black_box(page));
             }
         })
@@ -542,8 +554,10 @@ fn pool_ring<M: Mode>(g: &mut Group<'_>) {
 fn ring(c: &mut Criterion) {
     let mut g = c.benchmark_group("ring");
     g.throughput(Throughput::Elements(OPS));
-    pool_ring::<Tracked>(&mut g);
-    pool_ring::<Untracked>(&mut g);
+    pool_ring::<Tracked>(&mut g, pagepool::DEFAULT_REMOTE_BATCH);
+    pool_ring::<Untracked>(&mut g, pagepool::DEFAULT_REMOTE_BATCH);
+    pool_ring::<Tracked>(&mut g, 0);
+    pool_ring::<Untracked>(&mut g, 0);
     g.finish();
 }
 
@@ -764,14 +778,25 @@ fn report_pool<M: Mode>(what: &str, pool: &PagePool<M>) {
 }
 
 fn pool_phased<M: Mode>(g: &mut Group<'_>, bulk: bool) {
+    pool_phased_batched::<M>(g, bulk, pagepool::DEFAULT_REMOTE_BATCH);
+}
+
+/// [`pool_phased`] with the pool's remote batch set to `remote_batch`
+/// (0: every page dropped goes to the ring under its own lock).
+fn pool_phased_batched<M: Mode>(g: &mut Group<'_>, bulk: bool, remote_batch: usize) {
     let device = M::device();
-    let mut pool = device.pool_builder().build().unwrap();
-    let name = if bulk {
-        "pagepool_put_bulk"
-    } else {
-        "pagepool"
+    let mut pool = device
+        .pool_builder()
+        .remote_batch(remote_batch)
+        .build()
+        .unwrap();
+    let name = match (bulk, remote_batch) {
+        (true, _) => "pagepool_put_bulk".to_string(),
+        (false, pagepool::DEFAULT_REMOTE_BATCH) => "pagepool".to_string(),
+        (false, 0) => "pagepool_unbatched".to_string(),
+        (false, n) => format!("pagepool_batch{n}"),
     };
-    g.bench_function(BenchmarkId::new(name, M::NAME), |b| {
+    g.bench_function(BenchmarkId::new(name.as_str(), M::NAME), |b| {
         b.iter_custom(|iters| {
             phased(
                 iters,
@@ -787,6 +812,11 @@ fn pool_phased<M: Mode>(g: &mut Group<'_>, bulk: bool) {
         })
     });
     report_pool(&format!("phased/{name}"), &pool);
+    assert_eq!(
+        pool.stats().recycle.ring_full,
+        0,
+        "every page came back through the ring"
+    );
 }
 
 fn pool_streaming<M: Mode>(g: &mut Group<'_>, bulk: bool) {
@@ -825,6 +855,9 @@ fn cross_thread(c: &mut Criterion) {
 
     pool_phased::<Tracked>(&mut g, false);
     pool_phased::<Untracked>(&mut g, false);
+    // The same without per-thread batches, and with the largest batch.
+    pool_phased_batched::<Tracked>(&mut g, false, 0);
+    pool_phased_batched::<Tracked>(&mut g, false, pagepool::MAX_REMOTE_BATCH);
 
     g.bench_function("transport_floor", |b| {
         b.iter_custom(|iters| {
@@ -1320,6 +1353,157 @@ fn config() -> Criterion {
 }
 
 // ---------------------------------------------------------------------------
+// The RX pipeline: a driver's receive path, phased (see `phased`). Per round
+// the RX thread (timed) allocates `ROUND` pages, lets the "device" write a
+// frame into each (a `FRAME`-byte store into the page, as the NIC's DMA
+// would), syncs the frame for the CPU and hands the pages to a consumer
+// thread; the consumer (timed) reads each frame's first bytes and drops
+// the page. The RX thread's next round refills from what the consumer's
+// drops returned. The sum is the CPU work per packet on both threads.
+
+/// Bytes the device writes and the consumer's sync covers.
+const FRAME: usize = 64;
+
+/// The "device" writes a frame into the buffer.
+#[inline]
+fn device_writes_frame(buf: &mut [u8], seq: u8) {
+    black_box(&mut buf[..FRAME]).fill(seq);
+}
+
+/// The consumer reads the frame's first bytes.
+#[inline]
+fn consumer_reads_frame(buf: &[u8]) -> u64 {
+    u64::from_le_bytes(black_box(&buf[..8]).try_into().unwrap())
+}
+
+fn rx_pipeline_pool<O: DmaOps>(g: &mut Group<'_>, name: &str, ops: O, remote_batch: usize) {
+    let device = Device::new(ops);
+    let mut pool = device
+        .pool_builder()
+        .remote_batch(remote_batch)
+        .build()
+        .unwrap();
+    let mut seq = 0u8;
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            phased(
+                iters,
+                |pages, n| {
+                    for _ in 0..n {
+                        let mut page = pool.alloc().unwrap();
+                        seq = seq.wrapping_add(1);
+                        device_writes_frame(page.as_mut_slice(), seq);
+                        page.sync_for_cpu(0..FRAME).unwrap();
+                        pages.push(page);
+                    }
+                },
+                |pages| {
+                    for page in pages.drain(..) {
+                        black_box(consumer_reads_frame(page.as_slice()));
+                    }
+                },
+            )
+        })
+    });
+    let s = pool.stats();
+    eprintln!(
+        "rx_pipeline/{name}: {} slow refills, {} ring refills, {} released for a full ring",
+        s.alloc.slow, s.alloc.refill, s.recycle.ring_full
+    );
+    assert_eq!(
+        s.recycle.ring_full, 0,
+        "every page came back through the ring"
+    );
+}
+
+fn rx_pipeline(c: &mut Criterion) {
+    let mut g = c.benchmark_group("rx_pipeline");
+    g.throughput(Throughput::Elements(1));
+    // A device that needs syncs (each sync is a device call through the
+    // pool's gate), one that does not (the pool skips the call), and the
+    // first without per-thread batches of returns.
+    rx_pipeline_pool(&mut g, "pagepool", NoopOps, pagepool::DEFAULT_REMOTE_BATCH);
+    rx_pipeline_pool(
+        &mut g,
+        "pagepool_coherent",
+        CoherentOps,
+        pagepool::DEFAULT_REMOTE_BATCH,
+    );
+    rx_pipeline_pool(&mut g, "pagepool_unbatched", NoopOps, 0);
+
+    // The peers: the same pipeline over their buffers, with no mapping and
+    // no sync at all (they know no device).
+    let pool = QueuePool::new(2 * ROUND, ROUND);
+    let mut seq = 0u8;
+    g.bench_function("peer/crossbeam_array_queue", |b| {
+        b.iter_custom(|iters| {
+            phased(
+                iters,
+                |bufs, n| {
+                    for _ in 0..n {
+                        let mut buf = pool.get();
+                        seq = seq.wrapping_add(1);
+                        device_writes_frame(&mut buf.0, seq);
+                        bufs.push(buf);
+                    }
+                },
+                |bufs| {
+                    for buf in bufs.drain(..) {
+                        black_box(consumer_reads_frame(&buf.0));
+                        pool.put(buf);
+                    }
+                },
+            )
+        })
+    });
+    let pool = PlMutexPool::new(ROUND);
+    g.bench_function("peer/mutex_vec_parking_lot", |b| {
+        b.iter_custom(|iters| {
+            phased(
+                iters,
+                |bufs, n| {
+                    for _ in 0..n {
+                        let mut buf = pool.get();
+                        seq = seq.wrapping_add(1);
+                        device_writes_frame(&mut buf.0, seq);
+                        bufs.push(buf);
+                    }
+                },
+                |bufs| {
+                    for buf in bufs.drain(..) {
+                        black_box(consumer_reads_frame(&buf.0));
+                        pool.put(buf);
+                    }
+                },
+            )
+        })
+    });
+    g.finish();
+}
+
+/// The RX pipeline's work on one thread: rounds of `ROUND` packets
+/// received (alloc, frame write, sync) and then consumed (read, drop).
+fn count_rx_pipeline(n: u64) {
+    let device = Device::new(NoopOps);
+    let mut pool = device.pool_builder().build().unwrap();
+    let mut pages = Vec::with_capacity(ROUND);
+    let mut left = n as usize;
+    while left > 0 {
+        let k = left.min(ROUND);
+        for i in 0..k {
+            let mut page = pool.alloc().unwrap();
+            device_writes_frame(page.as_mut_slice(), i as u8);
+            page.sync_for_cpu(0..FRAME).unwrap();
+            pages.push(page);
+        }
+        for page in pages.drain(..) {
+            black_box(consumer_reads_frame(page.as_slice()));
+        }
+        left -= k;
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Instruction counts: `PAGEPOOL_COUNT=<workload>:<n>` runs one workload n
 // times and exits, for `valgrind --tool=callgrind`. Counting at n and 2n and
 // dividing the difference by n gives instructions per operation, setup and
@@ -1335,9 +1519,15 @@ fn count_fast<M: Mode>(n: u64) {
     }
 }
 
-fn count_ring<M: Mode>(n: u64) {
+/// Alloc + drop on the owner thread: the page goes through the thread's
+/// remote batch (if `remote_batch > 1`) to the ring and back by a refill.
+fn count_ring<M: Mode>(n: u64, remote_batch: usize) {
     let device = M::device();
-    let mut pool = device.pool_builder().build().unwrap();
+    let mut pool = device
+        .pool_builder()
+        .remote_batch(remote_batch)
+        .build()
+        .unwrap();
     drop(pool.alloc().unwrap());
     for _ in 0..n {
         drop(black_box(pool.alloc().unwrap()));
@@ -1382,8 +1572,11 @@ fn count(spec: &str) {
     match workload {
         "fast_tracked" => count_fast::<Tracked>(n),
         "fast_untracked" => count_fast::<Untracked>(n),
-        "ring_tracked" => count_ring::<Tracked>(n),
-        "ring_untracked" => count_ring::<Untracked>(n),
+        "ring_tracked" => count_ring::<Tracked>(n, pagepool::DEFAULT_REMOTE_BATCH),
+        "ring_untracked" => count_ring::<Untracked>(n, pagepool::DEFAULT_REMOTE_BATCH),
+        "ring_unbatched_tracked" => count_ring::<Tracked>(n, 0),
+        "ring_unbatched_untracked" => count_ring::<Untracked>(n, 0),
+        "rx_pipeline" => count_rx_pipeline(n),
         "slow_arena_tracked" => count_slow::<Tracked>(n, 1),
         "slow_arena_untracked" => count_slow::<Untracked>(n, 1),
         "slow_arena_batch64_tracked" => count_slow::<Tracked>(n, 64),
@@ -1471,7 +1664,8 @@ fn count(spec: &str) {
 criterion_group! {
     name = benches;
     config = config();
-    targets = single_thread, ring, slow, cross_thread, unbind, sync, unbind_during_slow_map, regions
+    targets = rx_pipeline, single_thread, ring, slow, cross_thread, unbind, sync,
+        unbind_during_slow_map, regions
 }
 
 fn main() {

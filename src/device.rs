@@ -443,7 +443,8 @@ mod tests {
             .unwrap();
         let held = pool.alloc().unwrap();
         let returned = pool.alloc().unwrap();
-        drop(returned); // into the ring
+        drop(returned); // kept back in this thread's batch,
+        crate::flush_thread_returns(); // then into the ring
         let report = device.unbind().unwrap();
         assert_eq!(report.pools, 1);
         assert_eq!(report.pages_from_rings, 1);

@@ -60,6 +60,7 @@ mod memory;
 mod mode;
 mod page;
 mod pool;
+mod remote;
 mod ring;
 mod shared;
 mod stats;
@@ -77,9 +78,10 @@ pub use memory::{
 pub use mode::{Tracked, TrackingMode, Untracked};
 pub use page::{put_bulk, Page};
 pub use pool::{
-    PagePool, PagePoolBuilder, DEFAULT_CACHE_SIZE, DEFAULT_REFILL_BATCH, DEFAULT_RING_SIZE,
-    MAX_CACHE_SIZE, MAX_RING_SIZE,
+    PagePool, PagePoolBuilder, DEFAULT_CACHE_SIZE, DEFAULT_REFILL_BATCH, DEFAULT_REMOTE_BATCH,
+    DEFAULT_RING_SIZE, MAX_CACHE_SIZE, MAX_RING_SIZE,
 };
+pub use remote::{flush_thread_returns, MAX_REMOTE_BATCH};
 pub use shared::SyncForDevice;
 pub use stats::{AllocStats, PoolInfo, PoolStats, RecycleStats, RegionInfo};
 

@@ -27,6 +27,7 @@ use crate::dma::{DmaAddr, DmaDirection};
 use crate::error::SyncError;
 use crate::mapping::release_pages;
 use crate::mode::{Tracked, TrackingMode};
+use crate::remote;
 use crate::ring::PushRefused;
 use crate::shared::{meta_ref, PageMeta, PoolShared};
 use crate::sync::{Arc, Ordering};
@@ -69,6 +70,21 @@ pub(crate) unsafe fn recycle_remote<M: TrackingMode>(page: NonNull<PageMeta<M>>,
     let pool: &PoolShared<M> = &meta.pool;
     let refused = if pool.closed.load(Ordering::Acquire) {
         PushRefused::Closed
+    } else if pool.remote_batch > 1
+        // SAFETY: owned by the caller and given up; it belongs to `pool`,
+        // whose pages `hand_back_batch::<M>` takes.
+        && unsafe {
+            remote::stash(
+                Arc::as_ptr(&meta.pool).cast(),
+                pool.remote_batch,
+                page.cast(),
+                hand_back_batch::<M>,
+            )
+        }
+    {
+        // Fast path: kept back in this thread's batch (a pool with a
+        // remote batch has no sync on recycle).
+        return;
     } else {
         // SAFETY: owned by the caller; the guard releases it on unwind.
         let returning = unsafe { Returning::new(page) };
@@ -88,6 +104,49 @@ pub(crate) unsafe fn recycle_remote<M: TrackingMode>(page: NonNull<PageMeta<M>>,
         }
     };
     recycle_refused(page, refused);
+}
+
+/// Gives a thread's batch of remote returns back to its pool: the
+/// [`remote::HandBack`] of pools of tracking mode `M`.
+///
+/// # Safety
+/// As [`remote::HandBack`]: owned pages of one pool of mode `M`, not empty.
+unsafe fn hand_back_batch<M: TrackingMode>(pages: &[NonNull<()>]) {
+    // SAFETY: `NonNull<()>` and `NonNull<PageMeta<M>>` have one layout, and
+    // these pointers were `NonNull<PageMeta<M>>` before `stash` erased them.
+    let pages: &[NonNull<PageMeta<M>>] =
+        unsafe { core::slice::from_raw_parts(pages.as_ptr().cast(), pages.len()) };
+    // SAFETY: forwarded caller contract.
+    unsafe { push_run(pages) }
+}
+
+/// Pushes pages of one pool into its ring under one lock; releases the
+/// pages the ring refuses (full, or closed: counted in `released_refcnt`).
+///
+/// # Safety
+/// The caller owns every page in `pages` (not empty), all belong to one
+/// pool, and none is used afterwards.
+pub(crate) unsafe fn push_run<M: TrackingMode>(pages: &[NonNull<PageMeta<M>>]) {
+    // SAFETY: owned, live.
+    let first = unsafe { meta_ref(pages[0]) };
+    // Once the ring lock is released with pages inside, the owner may take
+    // them and the pool may go away: neither `first` nor its pool is
+    // touched after this statement; the refused pages (still ours) are.
+    let (taken, refused) = first.pool.ring.lock().push_many(pages);
+    if let Some(why) = refused {
+        let rest = &pages[taken..];
+        // SAFETY: refused, so still owned.
+        let meta = unsafe { meta_ref(rest[0]) };
+        // A strong reference of our own: releasing the pages frees their
+        // metadata, which may hold the pool's last one.
+        let pool = Arc::clone(&meta.pool);
+        if why == PushRefused::Closed {
+            pool.released_refcnt
+                .fetch_add(rest.len() as u64, Ordering::Relaxed);
+        }
+        // SAFETY: owned, all of `pool`, not used afterwards.
+        unsafe { release_pages(&pool, rest) };
+    }
 }
 
 /// The release path of [`recycle_remote`]: the page is still ours.
@@ -348,80 +407,153 @@ pub(crate) fn cpu_access_hook<M: TrackingMode>(
 }
 
 /// Gives many pages back at once, from any thread: pages of the same pool
-/// that come in a row go into its ring under one lock (Linux's bulk put).
+/// that come in a row go into its ring under one lock, up to
+/// [`MAX_REMOTE_BATCH`](crate::MAX_REMOTE_BATCH) at a time (Linux's bulk
+/// put). Pages the ring has no room for leave the pool (unmapped and
+/// freed), as with single drops.
 ///
 /// If a sync on recycle panics, every page already taken from `pages` is
 /// released (unmapped and freed) before the panic goes on; the pages not yet
 /// taken are dropped as usual.
 pub fn put_bulk<M: TrackingMode>(pages: impl IntoIterator<Item = Page<M>>) {
-    let mut pages = pages.into_iter().peekable();
-    let mut run = PageRun {
-        // Sized once: a burst grows no vector.
-        ready: Vec::with_capacity(pages.size_hint().0),
-        release: Vec::new(),
-    };
-    while let Some(first) = pages.next() {
-        let pool = Arc::clone(&first.meta().pool);
-        let open = !pool.closed.load(Ordering::Acquire);
-        let syncs = pool.recycle_sync.is_some();
-        let mut next = Some(first);
+    let mut run = PageRun::<M>::new();
+    for page in pages {
+        let (page, dirty_len) = page.into_raw();
+        // SAFETY: the page came out of an owned handle.
+        let meta = unsafe { meta_ref(page) };
+        let pool = Arc::as_ptr(&meta.pool);
+        if run.is_full() || (!run.is_empty() && run.pool != pool) {
+            run.finish();
+        }
+        if run.is_empty() {
+            run.pool = pool;
+            run.open = !meta.pool.closed.load(Ordering::Acquire);
+            run.syncs = meta.pool.recycle_sync.is_some();
+        }
         // Sync outside the ring lock: device calls never nest in it.
-        while let Some(page) = next {
-            let (page, dirty) = page.into_raw();
-            run.ready.push(page);
-            // SAFETY: owned (by `run` now), live.
-            let meta = unsafe { meta_ref(page) };
-            if !(open && (!syncs || sync_on_recycle(&pool, meta, dirty))) {
-                run.ready.pop();
-                run.release.push(page);
-                pool.released_refcnt.fetch_add(1, Ordering::Relaxed);
-            }
-            next = pages.next_if(|page| Arc::ptr_eq(&page.meta().pool, &pool));
-        }
-        let mut released_refcnt = 0;
-        {
-            let mut ring = pool.ring.lock();
-            for page in run.ready.drain(..) {
-                match ring.push(page) {
-                    Ok(()) => {}
-                    Err(PushRefused::Full) => run.release.push(page),
-                    Err(PushRefused::Closed) => {
-                        released_refcnt += 1;
-                        run.release.push(page);
-                    }
-                }
-            }
-        }
-        if released_refcnt > 0 {
-            pool.released_refcnt
-                .fetch_add(released_refcnt, Ordering::Relaxed);
-        }
-        if !run.release.is_empty() {
-            let release = core::mem::take(&mut run.release);
-            // SAFETY: every page here is owned: refused by the ring or never
-            // offered to it; all belong to `pool`.
-            unsafe { release_pages(&pool, &release) };
+        if run.open && (!run.syncs || sync_for_bulk(&meta.pool, page, dirty_len)) {
+            run.pages[run.ready] = page;
+            run.ready += 1;
+        } else {
+            run.refused += 1;
+            run.pages[RUN_LEN - run.refused] = page;
         }
     }
+    run.finish();
 }
 
-/// The pages of one run of [`put_bulk`] that are out of their `Page`
-/// handles and not yet in a ring: released if dropped with any left (a sync
-/// panicked).
+/// Syncs one page of a [`put_bulk`] for the device, outside any lock.
+/// Returns `false` if the page must be released instead (its device is
+/// unbinding); if the sync panics, the page is released and the panic goes
+/// on.
+fn sync_for_bulk<M: TrackingMode>(
+    pool: &PoolShared<M>,
+    page: NonNull<PageMeta<M>>,
+    dirty_len: usize,
+) -> bool {
+    // SAFETY: owned by the caller; the guard releases it on unwind.
+    let returning = unsafe { Returning::new(page) };
+    // SAFETY: owned, live.
+    let synced = sync_on_recycle(pool, unsafe { meta_ref(page) }, dirty_len);
+    returning.into_raw();
+    synced
+}
+
+/// Pages one [`put_bulk`] run holds at most.
+const RUN_LEN: usize = crate::remote::MAX_REMOTE_BATCH;
+
+/// The pages of one run of [`put_bulk`]: out of their `Page` handles, all of
+/// one pool, not yet in its ring. On the stack: a burst allocates nothing.
+/// Released one by one if dropped with any left (a sync panicked).
 struct PageRun<M: TrackingMode> {
-    /// Synced (or not needing it), not yet counted anywhere.
-    ready: Vec<NonNull<PageMeta<M>>>,
-    /// To be released; already counted (`released_refcnt` or `ring_full`).
-    release: Vec<NonNull<PageMeta<M>>>,
+    /// `pages[..ready]` go to the ring; `pages[RUN_LEN - refused..]` leave
+    /// the pool (it is closing, or their sync found the device unbinding).
+    pages: [NonNull<PageMeta<M>>; RUN_LEN],
+    ready: usize,
+    refused: usize,
+    /// The run's pool (compared only while the run holds pages, which keep
+    /// it alive).
+    pool: *const PoolShared<M>,
+    /// Whether the run's pool was open when the run began.
+    open: bool,
+    /// Whether the run's pool syncs on recycle.
+    syncs: bool,
+}
+
+impl<M: TrackingMode> PageRun<M> {
+    fn new() -> Self {
+        Self {
+            pages: [NonNull::dangling(); RUN_LEN],
+            ready: 0,
+            refused: 0,
+            pool: core::ptr::null(),
+            open: false,
+            syncs: false,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ready + self.refused == 0
+    }
+
+    fn is_full(&self) -> bool {
+        self.ready + self.refused == RUN_LEN
+    }
+
+    /// Pushes the ready pages into the pool's ring under one lock, then
+    /// releases what the ring refused together with the refused pages, in
+    /// one release.
+    fn finish(&mut self) {
+        // Out of the run first: a panic in the release below must not make
+        // the run's drop release them again.
+        let ready = core::mem::take(&mut self.ready);
+        let refused = core::mem::take(&mut self.refused);
+        let (taken, why) = if ready > 0 {
+            // SAFETY: owned by the run, live.
+            let first = unsafe { meta_ref(self.pages[0]) };
+            // Once the lock is released with pages inside, the owner may
+            // take them and the pool may go away: neither `first` nor its
+            // pool is touched after this statement.
+            first.pool.ring.lock().push_many(&self.pages[..ready])
+        } else {
+            (0, None)
+        };
+        // The refused pages join what the ring refused: `pages[taken..end]`.
+        self.pages.copy_within(RUN_LEN - refused..RUN_LEN, ready);
+        let end = ready + refused;
+        if taken == end {
+            return;
+        }
+        let leaving = &self.pages[taken..end];
+        // SAFETY: not in the ring, so still owned.
+        let meta = unsafe { meta_ref(leaving[0]) };
+        // A strong reference of our own: releasing the pages frees their
+        // metadata, which may hold the pool's last one.
+        let pool = Arc::clone(&meta.pool);
+        let closed = refused
+            + if why == Some(PushRefused::Closed) {
+                ready - taken
+            } else {
+                0
+            };
+        if closed > 0 {
+            pool.released_refcnt
+                .fetch_add(closed as u64, Ordering::Relaxed);
+        }
+        // SAFETY: owned, all of `pool`, not used afterwards.
+        unsafe { release_pages(&pool, leaving) };
+    }
 }
 
 impl<M: TrackingMode> Drop for PageRun<M> {
     fn drop(&mut self) {
-        for page in self.ready.drain(..) {
+        let ready = core::mem::take(&mut self.ready);
+        let refused = core::mem::take(&mut self.refused);
+        for &page in self.pages[..ready]
+            .iter()
+            .chain(&self.pages[RUN_LEN - refused..])
+        {
             recycle_refused(page, PushRefused::Closed);
-        }
-        for page in self.release.drain(..) {
-            recycle_refused(page, PushRefused::Full);
         }
     }
 }

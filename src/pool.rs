@@ -43,6 +43,7 @@ use crate::memory::{
 };
 use crate::mode::{Tracked, TrackingMode};
 use crate::page::{sync_on_recycle, Page, Returning};
+use crate::remote::{self, MAX_REMOTE_BATCH};
 use crate::ring::{PushRefused, Ring};
 use crate::shared::{
     meta_ref, DeviceShared, PageMeta, PoolConfig, PoolShared, RegionPool, SyncForDevice,
@@ -61,12 +62,18 @@ pub const DEFAULT_RING_SIZE: usize = 1024;
 pub const MAX_RING_SIZE: usize = 16384;
 /// The largest local cache the builder accepts.
 pub const MAX_CACHE_SIZE: usize = 65536;
+/// Pages a thread keeps back from a pool it does not own before handing
+/// them to the pool's ring (see [`PagePoolBuilder::remote_batch`]).
+pub const DEFAULT_REMOTE_BATCH: usize = 32;
 
 /// What the builder's range checks accept, spelled from the constants.
 const ORDER_RANGE: &str = concat!("0..=", 10);
 const RING_SIZE_RANGE: &str = concat!("1..=", 16384);
 const CACHE_SIZE_RANGE: &str = concat!("1..=", 65536);
-const _: () = assert!(MAX_ORDER == 10 && MAX_RING_SIZE == 16384 && MAX_CACHE_SIZE == 65536);
+const REMOTE_BATCH_RANGE: &str = concat!("0..=", 64);
+const _: () = assert!(
+    MAX_ORDER == 10 && MAX_RING_SIZE == 16384 && MAX_CACHE_SIZE == 65536 && MAX_REMOTE_BATCH == 64
+);
 
 /// Builds a [`PagePool`] on a device; from
 /// [`Device::pool_builder`](crate::Device::pool_builder).
@@ -86,6 +93,7 @@ pub struct PagePoolBuilder<'d, M: TrackingMode = Tracked> {
     source: Option<Box<dyn PageSource>>,
     region_len: Option<usize>,
     region_source: Option<Box<dyn RegionSource>>,
+    remote_batch: usize,
 }
 
 impl<M: TrackingMode> fmt::Debug for PagePoolBuilder<'_, M> {
@@ -98,6 +106,7 @@ impl<M: TrackingMode> fmt::Debug for PagePoolBuilder<'_, M> {
             .field("direction", &self.direction)
             .field("sync_for_device", &self.sync_for_device)
             .field("region_len", &self.region_len)
+            .field("remote_batch", &self.remote_batch)
             .finish_non_exhaustive()
     }
 }
@@ -115,6 +124,7 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
             source: None,
             region_len: None,
             region_source: None,
+            remote_batch: DEFAULT_REMOTE_BATCH,
         }
     }
 
@@ -203,6 +213,26 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
         self.regions()
     }
 
+    /// Pages a thread that does not own the pool keeps back before giving
+    /// them to the pool's ring under one lock (0..=[`MAX_REMOTE_BATCH`];
+    /// default [`DEFAULT_REMOTE_BATCH`], at most the ring size). 0 or 1
+    /// sends every page to the ring as it is dropped. A pool that syncs
+    /// for the device on recycle does not batch (each return is a device
+    /// call anyway).
+    ///
+    /// Batching makes a page dropped away from the owner cost a few plain
+    /// stores instead of a lock; the price is that up to this many pages
+    /// per thread wait before the owner can reuse them (they are handed
+    /// back when the batch fills, when the thread exits, when the owner
+    /// runs dry on the same thread, and on
+    /// [`flush_thread_returns`](crate::flush_thread_returns)). A waiting
+    /// page stays mapped and tracked: `unbind` unmaps it like any page the
+    /// stack holds.
+    pub fn remote_batch(mut self, pages: usize) -> Self {
+        self.remote_batch = pages;
+        self
+    }
+
     fn validate(&self) -> Result<PoolConfig, ConfigError> {
         let bad = |field, value, expected| {
             Err(ConfigError {
@@ -223,6 +253,9 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
         }
         if !(1..=self.cache_size).contains(&self.refill_batch) {
             return bad("refill_batch", self.refill_batch, "1..=cache_size");
+        }
+        if self.remote_batch > MAX_REMOTE_BATCH {
+            return bad("remote_batch", self.remote_batch, REMOTE_BATCH_RANGE);
         }
         if let Some(sync) = self.sync_for_device {
             if sync.max_len == 0 || sync.max_len > page_len {
@@ -272,6 +305,7 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
             cache_size: self.cache_size,
             refill_batch: self.refill_batch,
             sync_for_device: self.sync_for_device,
+            remote_batch: self.remote_batch.min(self.ring_size),
             region_len: self.region_len,
         })
     }
@@ -309,6 +343,11 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
             source: self.source.unwrap_or_else(|| Box::new(GlobalPages)),
             needs_sync: device.needs_sync,
             recycle_sync: config.sync_for_device.filter(|_| device.needs_sync),
+            remote_batch: match config.sync_for_device.filter(|_| device.needs_sync) {
+                Some(_) => 0,
+                None if config.remote_batch > 1 => config.remote_batch,
+                None => 0,
+            },
             closed: AtomicBool::new(false),
             ring: Ring::with_capacity(config.ring_size),
             owner: OwnerCounters::default(),
@@ -469,6 +508,11 @@ impl<M: TrackingMode> PagePool<M> {
     #[inline(never)]
     fn alloc_slow(&mut self) -> Result<Page<M>, AllocError> {
         let batch = self.shared.config.refill_batch;
+        if self.shared.remote_batch > 1 {
+            // Pages this thread dropped and kept back go to the ring first,
+            // so the owner never maps fresh pages while its own wait here.
+            remote::hand_back_pool(Arc::as_ptr(&self.shared).cast());
+        }
         if self.shared.ring.pop_into(&mut self.cache, batch) > 0 {
             self.shared.owner.refill.add(1);
         } else if self.refill_from_spare(batch) {
@@ -581,6 +625,10 @@ impl<M: TrackingMode> Drop for PagePool<M> {
         let mut panics = Panics::new();
         if let Some(frag) = self.frag.take() {
             panics.run(|| frag.finish());
+        }
+        if self.shared.remote_batch > 1 {
+            // This thread's kept-back pages join the ring and leave with it.
+            panics.run(|| remote::hand_back_pool(Arc::as_ptr(&self.shared).cast()));
         }
         self.shared.closed.store(true, Ordering::Release);
         let mut pages = core::mem::take(&mut self.cache);

@@ -57,6 +57,26 @@ impl<T> RingState<T> {
         self.counters.ring += 1;
         Ok(())
     }
+
+    /// Pushes as many of `pages` as there is room for, in order, counting
+    /// them: one copy, no per-page check. Returns how many it took (a
+    /// prefix of `pages`) and, if it did not take them all, why the rest
+    /// were refused; those stay the caller's.
+    pub(crate) fn push_many(&mut self, pages: &[NonNull<T>]) -> (usize, Option<PushRefused>) {
+        if self.closed {
+            return (0, Some(PushRefused::Closed));
+        }
+        let room = self.limit - self.pages.len();
+        let taken = room.min(pages.len());
+        self.pages.extend_from_slice(&pages[..taken]);
+        self.counters.ring += taken as u64;
+        if taken == pages.len() {
+            (taken, None)
+        } else {
+            self.counters.ring_full += (pages.len() - taken) as u64;
+            (taken, Some(PushRefused::Full))
+        }
+    }
 }
 
 /// A bounded, closable ring of page pointers.
@@ -166,5 +186,35 @@ mod tests {
         assert_eq!(left, vec![ptrs[0]]);
         assert_eq!(ring.lock().push(ptrs[2]), Err(PushRefused::Closed));
         assert_eq!(ring.len(), 0);
+    }
+
+    #[test]
+    fn push_many_takes_a_prefix_and_counts_the_rest_as_refused() {
+        let mut values = [1u32, 2, 3, 4, 5];
+        let ptrs: Vec<NonNull<u32>> = values.iter_mut().map(NonNull::from).collect();
+        let ring = Ring::with_capacity(4);
+        assert_eq!(ring.lock().push_many(&ptrs[..1]), (1, None));
+        assert_eq!(
+            ring.lock().push_many(&ptrs[1..]),
+            (3, Some(PushRefused::Full)),
+            "room for three of four"
+        );
+        let c = ring.counters();
+        assert_eq!((c.ring, c.ring_full), (4, 1));
+        let mut out = Vec::with_capacity(8);
+        assert_eq!(ring.pop_into(&mut out, 8), 4);
+        assert_eq!(out, ptrs[..4].to_vec(), "in order");
+        assert_eq!(ring.lock().push_many(&[]), (0, None));
+        assert!(ring.close().is_empty());
+        assert_eq!(
+            ring.lock().push_many(&ptrs[4..]),
+            (0, Some(PushRefused::Closed))
+        );
+        let c = ring.counters();
+        assert_eq!(
+            (c.ring, c.ring_full),
+            (4, 1),
+            "a closed ring counts nothing"
+        );
     }
 }

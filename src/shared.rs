@@ -210,6 +210,8 @@ pub(crate) struct PoolConfig {
     pub(crate) cache_size: usize,
     pub(crate) refill_batch: usize,
     pub(crate) sync_for_device: Option<SyncForDevice>,
+    /// The builder's `remote_batch`, at most the ring size.
+    pub(crate) remote_batch: usize,
     /// Region size in bytes for a region-mapped pool; `None` maps per page.
     pub(crate) region_len: Option<usize>,
 }
@@ -226,6 +228,10 @@ pub(crate) struct PoolShared<M: TrackingMode> {
     pub(crate) needs_sync: bool,
     /// `config.sync_for_device` if the device needs syncs, else `None`.
     pub(crate) recycle_sync: Option<SyncForDevice>,
+    /// Pages a thread keeps back before handing them to the ring (see
+    /// `remote.rs`); 0 when remote returns go to the ring one by one (a
+    /// pool that syncs on recycle, or one built so).
+    pub(crate) remote_batch: usize,
     /// Set when the pool stops accepting pages: at its drop or at unbind.
     /// Advisory for recycling (a page may still reach the ring just after
     /// it is set; the ring's own close is what stops that), authoritative

@@ -243,6 +243,7 @@ fn hold_pages(rig: &FaultRig, in_ring: usize) -> (PagePool, Vec<Page>) {
         .unwrap();
     let mut held: Vec<Page> = (0..HELD).map(|_| pool.alloc().unwrap()).collect();
     drop(held.drain(..in_ring));
+    pagepool::flush_thread_returns();
     assert_eq!(pool.stats().recycle.ring, in_ring as u64);
     (pool, held)
 }
@@ -528,6 +529,8 @@ fn reentrant_drop(hook: Hook, victim: Victim, concurrent: bool) {
     let page = t.alloc().unwrap();
     t.recycle_direct(page);
     drop(t.alloc().unwrap());
+    // Out of this thread's batch of kept-back returns, into the ring.
+    pagepool::flush_thread_returns();
     assert_eq!((t.cached(), t.stats().recycle.ring), (3, 1));
     let mut t = Some(t);
 
@@ -558,6 +561,7 @@ fn reentrant_drop(hook: Hook, victim: Victim, concurrent: bool) {
             // in the ring, one or more in the cache.
             keep.push(Box::new(pool.alloc().unwrap()));
             drop(pool.alloc().unwrap());
+            pagepool::flush_thread_returns();
             let page = pool.alloc().unwrap();
             pool.recycle_direct(page);
             assert!(pool.cached() > 0);
@@ -896,7 +900,8 @@ fn unbind_inside_free_pages_during_unbind_is_refused_and_the_outer_unbind_comple
         let rig = FaultRig::new();
         let mut pool = small_pool(&rig);
         let held = pool.alloc().unwrap();
-        drop(pool.alloc().unwrap()); // into the ring: unbind frees it
+        drop(pool.alloc().unwrap());
+        pagepool::flush_thread_returns(); // into the ring: unbind frees it
         assert_eq!(pool.stats().recycle.ring, 1);
         let slot = unbind_inside(&rig, Call::FreePages, When::Before);
         let report = rig.device.unbind().expect("the outer unbind");

@@ -18,6 +18,9 @@ fn remote_recycle_into_ring_while_draining() {
             .cache_size(2)
             .refill_batch(1)
             .ring_size(2)
+            // Each drop straight into the ring (batched returns:
+            // `remote_batch.rs`).
+            .remote_batch(0)
             .build()
             .unwrap();
         let first = pool.alloc().unwrap();
