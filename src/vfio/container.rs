@@ -19,15 +19,12 @@ use core::ptr::NonNull;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
-use super::device::VfioDevice;
 use super::error::VfioError;
 use super::info::{get_info, IommuInfo};
 use super::ioctl::{ioctl_ptr, ioctl_val, open_node, Counters};
 use super::iova::{IovaAllocator, IovaRange};
 use super::sys;
-use super::sysfs::{
-    self, entry_limit_param, group_devices, group_id_of, memlock_limit, normalize_bdf,
-};
+use super::sysfs::{self, entry_limit_param, group_devices, group_id_of, memlock_limit};
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 use crate::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
 
@@ -243,12 +240,6 @@ impl VfioDma {
                 last_error: Mutex::new(None),
             }),
         })
-    }
-
-    /// Opens the device fd of `bdf` (a device of this group) with
-    /// `VFIO_GROUP_GET_DEVICE_FD`.
-    pub fn open_device(&self, bdf: &str) -> Result<VfioDevice, VfioError> {
-        VfioDevice::from_group(self.clone(), normalize_bdf(bdf)?)
     }
 
     /// The container fd, for calls this backend does not wrap. Mapping or

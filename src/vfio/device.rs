@@ -10,6 +10,7 @@ use super::container::VfioDma;
 use super::error::VfioError;
 use super::ioctl::{errno, ioctl_ptr, ioctl_val};
 use super::sys;
+use super::sysfs::normalize_bdf;
 use crate::sync::{fence, Ordering};
 
 /// VFIO region index of BAR 0 (`VFIO_PCI_BAR0_REGION_INDEX`); BAR n is n.
@@ -38,6 +39,14 @@ impl RegionInfo {
     /// Whether the region can be `mmap`ed ([`VfioDevice::map_region`]).
     pub fn mappable(&self) -> bool {
         self.flags & sys::REGION_INFO_FLAG_MMAP != 0
+    }
+}
+
+impl VfioDma {
+    /// Opens the device fd of `bdf` (a device of this group) with
+    /// `VFIO_GROUP_GET_DEVICE_FD`.
+    pub fn open_device(&self, bdf: &str) -> Result<VfioDevice, VfioError> {
+        VfioDevice::from_group(self.clone(), normalize_bdf(bdf)?)
     }
 }
 
