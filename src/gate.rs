@@ -309,7 +309,7 @@ pub(crate) mod held {
         core::ptr::NonNull::dangling().as_ptr()
     }
 
-    #[cfg(not(loom))]
+    #[cfg(not(any(loom, shuttle)))]
     fn registry() -> Arc<Registry> {
         static REGISTRY: std::sync::OnceLock<Arc<Registry>> = std::sync::OnceLock::new();
         Arc::clone(REGISTRY.get_or_init(|| Arc::new(Mutex::new(Vec::new()))))
@@ -323,7 +323,18 @@ pub(crate) mod held {
         Arc::clone(&REGISTRY)
     }
 
-    #[cfg(not(loom))]
+    /// Under shuttle, as under loom, a registry per execution: a static
+    /// holding shuttle primitives must not outlive the execution that
+    /// built them. Shuttle drops it after the execution's thread-locals.
+    #[cfg(all(shuttle, not(loom)))]
+    fn registry() -> Arc<Registry> {
+        shuttle::lazy_static! {
+            static ref REGISTRY: Arc<Registry> = Arc::new(Mutex::new(Vec::new()));
+        }
+        Arc::clone(&REGISTRY)
+    }
+
+    #[cfg(not(any(loom, shuttle)))]
     std::thread_local! {
         static STATE: State = const {
             State {
@@ -347,6 +358,79 @@ pub(crate) mod held {
         static REGISTRATION: Registration = Registration::new();
     }
 
+    // Under shuttle, each shuttle thread's registration (the threads share
+    // one OS thread), fresh in every execution and dropped at the thread's
+    // exit, as `std`'s.
+    #[cfg(all(shuttle, not(loom)))]
+    shuttle::thread_local! {
+        static REGISTRATION: Registration = Registration::new();
+    }
+
+    /// Under shuttle, `STATE` keeps what the `std` build relies on: it is
+    /// reachable for as long as the thread runs, its thread-local
+    /// destructors included. A `shuttle::thread_local!` value is destroyed
+    /// at thread exit like any other (oldest first) and cannot be read
+    /// again, so a later destructor that makes a device call (a per-thread
+    /// batch of returned pages going home) would panic in `announce`. Each
+    /// shuttle thread's `State` lives instead in a map of the execution,
+    /// dropped with the execution's statics after every thread-local.
+    #[cfg(all(shuttle, not(loom)))]
+    static STATE: shuttle_state::Key = shuttle_state::Key;
+
+    #[cfg(all(shuttle, not(loom)))]
+    mod shuttle_state {
+        use core::cell::{Cell, RefCell};
+        use std::collections::HashMap;
+
+        use super::State;
+
+        /// Every shuttle thread's `State`, boxed so that a `State` stays
+        /// where it is while the map grows; entries are never removed.
+        struct States(RefCell<HashMap<shuttle::thread::ThreadId, Box<State>>>);
+
+        // SAFETY: shuttle runs every thread of an execution on one OS
+        // thread, one at a time, switching only at its own scheduling
+        // points; the map is borrowed only inside `Key::with`, across no
+        // scheduling point, so no two borrows overlap.
+        unsafe impl Sync for States {}
+
+        shuttle::lazy_static! {
+            static ref STATES: States = States(RefCell::new(HashMap::new()));
+        }
+
+        /// `STATE` under shuttle: `with` and `try_with` as a `LocalKey`'s.
+        pub(super) struct Key;
+
+        impl Key {
+            pub(super) fn with<R>(&'static self, f: impl FnOnce(&State) -> R) -> R {
+                let me = shuttle::thread::current().id();
+                let state: *const State = {
+                    let mut states = STATES.0.borrow_mut();
+                    let state = states.entry(me).or_insert_with(|| {
+                        Box::new(State {
+                            slots: Cell::new(core::ptr::null()),
+                            depth: Cell::new(0),
+                            counted: Cell::new(0),
+                            unbinding: Cell::new(0),
+                        })
+                    });
+                    &**state
+                };
+                // SAFETY: the box is never removed from the map nor moved
+                // before the execution ends, which outlives this call; the
+                // map's borrow ended above, so `f` may call `with` again.
+                f(unsafe { &*state })
+            }
+
+            pub(super) fn try_with<R>(
+                &'static self,
+                f: impl FnOnce(&State) -> R,
+            ) -> Result<R, core::convert::Infallible> {
+                Ok(self.with(f))
+            }
+        }
+    }
+
     /// The calling thread's slots, registering them on first use; `None`
     /// once the thread's registration is gone.
     #[inline(always)]
@@ -362,6 +446,44 @@ pub(crate) mod held {
         // thread's live `Registration`, whose `Arc` keeps the slots alive;
         // its drop replaces the pointer with `gone()` first.
         Some(unsafe { &*slots })
+    }
+
+    /// The calling thread is exiting (a thread-local's destructor is
+    /// running): its device calls from here on take the counted path and
+    /// never register slots. Registering now would create a thread-local
+    /// after the thread's destructors began, which loom never drops; under
+    /// `std` it only saves the work.
+    pub(crate) fn exiting() {
+        let _ = STATE.try_with(|state| state.slots.set(gone()));
+    }
+
+    /// Runs `f` on the calling thread's state.
+    #[cfg(not(loom))]
+    #[inline(always)]
+    fn with_state<R>(f: impl FnOnce(&State) -> R) -> R {
+        STATE.with(f)
+    }
+
+    /// Under loom a thread's `STATE` is destroyed at thread exit with its
+    /// other thread-locals (`std`'s never is: it has no `Drop`), so a device
+    /// call made from a thread-local's destructor (a batch of remote returns
+    /// going home) finds it gone. It then gets a state of its own with no
+    /// slots: the call takes the counted path, which needs no thread state
+    /// for `unbind` to wait for it.
+    #[cfg(loom)]
+    #[inline(always)]
+    fn with_state<R>(f: impl FnOnce(&State) -> R) -> R {
+        let mut f = Some(f);
+        if let Ok(r) = STATE.try_with(|state| f.take().expect("runs once")(state)) {
+            return r;
+        }
+        let exiting = State {
+            slots: Cell::new(gone()),
+            depth: Cell::new(0),
+            counted: Cell::new(0),
+            unbinding: Cell::new(0),
+        };
+        f.take().expect("runs once")(&exiting)
     }
 
     #[cold]
@@ -388,7 +510,7 @@ pub(crate) mod held {
     /// has no free slot (the call is then counted).
     #[inline(always)]
     pub(crate) fn announce(device: usize) -> Option<Announced> {
-        STATE.with(|state| {
+        with_state(|state| {
             let index = state.depth.get();
             let slot = slots(state)?.0.get(index)?;
             slot.store(device, Ordering::Relaxed);
@@ -403,7 +525,7 @@ pub(crate) mod held {
     /// Ends the announced call (the thread's innermost).
     #[inline(always)]
     pub(crate) fn withdraw(announced: &Announced) {
-        STATE.with(|state| state.depth.set(announced.index));
+        with_state(|state| state.depth.set(announced.index));
         // SAFETY: the slot belongs to this thread's registration, which is
         // dropped only at thread exit, after every call of the thread ended.
         unsafe { announced.slot.as_ref() }.store(0, Ordering::Release);
@@ -411,14 +533,14 @@ pub(crate) mod held {
 
     /// Counts a call of this thread made on the counted path (`+1`, `-1`).
     pub(crate) fn note_counted(delta: isize) {
-        STATE.with(|state| state.counted.set(state.counted.get() + delta));
+        with_state(|state| state.counted.set(state.counted.get() + delta));
     }
 
     /// Whether this thread may be inside a call of `device`: it has
     /// announced one, is unbinding it, or has counted calls (which name no
     /// device, so the answer is "maybe").
     pub(crate) fn contains(device: usize) -> bool {
-        STATE.with(|state| {
+        with_state(|state| {
             state.counted.get() > 0
                 || state.unbinding.get() == device
                 || slots(state).is_some_and(|slots| {
@@ -469,19 +591,19 @@ pub(crate) mod held {
 
     impl Unbinding {
         pub(crate) fn new(device: usize) -> Self {
-            let outer = STATE.with(|state| state.unbinding.replace(device));
+            let outer = with_state(|state| state.unbinding.replace(device));
             Self { outer }
         }
     }
 
     impl Drop for Unbinding {
         fn drop(&mut self) {
-            STATE.with(|state| state.unbinding.set(self.outer));
+            with_state(|state| state.unbinding.set(self.outer));
         }
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(loom), not(shuttle)))]
 mod tests {
     use super::*;
 

@@ -4,15 +4,24 @@
 //! locks under Miri, see `std_locks`). Builds
 //! with `RUSTFLAGS="--cfg loom"` get loom's versions of all of them, wrapped
 //! to the same (non-poisoning) API, so the loom models in `loom-tests/`
-//! explore every interleaving of the real pool code.
+//! explore every interleaving of the real pool code. Builds with
+//! `RUSTFLAGS="--cfg shuttle"` get shuttle's (atomics, fences, mutexes,
+//! yields, thread-locals), wrapped the same way, so the randomized
+//! whole-pool scenarios in `shuttle-tests/` schedule the real pool code.
 //!
 //! Invariants:
-//! - No other module names `std::sync`, `parking_lot` or `loom` directly; a
-//!   primitive used elsewhere would be invisible to the model checker.
+//! - No other module names `std::sync`, `parking_lot`, `loom` or `shuttle`
+//!   directly, outside their `cfg` switches; a primitive used elsewhere
+//!   would be invisible to the model checker and the scheduler.
 //! - Page memory comes from [`alloc_zeroed`] / [`dealloc`], which are loom's
-//!   tracked allocator under loom, so a leaked page fails the model.
+//!   tracked allocator under loom, so a leaked page fails the model. Shuttle
+//!   tracks no allocation: its scenarios count what their page sources give
+//!   out and take back.
 
-#[cfg(not(loom))]
+#[cfg(all(loom, shuttle))]
+compile_error!("`--cfg loom` and `--cfg shuttle` are two different checkers: pick one");
+
+#[cfg(not(any(loom, shuttle)))]
 mod imp {
     #[cfg(miri)]
     pub(crate) use super::std_locks::{Mutex, MutexGuard};
@@ -121,7 +130,87 @@ mod imp {
     pub(crate) use loom::cell::UnsafeCell as RawUnsafeCell;
 }
 
+#[cfg(all(shuttle, not(loom)))]
+mod imp {
+    pub(crate) use shuttle::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    // `std`'s `Arc`: shuttle's is the same type (it schedules nothing).
+    pub(crate) use shuttle::sync::Arc;
+
+    /// A shuttle mutex with `parking_lot`'s non-poisoning API: each lock is
+    /// a scheduling point.
+    #[derive(Debug)]
+    pub(crate) struct Mutex<T>(shuttle::sync::Mutex<T>);
+    pub(crate) type MutexGuard<'a, T> = shuttle::sync::MutexGuard<'a, T>;
+
+    impl<T> Mutex<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Self(shuttle::sync::Mutex::new(value))
+        }
+        pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        }
+    }
+
+    /// Allocates zeroed memory for `layout` (`std`'s allocator: shuttle
+    /// tracks no allocation).
+    ///
+    /// # Safety
+    /// `layout` has a non-zero size.
+    pub(crate) unsafe fn alloc_zeroed(layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller guarantees a non-zero size.
+        unsafe { std::alloc::alloc_zeroed(layout) }
+    }
+
+    /// Frees memory from [`alloc_zeroed`].
+    ///
+    /// # Safety
+    /// `ptr` came from `alloc_zeroed(layout)` and is not used afterwards.
+    pub(crate) unsafe fn dealloc(ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: forwarded caller contract.
+        unsafe { std::alloc::dealloc(ptr, layout) }
+    }
+
+    /// Under shuttle a delay is a yield: shuttle has no clock, and a real
+    /// sleep would stall every thread of the execution (they share one OS
+    /// thread). The yield lets the scheduler switch threads here.
+    pub(crate) fn pause(delay: std::time::Duration) {
+        if !delay.is_zero() {
+            shuttle::thread::yield_now();
+        }
+    }
+
+    /// Under shuttle every round of a wait loop yields, which also tells the
+    /// scheduler to run another thread instead of this spinning one.
+    pub(crate) fn backoff(_round: u32) {
+        shuttle::thread::yield_now();
+    }
+
+    pub(crate) use core::cell::UnsafeCell as RawUnsafeCell;
+}
+
 pub(crate) use imp::*;
+
+/// `thread_local!` for the build: `std`'s, loom's or shuttle's, so that each
+/// model thread gets its own value and it starts afresh in every execution.
+/// Use it, not `std::thread_local!`, for any thread-local that holds pool
+/// state. Portable form: a non-`const` initialiser (loom has no `const`
+/// one). Under loom and shuttle a thread's values are destroyed at its exit
+/// oldest first, and a value already destroyed cannot be read again (its
+/// `with` panics, `try_with` fails); a destructor that may make a device
+/// call (which reads the call gates' thread-local) must cope with that.
+#[allow(unused_imports)]
+pub(crate) use tls::thread_local;
+
+mod tls {
+    #[cfg(loom)]
+    pub(crate) use loom::thread_local;
+    #[cfg(all(shuttle, not(loom)))]
+    pub(crate) use shuttle::thread_local;
+    #[cfg(not(any(loom, shuttle)))]
+    pub(crate) use std::thread_local;
+}
 
 /// An `UnsafeCell` that loom checks: every access goes through
 /// [`with`](Self::with) / [`with_mut`](Self::with_mut), which loom records
@@ -158,7 +247,7 @@ impl<T> UnsafeCell<T> {
 /// recent Miri rejects, and `std`'s locks are what Miri models natively.
 /// What Miri checks is the pool's own memory safety, which does not depend
 /// on the lock implementation.
-#[cfg(all(miri, not(loom)))]
+#[cfg(all(miri, not(loom), not(shuttle)))]
 mod std_locks {
     pub(crate) struct Mutex<T>(std::sync::Mutex<T>);
     pub(crate) type MutexGuard<'a, T> = std::sync::MutexGuard<'a, T>;
@@ -181,7 +270,7 @@ mod std_locks {
 /// they order each side's store before its load, as two `SeqCst` fences
 /// would.
 ///
-/// On Linux (not under Miri or loom) the heavy fence is
+/// On Linux (not under Miri, loom or shuttle) the heavy fence is
 /// `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, which runs a full memory
 /// barrier on every CPU currently running a thread of this process, and the
 /// light fence is then a compiler fence only: no instruction at run time.
@@ -193,7 +282,7 @@ mod std_locks {
 /// runs on an object (a call gate) built after `prepare` returned, so both
 /// of its sides read the final mode.
 pub(crate) mod asymmetric {
-    #[cfg(all(target_os = "linux", not(miri), not(loom)))]
+    #[cfg(all(target_os = "linux", not(miri), not(loom), not(shuttle)))]
     mod imp {
         use std::sync::atomic::{compiler_fence, fence, AtomicU8, Ordering};
         use std::sync::Once;
@@ -262,7 +351,10 @@ pub(crate) mod asymmetric {
         }
     }
 
-    #[cfg(not(all(target_os = "linux", not(miri), not(loom))))]
+    // Under loom and shuttle: `SeqCst` fences, which both model (shuttle
+    // runs every atomic access sequentially consistent, so its fence is a
+    // no-op); neither has `membarrier`.
+    #[cfg(not(all(target_os = "linux", not(miri), not(loom), not(shuttle))))]
     mod imp {
         use super::super::{fence, Ordering};
 
@@ -287,7 +379,7 @@ pub(crate) mod asymmetric {
 
 /// A process-unique pool id. The counter is a plain `std` atomic: it hands
 /// out names, it orders nothing, so there is nothing to model.
-#[cfg(not(loom))]
+#[cfg(not(any(loom, shuttle)))]
 pub(crate) fn next_pool_id() -> u32 {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -307,11 +399,23 @@ pub(crate) fn next_pool_id() -> u32 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Under shuttle, ids restart at 1 in every execution too (shuttle's
+/// `lazy_static` is reset per execution), so an execution's schedule, which
+/// depends on the shard locks it takes, replays the same from its seed.
+#[cfg(all(shuttle, not(loom)))]
+pub(crate) fn next_pool_id() -> u32 {
+    shuttle::lazy_static! {
+        static ref NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    }
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// TEST-ONLY, `--cfg pagepool_broken` builds only: whether the deliberately
 /// broken variant `name` of the core is switched on (environment variable
 /// `PAGEPOOL_BROKEN`). The loom models in `loom-tests/` switch one on and
-/// expect loom to catch it; see loom-tests/README.md. Normal builds have no
-/// such code.
+/// expect loom to catch it; see loom-tests/README.md. The shuttle scenarios
+/// in `shuttle-tests/` do the same for the variants a whole-pool scenario
+/// hits. Normal builds have no such code.
 #[cfg(pagepool_broken)]
 pub(crate) fn broken(name: &str) -> bool {
     std::env::var("PAGEPOOL_BROKEN").is_ok_and(|v| v == name)

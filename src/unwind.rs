@@ -59,7 +59,7 @@ impl Panics {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(loom), not(shuttle)))]
 mod tests {
     use super::*;
 

@@ -72,7 +72,7 @@ mod model;
 mod report;
 mod violation;
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(loom), not(shuttle)))]
 mod tests;
 
 pub(crate) use cpu_access::detect;

@@ -14,8 +14,8 @@
 //!    `madvise(MADV_HUGEPAGE)`, which the kernel backs with huge pages when
 //!    it can (`/sys/kernel/mm/transparent_hugepage/enabled` set to `always`
 //!    or `madvise`).
-//! 3. Elsewhere (not Linux, or under Miri and loom): aligned memory from the
-//!    global allocator.
+//! 3. Elsewhere (not Linux, or under Miri, loom and shuttle): aligned
+//!    memory from the global allocator.
 //!
 //! Which one a region got is its [`RegionBacking`], reported per pool in
 //! [`RegionInfo`](crate::RegionInfo). A region source of your own (memory
@@ -109,8 +109,8 @@ pub unsafe trait RegionSource: Send + Sync + 'static {
 ///    command line). One IOTLB entry covers 2 MiB.
 /// 2. **Transparent huge pages**: anonymous memory aligned to 2 MiB with
 ///    `madvise(MADV_HUGEPAGE)`, backed with huge pages when the kernel can.
-/// 3. Elsewhere (not Linux, or under Miri and loom): aligned memory from
-///    the global allocator.
+/// 3. Elsewhere (not Linux, or under Miri, loom and shuttle): aligned
+///    memory from the global allocator.
 ///
 /// Which one a region got is reported as its [`RegionBacking`] in
 /// [`RegionInfo`](crate::RegionInfo).
@@ -157,7 +157,7 @@ unsafe impl RegionSource for SystemRegions {
     }
 }
 
-#[cfg(all(target_os = "linux", not(miri), not(loom)))]
+#[cfg(all(target_os = "linux", not(miri), not(loom), not(shuttle)))]
 mod os {
     use core::ptr::NonNull;
 
@@ -240,7 +240,7 @@ mod os {
     }
 }
 
-#[cfg(not(all(target_os = "linux", not(miri), not(loom))))]
+#[cfg(not(all(target_os = "linux", not(miri), not(loom), not(shuttle))))]
 mod os {
     use core::alloc::Layout;
     use core::ptr::NonNull;
