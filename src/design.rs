@@ -12,7 +12,8 @@
 //!               region.rs (map_region, retire_pages), unmapper.rs (Unmapper)
 //!               (the one place a mapping begins and ends)
 //!  state        shared.rs: DeviceShared, PoolShared, PageMeta, Region   mode.rs
-//!  mechanisms   gate.rs (call gates, OpsCell)  ring.rs  tracker.rs  memory.rs  unwind.rs
+//!  mechanisms   gate.rs (call gates, OpsCell)  ring.rs  remote.rs (per-thread batches)
+//!               tracker.rs  memory/  unwind.rs
 //!  seam         dma.rs (DmaOps)  stats.rs  error.rs               sync.rs (all primitives)
 //! ```
 //!
@@ -43,7 +44,10 @@
 //!    retires that last page releases it, or hands it to `unbind`.
 //! 5. **Pages held outside stay valid after unbind**: `unbind` unmaps them
 //!    but leaves their memory alone; when they come back, the closed gate
-//!    sends them straight to be freed, with no device call.
+//!    sends them straight to be freed, with no device call. A page kept back
+//!    in a thread's batch of remote returns (`remote.rs`) is such a page: it
+//!    is still recorded, so `unbind` unmaps it, and when the batch goes home
+//!    the closed ring refuses it and it is freed with no device call.
 //! 6. **Allocation after unbind fails** with `AllocError::Unbound` (the
 //!    pool's `closed` flag, and the closed gate on the slow path).
 //! 7. **Whatever a callback does**, 1-6 hold: see the rules below.
@@ -137,6 +141,7 @@
 //! | an `unmap_batch` that panics during unbind | `panicking_unmap` |
 //! | a page dropped from inside a callback while another thread drops one | `reentrant_drop` |
 //! | the last page of a region coming back while unbind runs or the pool drops | `region_retire` |
+//! | a thread exiting with pages in its batch of remote returns, racing unbind; a full batch going home while the pool drops | `remote_batch` |
 //!
 //! Deliberately broken variants of the core (`--cfg pagepool_broken`) show
 //! that the models can fail: `unbind-no-wait` (unbind does not wait for
@@ -144,5 +149,6 @@
 //! without removing the record), `ring-push-after-close` (a ring drained
 //! but left open), `free-before-unbind` (a page coming back during unbind
 //! is freed at once instead of after unbind's unmaps), `region-free-before-unbind`
-//! (the same for a region). `loom-tests/README.md`
+//! (the same for a region), `remote-exit-forgets` (a thread exits without
+//! sending the pages it kept back home). `loom-tests/README.md`
 //! says which model catches each.

@@ -11,9 +11,12 @@
 //!   atomic read-modify-write, no allocation, no tracker access. (With
 //!   sync-for-device configured on a device that needs syncs, recycling
 //!   makes that device call inside the pool's own call gate.)
-//! - **Ring path**: pages dropped on other threads go into the pool's
-//!   bounded shared ring ([`crate::ring`]); the owner refills its cache from
-//!   it `refill_batch` pages at a time under one lock.
+//! - **Ring path**: pages dropped on other threads wait in that thread's
+//!   batch of remote returns (`remote.rs`: plain stores, no lock) and go
+//!   into the pool's bounded shared ring ([`crate::ring`]) a batch at a
+//!   time under one lock; the owner refills its cache from the ring
+//!   `refill_batch` pages at a time under one lock, after handing back its
+//!   own thread's batch.
 //! - **Slow path** ([`PagePool::alloc_slow`]): cache and ring empty, so
 //!   allocate pages from the page source one at a time, outside any gate,
 //!   and map and record each in one device call (`mapping::map_page`), up to

@@ -38,6 +38,7 @@
 use core::cell::Cell;
 use core::ptr::{self, NonNull};
 
+use crate::gate::held;
 use crate::unwind::Panics;
 
 /// The most pages of one pool a thread keeps back before handing them to
@@ -224,6 +225,15 @@ impl Drop for Batches {
     /// the release it interrupted finishes on its own (`release_pages` runs
     /// every step whatever a callback does).
     fn drop(&mut self) {
+        // BROKEN VARIANT (test-only, `--cfg pagepool_broken`,
+        // PAGEPOOL_BROKEN=remote-exit-forgets): a thread exits without
+        // sending its kept-back pages home, so they are never unmapped by
+        // their release nor freed. Caught by the thread-exit loom model.
+        #[cfg(pagepool_broken)]
+        if crate::sync::broken("remote-exit-forgets") {
+            return;
+        }
+        held::exiting();
         for slot in &self.slots {
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| slot.hand_back()));
         }

@@ -135,6 +135,7 @@ impl Harness {
             checker: self.checker.clone(),
             log: log.clone(),
             slow: None,
+            log_threads: true,
         };
         (source, log)
     }
@@ -376,8 +377,9 @@ pub const FREED_WHILE_MAPPED: &str = "page memory freed while the device still h
 pub struct Free {
     /// The block's CPU address.
     pub block: usize,
-    /// The loom thread that freed it.
-    pub thread: ThreadId,
+    /// The loom thread that freed it; `None` from a source built with
+    /// [`CheckedSource::without_threads`].
+    pub thread: Option<ThreadId>,
 }
 
 /// The frees a [`CheckedSource`] saw, in order. A `std` mutex: bookkeeping,
@@ -404,6 +406,7 @@ pub struct CheckedSource {
     checker: CheckingDevice,
     log: FreeLog,
     slow: Option<ThreadId>,
+    log_threads: bool,
 }
 
 impl CheckedSource {
@@ -414,6 +417,14 @@ impl CheckedSource {
     /// of the unbind that runs meanwhile.
     pub fn slow_until_unbound(mut self, unbinder: ThreadId) -> Self {
         self.slow = Some(unbinder);
+        self
+    }
+
+    /// Logs frees without their thread: for frees made by a thread-local's
+    /// destructor at thread exit, where loom can no longer name the thread
+    /// (its own thread-locals are being destroyed too).
+    pub fn without_threads(mut self) -> Self {
+        self.log_threads = false;
         self
     }
 }
@@ -437,7 +448,7 @@ unsafe impl PageSource for CheckedSource {
             .live_mapping_list()
             .iter()
             .any(|m| m.cpu_addr == addr);
-        let thread = loom::thread::current().id();
+        let thread = self.log_threads.then(|| loom::thread::current().id());
         self.log.0.lock().unwrap().push(Free {
             block: addr,
             thread,
@@ -478,7 +489,7 @@ unsafe impl RegionSource for CheckedRegions {
             .live_mapping_list()
             .iter()
             .any(|m| m.cpu_addr < addr + len && addr < m.cpu_addr + m.mapping.len);
-        let thread = loom::thread::current().id();
+        let thread = Some(loom::thread::current().id());
         self.log.0.lock().unwrap().push(Free {
             block: addr,
             thread,

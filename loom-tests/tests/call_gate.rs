@@ -59,13 +59,13 @@ fn gate_racing_unbind(seen: Option<(&'static Outcomes, &'static Outcomes)>) {
         2 => true,
         n => panic!("{n} pages in flight"),
     };
-    let release = match (free[0].thread == unbinder, recorded_at_drain) {
+    let release = match (free[0].thread == Some(unbinder), recorded_at_drain) {
         (false, false) => "released by its holder: unmapped through the open gate",
         (true, true) => "handed to unbind: unmapped by it, freed at its end",
         (false, true) => "held through unbind's unmaps, freed by its holder after",
         (true, false) => panic!("unbind freed a page it did not unmap"),
     };
-    assert!(free[0].thread == unbinder || free[0].thread == dropper);
+    assert!(free[0].thread == Some(unbinder) || free[0].thread == Some(dropper));
     if let Some((sync_seen, release_seen)) = seen {
         sync_seen.saw(sync);
         release_seen.saw(release);

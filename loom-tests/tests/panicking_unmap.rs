@@ -56,7 +56,7 @@ fn unmap_panics_during_unbind_while_a_page_is_dropped() {
         dropper.join().unwrap();
         let free = frees.of(held_block);
         assert_eq!(free.len(), 1, "the dropped page is freed exactly once");
-        DROP.saw(if free[0].thread == loom::thread::current().id() {
+        DROP.saw(if free[0].thread == Some(loom::thread::current().id()) {
             "dropped page handed to the panicking unbind, freed by it"
         } else {
             "dropped page freed by its holder"

@@ -42,11 +42,11 @@ fn reentrant_drop_racing_unbind(seen: Option<&'static Outcomes>) {
         "the page dropped in the callback is freed once"
     );
     let outcome = if fired_on == unbinder {
-        assert_eq!(free[0].thread, unbinder, "handed to unbind");
+        assert_eq!(free[0].thread, Some(unbinder), "handed to unbind");
         "dropped inside unbind's unmap_batch: handed to unbind"
     } else {
         assert_eq!(fired_on, dropper);
-        if free[0].thread == dropper {
+        if free[0].thread == Some(dropper) {
             "dropped inside the release's unmap_batch: released by the nested hold"
         } else {
             "dropped inside the release's unmap_batch after the gate closed: handed to unbind"

@@ -31,12 +31,12 @@ fn last_region_page_dropped_while_unbinding(cached: bool, seen: &'static Outcome
         let unbinder = loom::thread::current().id();
         h.unbound(&report);
         assert_eq!(report.regions_unmapped, 1, "{report}");
-        let freed_by_unbind = frees.all().iter().any(|f| f.thread == unbinder);
+        let freed_by_unbind = frees.all().iter().any(|f| f.thread == Some(unbinder));
         holder.join().unwrap();
         drop(pool);
         let all = frees.all();
         assert_eq!(all.len(), 1, "the region freed exactly once: {all:?}");
-        seen.saw(match (freed_by_unbind, all[0].thread == unbinder) {
+        seen.saw(match (freed_by_unbind, all[0].thread == Some(unbinder)) {
             (true, _) => "both pages back before unbind finished: freed by it",
             (false, true) => "last page retired by the pool's drop",
             // Only once unbind had unmapped it (the free checks that).
@@ -94,7 +94,7 @@ fn last_region_page_dropped_while_the_pool_is_dropped() {
         assert_eq!(h.checker.live_mappings(), 0, "the region was released");
         let all = frees.all();
         assert_eq!(all.len(), 1, "the region freed exactly once: {all:?}");
-        DROPPING.saw(if all[0].thread == owner {
+        DROPPING.saw(if all[0].thread == Some(owner) {
             "released by the pool's drop"
         } else {
             "released by the holder"
