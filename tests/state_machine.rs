@@ -10,13 +10,16 @@
 //! `into_bytes` and `Bytes` clones (feature `bytes`), dropping and
 //! rebuilding pools, unbind (here, on another thread, by dropping the
 //! device), allocation after unbind, injected map and page-allocation
-//! failures, and callback faults: the next call of a chosen callback
+//! failures, flushes of a thread's remote returns (`DropPool` / `NewPool`
+//! of thread 2, which owns no pool: the main thread's / the worker's),
+//! and callback faults: the next call of a chosen callback
 //! (`map`, `unmap_batch`, either sync, `on_unbind`, the page source's
 //! `alloc_pages` / `free_pages`) panics, or drops one of the held buffers
 //! from inside the call (a re-entrant drop). The interpreter and reference
 //! model are shared with the fuzz target (`tests/support/interp/`): after every
-//! operation the model's pages in flight, cached, mapped, live and freed
-//! are compared with the pool stats, the checking device, the tracker and a
+//! operation the model's pages in flight (pages waiting in a thread's batch
+//! of remote returns included), cached, mapped, live and freed are compared
+//! with the pool stats, the checking device, the tracker and a
 //! counting page source, and the model says whether each pool call raises
 //! an injected panic and where an armed fault fires; at the end everything
 //! is dropped and every page must be freed exactly once with zero

@@ -15,14 +15,15 @@ use std::thread;
 
 use pagepool::checking::CheckingDevice;
 use pagepool::{
-    put_bulk, AllocError, BuildError, Device, DmaDirection, DmaError, PagePool, SyncError,
+    flush_thread_returns, put_bulk, AllocError, BuildError, Device, DmaDirection, DmaError,
+    PagePool, SyncError,
 };
 
 use super::buffers::{device_writes, range_in, Buf};
 use super::faults::{catching, on_spawned_thread, Faults, FaultyPages};
 use super::ops::{Config, How, Op};
 use super::setup::{assert_torn_down, build_pool, World};
-use super::{POOLS, THREADS};
+use super::{discard_leftover_returns, POOLS, THREADS};
 
 /// A buffer held by a real thread.
 struct TItem {
@@ -266,6 +267,7 @@ impl Actor<'_> {
             }
             #[cfg(not(feature = "bytes"))]
             Op::IntoBytes { .. } | Op::CloneBytes { .. } => {}
+            Op::DropPool { t } | Op::NewPool { t } if Op::flushes(t) => flush_thread_returns(),
             Op::DropPool { .. } => {
                 drop(self.pool.take());
             }
@@ -383,6 +385,7 @@ impl Actor<'_> {
 // `tests/state_machine.rs` runs only the deterministic harness.
 #[allow(dead_code)]
 pub fn run_threaded(cfg: &Config, ops: &[Op]) {
+    discard_leftover_returns();
     let World {
         checking,
         faults,
@@ -468,5 +471,8 @@ pub fn run_threaded(cfg: &Config, ops: &[Op]) {
         drop(pool);
     }
     drop(device);
+    // The actor threads handed their batches back as they exited; this
+    // thread's (pages dropped above) go now, not in the next run on it.
+    flush_thread_returns();
     assert_torn_down(&source, &checking);
 }

@@ -1,15 +1,19 @@
 //! [`run`]: the deterministic runner. Every op runs on the calling OS
 //! thread, except that drops may really happen on a spawned thread (spawn +
-//! join) or on a worker thread (send + wait), and unbind may run on a
-//! spawned thread. Each pool call runs under `catch_unwind` next to the
-//! model's prediction of it; after every op the [`Harness`] compares
-//! everything observable with the model.
+//! join) or on a worker thread (send + wait), unbind may run on a spawned
+//! thread, and the worker may flush its remote returns. Each pool call runs
+//! under `catch_unwind` next to the model's prediction of it, the model
+//! told which OS thread makes it (remote returns wait in per-thread
+//! batches); after every op the [`Harness`] compares everything observable
+//! with the model.
 //!
 //! Invariants: the real pools and the model see the same calls in the same
-//! order; every buffer a logical thread holds is a [`Held`] whose key (its
-//! page's device address at allocation, never reused by the checking
-//! device) names its page in the model; a buffer in the fault slot belongs
-//! to the thread that armed it until the fault fires.
+//! order, on the same OS threads; every buffer a logical thread holds is a
+//! [`Held`] whose key (its page's device address at allocation, never
+//! reused by the checking device) names its page in the model; a buffer in
+//! the fault slot belongs to the thread that armed it until the fault
+//! fires; a run starts and ends with the calling thread's batches empty
+//! (the proptest runs every case on one thread).
 
 use std::any::Any;
 use std::collections::HashSet;
@@ -19,14 +23,17 @@ use std::sync::mpsc;
 use std::thread;
 
 use pagepool::checking::CheckingDevice;
-use pagepool::{put_bulk, BuildError, Device, Page, PagePool, SyncError, UnbindError};
+use pagepool::{
+    flush_thread_returns, put_bulk, BuildError, Device, DmaOps, Page, PagePool, SyncError,
+    UnbindError,
+};
 
 use super::buffers::{device_writes, drop_each, range_in, Buf, SyncBuf, Under};
 use super::faults::{catching, on_spawned_thread, Faults, FaultyPages, Injected};
-use super::model::{ExpectedUnbind, Fail, ItemModel, Model, Step, TrapModel};
+use super::model::{ExpectedUnbind, Fail, ItemModel, Model, Step, Th, TrapModel};
 use super::ops::{Callback, Config, How, Op, UnbindHow};
 use super::setup::{assert_torn_down, build_pool, World};
-use super::{POOLS, THREADS};
+use super::{discard_leftover_returns, POOLS, THREADS};
 
 /// A buffer held by a logical thread, with what the model knows of it.
 struct Held {
@@ -61,21 +68,34 @@ impl Held {
     }
 }
 
-/// A long-lived thread that drops what it is sent; a drop that panics is
-/// reported back to the sender.
+/// What the worker is asked to do.
+enum Job {
+    /// Drop the buffer.
+    Drop(Buf),
+    /// `pagepool::flush_thread_returns()`.
+    Flush,
+}
+
+/// A long-lived thread that drops what it is sent (or flushes its remote
+/// returns); a job that panics is reported back to the sender. Dropping it
+/// ends the thread and waits for it, its exit hand-back included.
 struct Worker {
-    tx: Option<mpsc::Sender<Buf>>,
+    tx: Option<mpsc::Sender<Job>>,
     ack: mpsc::Receiver<Option<Box<dyn Any + Send>>>,
     handle: Option<thread::JoinHandle<()>>,
 }
 
 impl Worker {
     fn new() -> Self {
-        let (tx, rx) = mpsc::channel::<Buf>();
+        let (tx, rx) = mpsc::channel::<Job>();
         let (ack_tx, ack) = mpsc::channel();
         let handle = thread::spawn(move || {
-            for buf in rx {
-                let panicked = catch_unwind(AssertUnwindSafe(|| drop(buf))).err();
+            for job in rx {
+                let panicked = catch_unwind(AssertUnwindSafe(|| match job {
+                    Job::Drop(buf) => drop(buf),
+                    Job::Flush => flush_thread_returns(),
+                }))
+                .err();
                 if ack_tx.send(panicked).is_err() {
                     break;
                 }
@@ -88,9 +108,9 @@ impl Worker {
         }
     }
 
-    /// Drops `buf` on the worker; a panic there goes on here.
-    fn drop_there(&self, buf: Buf) {
-        self.tx.as_ref().unwrap().send(buf).expect("worker alive");
+    /// Runs `job` on the worker; a panic there goes on here.
+    fn run(&self, job: Job) {
+        self.tx.as_ref().unwrap().send(job).expect("worker alive");
         if let Some(payload) = self.ack.recv().expect("worker acknowledges") {
             resume_unwind(payload);
         }
@@ -98,6 +118,8 @@ impl Worker {
 }
 
 impl Drop for Worker {
+    /// Ends the thread and joins it: its batches are handed back as it
+    /// exits (a panic there is stopped by the pool, not reported here).
     fn drop(&mut self) {
         drop(self.tx.take());
         if let Some(h) = self.handle.take() {
@@ -141,12 +163,20 @@ struct Harness {
 impl Harness {
     /// A device with every pool slot built.
     fn new(cfg: Config) -> Self {
+        discard_leftover_returns();
         let World {
             checking,
             faults,
             source,
             device,
         } = World::new(&cfg);
+        // The model derives each pool's remote batch from its configuration:
+        // a pool that syncs on recycle does not batch, on a device that
+        // needs syncs.
+        assert!(
+            DmaOps::needs_sync(&checking),
+            "the model expects a checking device that needs syncs"
+        );
         let mut model = Model {
             bound: true,
             ..Model::default()
@@ -187,6 +217,12 @@ impl Harness {
     }
 
     fn worker(&mut self) -> &Worker {
+        if self.worker.is_none() {
+            assert!(
+                self.model.batches[Th::Worker as usize].is_empty(),
+                "model: a new worker starts with empty batches"
+            );
+        }
         self.worker.get_or_insert_with(Worker::new)
     }
 
@@ -196,16 +232,21 @@ impl Harness {
         let item = held.model();
         let buf = held.buf;
         let bulk = how == How::Bulk && matches!(buf, Buf::Page(_));
-        let want = if bulk {
-            self.model.put_bulk(&[(item.pool, item.dirty)])
-        } else {
-            self.model.dropped(&item)
+        if how == How::Worker {
+            // Started before the model follows the drop onto it.
+            self.worker();
+        }
+        let want = match how {
+            _ if bulk => self.model.put_bulk(&[(item.pool, item.key, item.dirty)]),
+            How::Spawned => self.model.on_spawned(|m| m.dropped(&item)),
+            How::Worker => self.model.on(Th::Worker, |m| m.dropped(&item)),
+            How::Here | How::Bulk => self.model.dropped(&item),
         };
         let got = match (how, buf) {
             (How::Spawned, buf) => catching(|| on_spawned_thread(move || drop(buf))),
             (How::Worker, buf) => {
                 let worker = self.worker();
-                catching(|| worker.drop_there(buf))
+                catching(|| worker.run(Job::Drop(buf)))
             }
             (How::Bulk, Buf::Page(page)) => catching(|| put_bulk([page])),
             (_, buf) => catching(|| drop(buf)),
@@ -294,7 +335,9 @@ impl Harness {
                 };
                 let ctx = self.ctx("recycle_direct");
                 let held = self.held[ti].swap_remove(i);
-                let want = self.model.ret_direct(target, held.pool, held.dirty);
+                let want = self
+                    .model
+                    .ret_direct(target, held.pool, held.key, held.dirty);
                 let Buf::Page(page) = held.buf else {
                     unreachable!()
                 };
@@ -322,7 +365,7 @@ impl Harness {
                 while i < self.held[ti].len() && pages.len() <= usize::from(n % 8) {
                     if matches!(self.held[ti][i].buf, Buf::Page(_)) {
                         let held = self.held[ti].remove(i);
-                        models.push((held.pool, held.dirty));
+                        models.push((held.pool, held.key, held.dirty));
                         let Buf::Page(page) = held.buf else {
                             unreachable!()
                         };
@@ -352,17 +395,20 @@ impl Harness {
                 let ctx = self.ctx("fill ring");
                 match how {
                     How::Spawned => {
-                        let mut want = Ok(());
-                        for h in &got {
-                            let w = self.model.dropped(&h.model());
-                            want = want.and(w);
-                        }
+                        let want = self.model.on_spawned(|m| {
+                            let mut want = Ok(());
+                            for h in &got {
+                                let w = m.dropped(&h.model());
+                                want = want.and(w);
+                            }
+                            want
+                        });
                         let bufs: Vec<Buf> = got.into_iter().map(|h| h.buf).collect();
                         let r = catching(|| on_spawned_thread(move || drop_each(bufs)));
                         agree(&ctx, r, want);
                     }
                     How::Bulk => {
-                        let models: Vec<_> = got.iter().map(|h| (h.pool, h.dirty)).collect();
+                        let models: Vec<_> = got.iter().map(|h| (h.pool, h.key, h.dirty)).collect();
                         let want = self.model.put_bulk(&models);
                         let pages: Vec<Page> = got
                             .into_iter()
@@ -443,6 +489,8 @@ impl Harness {
             }
             Op::IntoBytes { t, item } => self.convert_to_bytes(t, item),
             Op::CloneBytes { t, item } => self.clone_bytes(t, item),
+            Op::DropPool { t } if Op::flushes(t) => self.flush_main(),
+            Op::NewPool { t } if Op::flushes(t) => self.flush_worker(),
             Op::DropPool { t } => {
                 let slot = usize::from(t) % THREADS;
                 if let Some((pool, m)) = self.pools.get_mut(slot).and_then(Option::take) {
@@ -503,6 +551,35 @@ impl Harness {
                 self.model.trap = Some(TrapModel::Drop(at, model));
                 self.armed_by = Some(ti);
             }
+        }
+    }
+
+    /// `flush_thread_returns()` on the main thread.
+    fn flush_main(&mut self) {
+        let ctx = self.ctx("flush");
+        let want = self.model.flush();
+        let got = catching(flush_thread_returns);
+        agree(&ctx, got, want);
+    }
+
+    /// `flush_thread_returns()` on the worker, if it was started (a worker
+    /// not started yet has nothing to give back).
+    fn flush_worker(&mut self) {
+        let ctx = self.ctx("flush on the worker");
+        let Some(worker) = &self.worker else {
+            return;
+        };
+        let want = self.model.on(Th::Worker, Model::flush);
+        let got = catching(|| worker.run(Job::Flush));
+        agree(&ctx, got, want);
+    }
+
+    /// Ends the worker thread, if it was started: its exit hands back its
+    /// batches (a panic there stays in the worker).
+    fn end_worker(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            self.model.on(Th::Worker, Model::thread_exit);
+            drop(worker);
         }
     }
 
@@ -648,7 +725,10 @@ impl Harness {
             }
             return;
         }
-        let want = self.model.unbind();
+        let want = match how {
+            UnbindHow::OtherThread => self.model.on_spawned(Model::unbind),
+            UnbindHow::Call | UnbindHow::DropDevice => self.model.unbind(),
+        };
         let got = match how {
             UnbindHow::Call => catching(|| device.unbind().map(Some)),
             UnbindHow::OtherThread => catching(|| on_spawned_thread(|| device.unbind()).map(Some)),
@@ -690,6 +770,12 @@ impl Harness {
             !m.unwinding && !m.unbinding && m.deferred.is_empty(),
             "{ctx}: model left mid-call"
         );
+        assert!(
+            m.thread == Th::Main
+                && m.batches.iter().all(|b| !b.exiting)
+                && m.batches[Th::Spawned as usize].is_empty(),
+            "{ctx}: model left on another thread"
+        );
         assert_eq!(
             self.faults.armed(),
             m.trap.as_ref().map(TrapModel::at),
@@ -726,10 +812,17 @@ impl Harness {
             assert_eq!(pool.cached(), p.cache, "{ctx}: pool {mi} cached");
         }
         // Pages held: a pool's pages out are exactly those behind a held
-        // buffer, its current fragment page and the armed fault's buffer.
+        // buffer, its current fragment page, the armed fault's buffer, and
+        // those waiting in a thread's batch.
         let mut out: Vec<HashSet<u64>> = vec![HashSet::new(); m.pools.len()];
         for h in self.held.iter().flatten() {
             out[h.pool].insert(h.key);
+        }
+        for (pool, key) in m.batched() {
+            assert!(
+                out[pool].insert(key),
+                "{ctx}: pool {pool}: page {key:#x} both batched and held"
+            );
         }
         if let Some(TrapModel::Drop(_, item)) = &m.trap {
             out[item.pool].insert(item.key);
@@ -746,11 +839,12 @@ impl Harness {
         }
     }
 
-    /// Drops everything (held buffers, pools, the device, then the armed
-    /// fault's buffer if it never fired) with checks after each step, then
-    /// the final checks: every page block freed exactly once, no mapping
-    /// left, zero violations. A fault still armed acts during the teardown
-    /// like anywhere else.
+    /// Drops everything (held buffers, the worker, pools, the device, then
+    /// the armed fault's buffer if it never fired), then flushes this
+    /// thread's remote returns, with checks after each step; then the final
+    /// checks: every page block freed exactly once, no mapping left, zero
+    /// violations, no page left in any thread's batch. A fault still armed
+    /// acts during the teardown like anywhere else.
     fn finish(mut self) {
         for t in 0..THREADS {
             while let Some(h) = self.held[t].pop() {
@@ -759,6 +853,9 @@ impl Harness {
                 self.check("teardown: drop held");
             }
         }
+        self.step += 1;
+        self.end_worker();
+        self.check("teardown: the worker exited");
         for t in 0..POOLS as u8 {
             self.apply(&Op::DropPool { t });
         }
@@ -773,7 +870,17 @@ impl Harness {
             self.drop_held(held, How::Here);
         }
         self.check("teardown: the armed fault's buffer");
+        // Pages this thread kept back (also of pools dropped meanwhile, or
+        // stashed by a drop inside a teardown callback) go home now, not in
+        // the next run on this thread.
+        self.step += 1;
+        self.flush_main();
+        self.check("teardown: flush");
         let m = &self.model;
+        assert!(
+            m.batches.iter().all(|b| b.is_empty()),
+            "model: pages left in a batch"
+        );
         assert!(m
             .pools
             .iter()

@@ -35,7 +35,9 @@
 //!   how a range of it is synced and checked.
 //! - [`model`]: the reference model. It never touches the real pool; it
 //!   predicts every count and every callback, in order, so it knows where
-//!   an armed fault fires.
+//!   an armed fault fires. It follows each OS thread's batches of remote
+//!   returns (main, worker, spawned), slot by slot, since when a batch
+//!   reaches its ring decides the counts and the callbacks.
 //! - [`harness`]: [`run`](harness::run), the deterministic runner: real
 //!   pools and model see the same calls, and after every op everything
 //!   observable is compared with the model.
@@ -52,8 +54,13 @@
 //! the input chooses the interleaving.
 //!
 //! - `run` (deterministic): every op runs on the calling OS thread, except
-//!   that drops may really happen on a spawned thread (spawn + join) or on
-//!   a worker thread (send + wait), and unbind may run on a spawned thread.
+//!   that drops may really happen on a spawned thread (spawn + join, which
+//!   hands the thread's batches back as it exits) or on a worker thread
+//!   (send + wait), unbind may run on a spawned thread, and the worker may
+//!   flush its batches (`NewPool` of the thread that owns no pool; its
+//!   `DropPool` flushes the calling thread's). Each run starts and ends
+//!   with the calling thread's batches empty: it flushes them at the end,
+//!   and the worker exits before the teardown's checks.
 //!   After every op the harness compares the real state with the model:
 //!   pages held, pages in flight (pool stats), pages cached, mappings live
 //!   (checking device and tracker), page blocks live, allocated and freed
@@ -63,8 +70,9 @@
 //! - `run_threaded`: the ops of each logical thread run on a real OS thread
 //!   of its own, concurrently; items sent between threads go through
 //!   channels. Only model-free invariants are checked (zero violations,
-//!   content after every successful sync), and at the end the same leak
-//!   checks.
+//!   content after every successful sync), and at the end (the threads
+//!   joined, so their batches handed back, and the calling thread's
+//!   flushed) the same leak checks.
 //!
 //! # Callback faults
 //!
@@ -105,3 +113,13 @@ pub const THREADS: usize = 3;
 pub const POOLS: usize = 2;
 /// Longest op sequence [`decode`](codec::decode) produces.
 pub const MAX_OPS: usize = 512;
+
+/// Hands back whatever a run that failed on this thread left in its
+/// remote-return batches (pages of that run's pools), so the next run on
+/// the same thread (proptest's shrinking, the fuzzer) starts with empty
+/// batches. What that does (callbacks of the old run, an injected panic)
+/// is that run's business and is ignored here. A run that passes leaves
+/// nothing: it flushes at its end.
+fn discard_leftover_returns() {
+    let _ = std::panic::catch_unwind(pagepool::flush_thread_returns);
+}

@@ -7,15 +7,23 @@
 //! `on_unbind`), to know where an armed fault fires and what the pool does
 //! about it.
 //!
+//! It also follows the remote-return batches (`src/remote.rs`) of every OS
+//! thread the harness uses ([`Th`]): a page dropped away from the ring path
+//! waits in its thread's batch (four slots, one pool each, round-robin
+//! eviction) and reaches its pool's ring when the slot fills, when it is
+//! evicted, when the pool's owner runs dry or drops the pool on that
+//! thread, on `flush_thread_returns`, or when the thread exits.
+//!
 //! Invariants: the model never touches the real pool, the device or a
 //! buffer (the harness runs the call and compares); between two pool calls
 //! it is never left mid-call (`unwinding`, `unbinding` false, nothing
-//! deferred); at most one fault is armed, and none fires while another
-//! acts or while a panic unwinds.
+//! deferred, the acting thread the main one, no thread exiting, a spawned
+//! thread's batches empty); at most one fault is armed, and none fires
+//! while another acts or while a panic unwinds.
 
 use std::collections::HashMap;
 
-use pagepool::{AllocError, DmaError, FRAG_ALIGN};
+use pagepool::{AllocError, DmaError, DEFAULT_REMOTE_BATCH, FRAG_ALIGN};
 
 use super::buffers::Under;
 use super::faults::Injected;
@@ -25,13 +33,17 @@ use super::ops::{Callback, PoolCfg};
 #[derive(Clone, Debug)]
 pub(super) struct PoolModel {
     pub(super) cfg: PoolCfg,
+    /// The pool's effective remote batch (`PoolShared::remote_batch`): 0
+    /// when it does not batch (see [`remote_batch`]).
+    pub(super) batch: usize,
     /// The device lists the pool as open (`Device::pools`, until unbind).
     pub(super) registered: bool,
     /// The pool refuses pages (dropped, or its device unbound).
     pub(super) closed: bool,
     pub(super) cache: usize,
     pub(super) ring: usize,
-    /// Pages handed out and not given back (stats `pages_in_flight`).
+    /// Pages handed out and not given back (stats `pages_in_flight`): held,
+    /// the fragment page, and pages waiting in a thread's batch.
     pub(super) out: usize,
     /// Pages mapped (stats `pages_mapped`).
     pub(super) mapped: usize,
@@ -86,6 +98,71 @@ impl From<Injected> for Fail {
 /// Mappings per `unmap_batch` call (the pool's batch size).
 const UNMAP_BATCH: usize = 64;
 
+/// Slots of a thread's batches (`remote::SLOTS`).
+const SLOTS: usize = 4;
+
+/// The effective remote batch of a pool of configuration `cfg`, as the
+/// builder works it out from the default `remote_batch` (the harness never
+/// sets one): `min(remote_batch, ring_size)`, 0 when that is 1
+/// (every page straight to the ring) or when the pool syncs for the device
+/// on recycle (the checking device reports `needs_sync`; the harness
+/// asserts it).
+pub(super) fn remote_batch(cfg: &PoolCfg) -> usize {
+    if cfg.sync.is_some() {
+        return 0;
+    }
+    match DEFAULT_REMOTE_BATCH.min(cfg.ring_size) {
+        n if n > 1 => n,
+        _ => 0,
+    }
+}
+
+/// An OS thread of the deterministic runner, as far as its remote-return
+/// batches go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) enum Th {
+    /// The thread that runs the harness (and every pool call).
+    #[default]
+    Main,
+    /// The long-lived worker (`How::Worker` drops, worker flushes).
+    Worker,
+    /// A thread spawned for one op and joined (`How::Spawned`, unbind on
+    /// another thread); its batches are handed back when it exits, right
+    /// after its work.
+    Spawned,
+}
+
+impl Th {
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One slot of a thread's batches: a pool and its pages (by key), in the
+/// order they came.
+#[derive(Clone, Debug)]
+pub(super) struct SlotModel {
+    pub(super) pool: usize,
+    pub(super) keys: Vec<u64>,
+}
+
+/// One thread's batches (`remote::Batches`).
+#[derive(Clone, Debug, Default)]
+pub(super) struct BatchesModel {
+    pub(super) slots: [Option<SlotModel>; SLOTS],
+    /// The slot evicted next when all are taken.
+    next_victim: usize,
+    /// The thread is exiting and its batches are being dropped: a page
+    /// dropped on it now takes the direct path (`try_with` fails).
+    pub(super) exiting: bool,
+}
+
+impl BatchesModel {
+    pub(super) fn is_empty(&self) -> bool {
+        self.slots.iter().all(Option::is_none)
+    }
+}
+
 /// The reference model of the device, its pools and its pages.
 ///
 /// Besides the counts it follows every callback the pool makes, in order
@@ -117,6 +194,11 @@ pub(super) struct Model {
     pub(super) src_fail: u64,
     pub(super) allocated: usize,
     pub(super) freed: usize,
+    /// The OS thread the modelled call runs on (its callbacks, and the
+    /// drops they make, run there too).
+    pub(super) thread: Th,
+    /// Every thread's batches, by [`Th`].
+    pub(super) batches: [BatchesModel; 3],
 }
 
 /// What `unbind` should report.
@@ -132,6 +214,7 @@ impl Model {
     pub(super) fn new_pool(&mut self, cfg: PoolCfg) -> usize {
         self.pools.push(PoolModel {
             cfg,
+            batch: remote_batch(&cfg),
             registered: true,
             closed: false,
             cache: 0,
@@ -262,18 +345,165 @@ impl Model {
         }
     }
 
-    /// A page comes back from any thread (drop, last fragment).
-    fn ret_remote(&mut self, m: usize, dirty: usize) -> Step {
+    /// A page comes back from any thread (drop, last fragment, a page of
+    /// another pool recycled directly): into the acting thread's batch if
+    /// its pool is open and batches and the thread's batches are alive,
+    /// else straight to the ring (`recycle_remote`).
+    fn ret_remote(&mut self, m: usize, key: u64, dirty: usize) -> Step {
+        let p = &self.pools[m];
+        if !p.closed && p.batch > 1 && !self.batches[self.thread.index()].exiting {
+            return self.stash(m, key);
+        }
         self.pools[m].out -= 1;
         self.recycle_remote(m, dirty)
+    }
+
+    /// `Batches::stash` on the acting thread: appended to the pool's slot
+    /// (handed back once it holds `batch` pages), or into the first empty
+    /// slot, or into the next victim's slot, whose pages are taken out
+    /// first and handed back after.
+    fn stash(&mut self, m: usize, key: u64) -> Step {
+        let limit = self.pools[m].batch;
+        let b = &mut self.batches[self.thread.index()];
+        let mine = b
+            .slots
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| s.pool == m));
+        if let Some(i) = mine {
+            let keys = &mut b.slots[i].as_mut().expect("found").keys;
+            keys.push(key);
+            if keys.len() < limit {
+                return Ok(());
+            }
+            return self.hand_back_slot(i);
+        }
+        let fresh = SlotModel {
+            pool: m,
+            keys: vec![key],
+        };
+        if let Some(empty) = b.slots.iter_mut().find(|s| s.is_none()) {
+            *empty = Some(fresh);
+            return Ok(());
+        }
+        let victim = b.next_victim;
+        b.next_victim = (victim + 1) % SLOTS;
+        let evicted = b.slots[victim].replace(fresh).expect("every slot taken");
+        self.push_run(evicted.pool, evicted.keys.len())
+    }
+
+    /// `push_run` of `n` pages of pool `m` (a slot handed back): under one
+    /// ring lock a closed ring refuses them all, an open one takes what it
+    /// has room for; what it refused goes in one `release_pages`.
+    fn push_run(&mut self, m: usize, n: usize) -> Step {
+        let p = &mut self.pools[m];
+        p.out -= n;
+        if p.closed {
+            return self.release_pages(m, n);
+        }
+        let taken = n.min(p.cfg.ring_size - p.ring);
+        p.ring += taken;
+        match n - taken {
+            0 => Ok(()),
+            rest => self.release_pages(m, rest),
+        }
+    }
+
+    /// Empties slot `i` of the acting thread's batches and hands its pages
+    /// back (`Slot::hand_back`).
+    fn hand_back_slot(&mut self, i: usize) -> Step {
+        match self.batches[self.thread.index()].slots[i].take() {
+            Some(slot) => self.push_run(slot.pool, slot.keys.len()),
+            None => Ok(()),
+        }
+    }
+
+    /// `remote::hand_back_pool(m)` on the acting thread: its slot of pool
+    /// `m`, if it has one (nothing once its batches are being dropped).
+    fn hand_back_pool(&mut self, m: usize) -> Step {
+        let b = &self.batches[self.thread.index()];
+        if b.exiting {
+            return Ok(());
+        }
+        match b
+            .slots
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| s.pool == m))
+        {
+            Some(i) => self.hand_back_slot(i),
+            None => Ok(()),
+        }
+    }
+
+    /// `pagepool::flush_thread_returns()` on the acting thread: every slot
+    /// in order, each whatever the others' callbacks do (a page dropped
+    /// meanwhile is stashed as usual), the first panic raised at the end.
+    pub(super) fn flush(&mut self) -> Step {
+        if self.batches[self.thread.index()].exiting {
+            return Ok(());
+        }
+        let mut r = Ok(());
+        for i in 0..SLOTS {
+            let h = self.hand_back_slot(i);
+            r = r.and(h);
+        }
+        r
+    }
+
+    /// The acting thread exits: its batches are dropped, every slot handed
+    /// back in order, a panic in each caught and dropped (it never reaches
+    /// the joiner); a page dropped meanwhile on the thread takes the direct
+    /// path. A later thread of the same kind starts with empty batches.
+    pub(super) fn thread_exit(&mut self) {
+        let th = self.thread.index();
+        self.batches[th].exiting = true;
+        for i in 0..SLOTS {
+            // Swallowed, like the thread-local's destructor does.
+            let _ = self.hand_back_slot(i);
+        }
+        assert!(
+            self.batches[th].is_empty(),
+            "model: nothing is stashed while the thread exits"
+        );
+        self.batches[th] = BatchesModel::default();
+    }
+
+    /// Runs `f` as a call on OS thread `th`.
+    pub(super) fn on<R>(&mut self, th: Th, f: impl FnOnce(&mut Self) -> R) -> R {
+        let was = std::mem::replace(&mut self.thread, th);
+        let r = f(self);
+        self.thread = was;
+        r
+    }
+
+    /// Runs `f` on a freshly spawned thread, then lets the thread exit
+    /// (spawn + join): `f`'s panic goes on to the joiner, the exit's do
+    /// not.
+    pub(super) fn on_spawned<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        assert!(
+            self.batches[Th::Spawned.index()].is_empty(),
+            "model: a spawned thread starts with empty batches"
+        );
+        self.on(Th::Spawned, |s| {
+            let r = f(s);
+            s.thread_exit();
+            r
+        })
+    }
+
+    /// Every page waiting in a thread's batches, as `(pool, key)`.
+    pub(super) fn batched(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.batches
+            .iter()
+            .flat_map(|b| b.slots.iter().flatten())
+            .flat_map(|s| s.keys.iter().map(move |&k| (s.pool, k)))
     }
 
     /// `recycle_direct` of a page of pool `m` into pool `target`. After
     /// unbind the page is released at once, like on every other return
     /// path.
-    pub(super) fn ret_direct(&mut self, target: usize, m: usize, dirty: usize) -> Step {
+    pub(super) fn ret_direct(&mut self, target: usize, m: usize, key: u64, dirty: usize) -> Step {
         if m != target {
-            return self.ret_remote(m, dirty);
+            return self.ret_remote(m, key, dirty);
         }
         self.pools[m].out -= 1;
         if self.pools[m].closed {
@@ -296,13 +526,14 @@ impl Model {
         }
     }
 
-    /// `put_bulk` of pages `(pool, dirty length)`, in order: runs of pages
-    /// of one pool; each page synced (if its pool is open), then the run
+    /// `put_bulk` of pages `(pool, key, dirty length)`, in order: runs of
+    /// pages of one pool; each page synced (if its pool is open), then the run
     /// pushed into the ring under one lock, then what the ring refused (or
     /// the sync refused) released in one `release_pages`. A panicking sync
     /// releases every page of its run one by one (the run's guard), and the
-    /// pages not yet taken are dropped while the panic unwinds.
-    pub(super) fn put_bulk(&mut self, pages: &[(usize, usize)]) -> Step {
+    /// pages not yet taken are dropped while the panic unwinds. The pages
+    /// go to the ring, never into a batch.
+    pub(super) fn put_bulk(&mut self, pages: &[(usize, u64, usize)]) -> Step {
         let mut i = 0;
         while i < pages.len() {
             let m = pages[i].0;
@@ -313,7 +544,7 @@ impl Model {
                 self.pools[m].out -= 1;
                 ready += 1;
                 let synced = if open {
-                    self.sync_on_recycle(m, pages[j].1)
+                    self.sync_on_recycle(m, pages[j].2)
                 } else {
                     Ok(false)
                 };
@@ -352,10 +583,10 @@ impl Model {
         Ok(())
     }
 
-    /// Pages dropped while a panic unwinds.
-    fn drop_unwinding(&mut self, pages: &[(usize, usize)]) {
-        for &(m, dirty) in pages {
-            let nested = self.unwinding(|s| s.ret_remote(m, dirty));
+    /// Pages dropped while a panic unwinds (into the batch as usual).
+    fn drop_unwinding(&mut self, pages: &[(usize, u64, usize)]) {
+        for &(m, key, dirty) in pages {
+            let nested = self.unwinding(|s| s.ret_remote(m, key, dirty));
             assert_eq!(nested, Ok(()), "model: no fault fires while unwinding");
         }
     }
@@ -365,7 +596,7 @@ impl Model {
         *r -= 1;
         if *r == 0 {
             self.frag_refs.remove(&key);
-            return self.ret_remote(m, usize::MAX);
+            return self.ret_remote(m, key, usize::MAX);
         }
         Ok(())
     }
@@ -377,13 +608,18 @@ impl Model {
         }
     }
 
-    /// `PagePool::alloc` on pool `m`.
+    /// `PagePool::alloc` on pool `m`. The slow path (cache empty) first
+    /// hands back the acting thread's batch of `m`, then refills from the
+    /// ring, else maps fresh pages.
     pub(super) fn alloc(&mut self, m: usize) -> Result<(), Fail> {
-        let p = &self.pools[m];
-        if p.closed {
+        if self.pools[m].closed {
             return Err(Fail::Alloc(AllocError::Unbound));
         }
-        if p.cache == 0 {
+        if self.pools[m].cache == 0 {
+            if self.pools[m].batch > 1 {
+                self.hand_back_pool(m)?;
+            }
+            let p = &self.pools[m];
             let n = p.cfg.refill_batch.min(p.ring);
             if n > 0 {
                 let p = &mut self.pools[m];
@@ -476,11 +712,16 @@ impl Model {
         assert!(old.is_none(), "page {key:#x} already a fragment page");
     }
 
-    /// Dropping pool `m`'s handle: the fragment page let go, the pool
-    /// closed, cache and ring released, the pool unregistered; every step
-    /// made whatever a callback does, the first panic raised at the end.
+    /// Dropping pool `m`'s handle: the fragment page let go, the acting
+    /// thread's batch of `m` handed back, the pool closed, cache and ring
+    /// released, the pool unregistered; every step made whatever a callback
+    /// does, the first panic raised at the end.
     pub(super) fn drop_pool(&mut self, m: usize) -> Step {
-        let r = self.finish_frag(m);
+        let mut r = self.finish_frag(m);
+        if self.pools[m].batch > 1 {
+            let h = self.hand_back_pool(m);
+            r = r.and(h);
+        }
         let p = &mut self.pools[m];
         p.closed = true;
         let n = p.cache + p.ring;
@@ -566,7 +807,7 @@ impl Model {
             return self.dropped(&owner);
         }
         match item.kind {
-            Under::Page => self.ret_remote(item.pool, item.dirty),
+            Under::Page => self.ret_remote(item.pool, item.key, item.dirty),
             Under::Frag => self.frag_unref(item.key, item.pool),
         }
     }

@@ -6,7 +6,7 @@
 
 use pagepool::{DmaDirection, PAGE_SIZE};
 
-use super::POOLS;
+use super::{POOLS, THREADS};
 
 /// A callback the pool makes into user code: a [`DmaOps`] method of the
 /// backend or a [`PageSource`] method.
@@ -167,9 +167,16 @@ pub enum Op {
     IntoBytes { t: u8, item: u8 },
     /// Clone a held `Bytes`.
     CloneBytes { t: u8, item: u8 },
-    /// Drop the thread's pool.
+    /// Drop the thread's pool. A thread that owns no pool (see
+    /// [`Op::flushes`]) calls `pagepool::flush_thread_returns()` instead:
+    /// the deterministic runner on its main OS thread, the threaded runner
+    /// on the acting thread.
     DropPool { t: u8 },
-    /// Build the thread's pool again (fails with `Unbound` after unbind).
+    /// Build the thread's pool again (fails with `Unbound` after unbind). A
+    /// thread that owns no pool (see [`Op::flushes`]) calls
+    /// `pagepool::flush_thread_returns()` instead: the deterministic runner
+    /// on its worker thread (if started), the threaded runner on the acting
+    /// thread.
     NewPool { t: u8 },
     /// Unbind the device.
     Unbind { how: UnbindHow },
@@ -185,4 +192,14 @@ pub enum Op {
     /// The buffer leaves the thread now; until the fault fires (or the end
     /// of the run) it sits in the fault slot.
     ArmDrop { t: u8, item: u8, at: Callback },
+}
+
+impl Op {
+    /// Whether `DropPool { t }` / `NewPool { t }` flush remote returns
+    /// instead: logical thread `t` owns no pool slot, so these encodings
+    /// did nothing before the flush existed (old inputs decode unchanged;
+    /// such ops now flush).
+    pub fn flushes(t: u8) -> bool {
+        usize::from(t) % THREADS >= POOLS
+    }
 }
