@@ -25,6 +25,7 @@ pub use shuttle;
 use core::cell::{Cell, RefCell};
 use core::ptr::NonNull;
 use std::collections::BTreeMap;
+use std::hint::black_box;
 use std::panic::catch_unwind;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
@@ -905,10 +906,29 @@ fn pick<'a, T>(senders: &'a [mpsc::Sender<T>], rng: &mut impl Rng) -> &'a mpsc::
     &senders[rng.gen_range(0..senders.len())]
 }
 
+/// Gives `held` back, after reading it: a held page stays valid memory
+/// for its holder, before and after unbind (the read makes no device call
+/// once the device is unbound).
 fn release(held: Held) {
     match held {
-        Held::Bulk(pages) => pagepool::put_bulk(pages),
-        other => drop(other),
+        Held::Page(page) => {
+            black_box(page.as_slice()[PAGE_SIZE - 1]);
+            drop(page);
+        }
+        Held::Frag(frag) => {
+            black_box(frag.as_slice()[FRAG - 1]);
+            drop(frag);
+        }
+        Held::Bytes(bytes) => {
+            black_box(bytes[bytes.len() - 1]);
+            drop(bytes);
+        }
+        Held::Bulk(pages) => {
+            for page in &pages {
+                black_box(page.as_slice()[0]);
+            }
+            pagepool::put_bulk(pages);
+        }
     }
 }
 
