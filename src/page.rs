@@ -418,13 +418,16 @@ pub(crate) fn cpu_access_hook<M: TrackingMode>(
 pub fn put_bulk<M: TrackingMode>(pages: impl IntoIterator<Item = Page<M>>) {
     let mut run = PageRun::<M>::new();
     for page in pages {
-        let (page, dirty_len) = page.into_raw();
-        // SAFETY: the page came out of an owned handle.
-        let meta = unsafe { meta_ref(page) };
-        let pool = Arc::as_ptr(&meta.pool);
+        // The previous run goes first, while this page is still in its
+        // handle: if a callback of that release panics, the handle (not a
+        // raw pointer) unwinds, and the page goes back as any dropped page.
+        let pool = Arc::as_ptr(&page.meta().pool);
         if run.is_full() || (!run.is_empty() && run.pool != pool) {
             run.finish();
         }
+        let (page, dirty_len) = page.into_raw();
+        // SAFETY: the page came out of an owned handle.
+        let meta = unsafe { meta_ref(page) };
         if run.is_empty() {
             run.pool = pool;
             run.open = !meta.pool.closed.load(Ordering::Acquire);

@@ -22,8 +22,8 @@
 //!   `SLOTS * MAX_REMOTE_BATCH` pages in all.
 //! - **Never stranded.** A slot is handed back when it is full; when a page
 //!   of a pool with no slot needs one and every slot is taken (the oldest
-//!   goes); when the pool's owner finds its ring empty on this thread or
-//!   drops the pool on it; on [`flush_thread_returns`]; and when the thread
+//!   goes); when the pool's owner runs out of cached pages on this thread
+//!   (before it refills from the ring) or drops the pool on it; on [`flush_thread_returns`]; and when the thread
 //!   exits.
 //! - **Taken out first.** A slot is emptied before its pages are handed
 //!   back, so a callback that drops pages during the hand-back (re-entrant)
@@ -290,10 +290,10 @@ pub(crate) fn hand_back_pool(pool: *const ()) {
 /// home now. Cheap when there is nothing to give back.
 ///
 /// ```
-/// use pagepool::checking::CheckingDevice;
+/// use pagepool::checking::{CheckMode, CheckingDevice};
 /// use pagepool::Device;
 ///
-/// let device = Device::new(CheckingDevice::new());
+/// let device = Device::new(CheckingDevice::new(CheckMode::Panic));
 /// let mut pool = device.pool_builder().build().unwrap();
 /// let page = pool.alloc().unwrap();
 /// std::thread::spawn(move || {

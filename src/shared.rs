@@ -35,7 +35,7 @@ use crate::memory::{PageSource, RegionBacking, RegionSource};
 use crate::mode::TrackingMode;
 use crate::ring::Ring;
 use crate::stats::{AllocStats, OwnerCounters, PoolInfo, PoolStats, RecycleStats, RegionInfo};
-use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering, UnsafeCell};
 use crate::tracker::{InFlightTracker, RecordId};
 
 /// The pools of a device, while it is bound.
@@ -343,8 +343,10 @@ pub(crate) struct PageMeta<M: TrackingMode> {
     pub(crate) cpu: NonNull<u8>,
     /// Where the device sees it.
     pub(crate) dma: DmaAddr,
-    /// The page's record in the device's in-flight tracker.
-    pub(crate) record: RecordId,
+    /// The page's record in the device's in-flight tracker: written once,
+    /// after the tracker took the page and before the page reaches another
+    /// thread (see [`record`](Self::record)).
+    pub(crate) record: UnsafeCell<RecordId>,
     /// The pool the page belongs to; kept alive by every page.
     pub(crate) pool: Arc<PoolShared<M>>,
     /// Fragment references (see `frag.rs`); unused for whole pages.
@@ -364,6 +366,31 @@ unsafe impl<M: TrackingMode> Send for PageMeta<M> {}
 unsafe impl<M: TrackingMode> Sync for PageMeta<M> {}
 
 impl<M: TrackingMode> PageMeta<M> {
+    /// The page's tracker record.
+    ///
+    /// The one field written after the meta was published (to the tracker,
+    /// inside the slow path's device call): through a `sync::UnsafeCell`,
+    /// so loom checks that the write happens-before every read on another
+    /// thread (a release, `unbind`'s walk of the rings).
+    #[inline]
+    pub(crate) fn record(&self) -> RecordId {
+        // SAFETY: the only write is `set_record`'s, whose caller guarantees
+        // that no thread reads the record until the page is handed out
+        // (which orders the write before every later read).
+        self.record.with(|record| unsafe { *record })
+    }
+
+    /// Sets the tracker record of a page just mapped.
+    ///
+    /// # Safety
+    /// The page has not been handed out yet: no other thread reads its
+    /// record (`unbind` reads records only of pages it takes from a ring, or
+    /// through its tracker walk, which never reads the meta's field).
+    pub(crate) unsafe fn set_record(&self, id: RecordId) {
+        // SAFETY: forwarded caller contract: no concurrent access.
+        self.record.with_mut(|record| unsafe { *record = id });
+    }
+
     /// The page's own mapping. Only for pages mapped one by one.
     pub(crate) fn mapping(&self) -> DmaMapping {
         debug_assert!(self.region.is_none());
@@ -406,8 +433,9 @@ pub(crate) struct Region<M: TrackingMode> {
     pub(crate) backing: RegionBacking,
     /// Where the device sees the region.
     pub(crate) dma: DmaAddr,
-    /// The region's record in the device's region tracker.
-    pub(crate) record: RecordId,
+    /// The region's record in the device's region tracker: written once, as
+    /// a page's (see [`PageMeta::record`]).
+    pub(crate) record: UnsafeCell<RecordId>,
     /// The pool the region belongs to; kept alive by the region.
     pub(crate) pool: Arc<PoolShared<M>>,
     /// Pages of the region that have not yet left the pool for good.
@@ -426,6 +454,23 @@ unsafe impl<M: TrackingMode> Send for Region<M> {}
 unsafe impl<M: TrackingMode> Sync for Region<M> {}
 
 impl<M: TrackingMode> Region<M> {
+    /// The region's tracker record (see [`PageMeta::record`]).
+    #[inline]
+    pub(crate) fn record(&self) -> RecordId {
+        // SAFETY: as for `PageMeta::record`.
+        self.record.with(|record| unsafe { *record })
+    }
+
+    /// Sets the tracker record of a region just mapped.
+    ///
+    /// # Safety
+    /// As for [`PageMeta::set_record`]: none of the region's pages has been
+    /// handed out yet.
+    pub(crate) unsafe fn set_record(&self, id: RecordId) {
+        // SAFETY: forwarded caller contract: no concurrent access.
+        self.record.with_mut(|record| unsafe { *record = id });
+    }
+
     /// The region's one mapping.
     pub(crate) fn mapping(&self) -> DmaMapping {
         DmaMapping {

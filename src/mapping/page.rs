@@ -15,7 +15,7 @@ use super::unmapper::{Unmapper, UNMAP_BATCH};
 use crate::error::AllocError;
 use crate::mode::TrackingMode;
 use crate::shared::{meta_ref, DeviceShared, PageMeta, PoolShared};
-use crate::sync::{Arc, AtomicUsize, Ordering};
+use crate::sync::{Arc, AtomicUsize, Ordering, UnsafeCell};
 use crate::tracker::{InsertError, RecordId};
 use crate::unwind::Panics;
 
@@ -77,7 +77,7 @@ pub(crate) fn map_page<M: TrackingMode>(
     let meta = NonNull::from(Box::leak(Box::new(PageMeta {
         cpu: block.into_page(),
         dma,
-        record: RecordId::NONE,
+        record: UnsafeCell::new(RecordId::NONE),
         pool: Arc::clone(pool),
         frag_refs: AtomicUsize::new(0),
         region: None,
@@ -88,10 +88,14 @@ pub(crate) fn map_page<M: TrackingMode>(
         // The gate is open (we are inside a call), so `unbind` has not yet
         // walked the tracker: the shard cannot be closed.
         match pool.device.tracker.insert(pool.tracker_shard, meta) {
-            // SAFETY: the meta is not shared yet: the tracker keeps it as an
-            // opaque key and only `unbind` reads through it, after this call
-            // has ended.
-            Ok(id) => unsafe { (*meta.as_ptr()).record = id },
+            Ok(id) => {
+                // SAFETY: live: we made it just above.
+                let made = unsafe { meta.as_ref() };
+                // SAFETY: the meta is not shared yet: the tracker keeps it as an
+                // opaque key and only `unbind` reads through it, after this call
+                // has ended.
+                unsafe { made.set_record(id) }
+            }
             Err(why) => {
                 // Never recorded, never shared: unmapped here, once.
                 let mut unmapper = Unmapper::new();
@@ -243,7 +247,7 @@ pub(crate) unsafe fn release_pages<M: TrackingMode>(
             // Tracked: the gate is open, so `unbind` has not taken this
             // record; only this page's owner, the caller, can remove it.
             #[cfg(not(pagepool_broken))]
-            let owned = !M::TRACKED || pool.device.tracker.remove(meta.record, page);
+            let owned = !M::TRACKED || pool.device.tracker.remove(meta.record(), page);
             // BROKEN VARIANT (test-only, `--cfg pagepool_broken`,
             // PAGEPOOL_BROKEN=release-keeps-record): unmap without removing
             // the record, so unbind unmaps the page again. Caught by the
@@ -251,7 +255,7 @@ pub(crate) unsafe fn release_pages<M: TrackingMode>(
             #[cfg(pagepool_broken)]
             let owned = !M::TRACKED
                 || crate::sync::broken("release-keeps-record")
-                || pool.device.tracker.remove(meta.record, page);
+                || pool.device.tracker.remove(meta.record(), page);
             if owned {
                 unmapper.push(meta);
             }

@@ -31,7 +31,7 @@ use crate::error::AllocError;
 use crate::memory::RegionBlock;
 use crate::mode::TrackingMode;
 use crate::shared::{meta_ref, DeviceShared, PageMeta, PoolShared, Region};
-use crate::sync::{Arc, AtomicUsize, Ordering};
+use crate::sync::{Arc, AtomicUsize, Ordering, UnsafeCell};
 use crate::tracker::{InsertError, RecordId};
 use crate::unwind::Panics;
 
@@ -111,7 +111,7 @@ pub(crate) fn map_region<M: TrackingMode>(
         cpu: block.ptr,
         backing: block.backing,
         dma: DmaAddr(0),
-        record: RecordId::NONE,
+        record: UnsafeCell::new(RecordId::NONE),
         pool: Arc::clone(pool),
         live_pages: AtomicUsize::new(count),
         pages: NonNull::from(Box::leak(Box::<[PageMeta<M>]>::default())),
@@ -121,7 +121,7 @@ pub(crate) fn map_region<M: TrackingMode>(
             // SAFETY: `i * page_len < len`: inside the block.
             cpu: unsafe { block.ptr.add(i * config.page_len) },
             dma: DmaAddr(0),
-            record: RecordId::NONE,
+            record: UnsafeCell::new(RecordId::NONE),
             pool: Arc::clone(pool),
             frag_refs: AtomicUsize::new(0),
             region: Some(region),
@@ -163,10 +163,14 @@ pub(crate) fn map_region<M: TrackingMode>(
             .region_tracker
             .insert(pool.tracker_shard, region)
         {
-            // SAFETY: as for pages (`map_page`): the tracker keeps the region
-            // as an opaque key and only `unbind` reads through it, after this
-            // call has ended.
-            Ok(id) => unsafe { (*region.as_ptr()).record = id },
+            Ok(id) => {
+                // SAFETY: live: we made it just above.
+                let made = unsafe { region.as_ref() };
+                // SAFETY: as for pages (`map_page`): the tracker keeps the region
+                // as an opaque key and only `unbind` reads through it, after this
+                // call has ended.
+                unsafe { made.set_record(id) }
+            }
             Err(why) => {
                 // Never recorded, never shared: unmapped here, once.
                 let mut unmapper = Unmapper::new();
@@ -304,7 +308,7 @@ unsafe fn release_region<M: TrackingMode>(region: NonNull<Region<M>>) {
     // SAFETY: owned, live.
     let shared = unsafe { region.as_ref() };
     // Tracked: the gate is open, so `unbind` has not taken this record.
-    let owned = !M::TRACKED || pool.device.region_tracker.remove(shared.record, region);
+    let owned = !M::TRACKED || pool.device.region_tracker.remove(shared.record(), region);
     if owned {
         let mut unmapper = Unmapper::new();
         unmapper.push_region(shared);
