@@ -647,6 +647,48 @@ fn slow(c: &mut Criterion) {
 /// page freed on the other thread goes back through the ring.
 const ROUND: usize = 512;
 
+/// Pins the calling thread to CPU `cpu` (Linux; elsewhere, or if the
+/// machine has fewer CPUs, it stays where the scheduler puts it). Returns
+/// whether it did.
+fn pin_to_cpu(cpu: usize) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: `set` is a plain bit set on the stack, initialised by
+        // CPU_ZERO before use; the call reads it and changes only this
+        // thread's affinity.
+        unsafe {
+            let mut set: libc::cpu_set_t = core::mem::zeroed();
+            libc::CPU_ZERO(&mut set);
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = cpu;
+        false
+    }
+}
+
+/// Lets the calling thread run on every CPU again.
+fn unpin() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: as in `pin_to_cpu`.
+    unsafe {
+        let mut set: libc::cpu_set_t = core::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        for cpu in 0..thread::available_parallelism().map_or(1, |n| n.get()) {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// The phased measurement. The producer runs on CPU 0 and the consumer on
+/// CPU 1 (where the machine has two), so every round moves the items'
+/// cache lines from one core to the other, as in a driver whose RX thread
+/// and consumer run on different cores; left to the scheduler, the two
+/// threads sometimes share a core and the figures jump between runs.
 fn phased<T: Send>(
     iters: u64,
     mut alloc: impl FnMut(&mut Vec<T>, usize),
@@ -654,8 +696,34 @@ fn phased<T: Send>(
 ) -> Duration {
     let (to_consumer, from_producer) = mpsc::sync_channel::<Vec<T>>(1);
     let (to_producer, from_consumer) = mpsc::sync_channel::<(Vec<T>, Duration)>(1);
+    let pinned = pin_to_cpu(0);
+    let total = phased_pinned(
+        iters,
+        &mut alloc,
+        &mut free,
+        to_consumer,
+        from_producer,
+        to_producer,
+        from_consumer,
+    );
+    if pinned {
+        unpin();
+    }
+    total
+}
+
+fn phased_pinned<T: Send>(
+    iters: u64,
+    alloc: &mut impl FnMut(&mut Vec<T>, usize),
+    free: &mut (impl FnMut(&mut Vec<T>) + Send),
+    to_consumer: mpsc::SyncSender<Vec<T>>,
+    from_producer: mpsc::Receiver<Vec<T>>,
+    to_producer: mpsc::SyncSender<(Vec<T>, Duration)>,
+    from_consumer: mpsc::Receiver<(Vec<T>, Duration)>,
+) -> Duration {
     thread::scope(|s| {
         s.spawn(move || {
+            pin_to_cpu(1);
             for mut items in from_producer {
                 let start = Instant::now();
                 free(&mut items);
@@ -855,9 +923,9 @@ fn cross_thread(c: &mut Criterion) {
 
     pool_phased::<Tracked>(&mut g, false);
     pool_phased::<Untracked>(&mut g, false);
-    // The same without per-thread batches, and with the largest batch.
+    // The same without per-thread batches, and with batches of 32.
     pool_phased_batched::<Tracked>(&mut g, false, 0);
-    pool_phased_batched::<Tracked>(&mut g, false, pagepool::MAX_REMOTE_BATCH);
+    pool_phased_batched::<Tracked>(&mut g, false, 32);
 
     g.bench_function("transport_floor", |b| {
         b.iter_custom(|iters| {

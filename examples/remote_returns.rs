@@ -26,7 +26,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut rx = device.pool_builder().build()?;
 
     // The consumer: reads each frame and drops its page (kept back in the
-    // consumer's batch of remote returns, sent home 32 at a time).
+    // consumer's batch of remote returns, sent home 64 at a time).
     let (to_consumer, from_rx) = mpsc::sync_channel::<Vec<Page>>(4);
     let consumer = thread::spawn(move || {
         let mut frames = 0u64;

@@ -58,21 +58,22 @@ impl<M: TrackingMode> Drop for Returning<M> {
     }
 }
 
-/// Gives a page back from any thread: syncs it for the device if the pool
-/// asks for that, then pushes it into the shared ring; releases it if the
-/// ring is full or the pool is closing.
+/// Gives a page back from any thread. Fast path: the pool batches remote
+/// returns and is open, so the page waits in this thread's batch
+/// (`remote.rs`). Otherwise [`recycle_remote_slow`].
 ///
 /// # Safety
 /// The caller owns `page` and does not use it afterwards.
+#[inline]
 pub(crate) unsafe fn recycle_remote<M: TrackingMode>(page: NonNull<PageMeta<M>>, dirty_len: usize) {
     // SAFETY: owned by the caller, live.
     let meta = unsafe { meta_ref(page) };
     let pool: &PoolShared<M> = &meta.pool;
-    let refused = if pool.closed.load(Ordering::Acquire) {
-        PushRefused::Closed
-    } else if pool.remote_batch > 1
+    if pool.remote_batch > 1
+        && !pool.closed.load(Ordering::Acquire)
         // SAFETY: owned by the caller and given up; it belongs to `pool`,
-        // whose pages `hand_back_batch::<M>` takes.
+        // whose pages `hand_back_batch::<M>` takes (a pool with a remote
+        // batch has no sync on recycle).
         && unsafe {
             remote::stash(
                 Arc::as_ptr(&meta.pool).cast(),
@@ -82,9 +83,26 @@ pub(crate) unsafe fn recycle_remote<M: TrackingMode>(page: NonNull<PageMeta<M>>,
             )
         }
     {
-        // Fast path: kept back in this thread's batch (a pool with a
-        // remote batch has no sync on recycle).
         return;
+    }
+    // SAFETY: forwarded caller contract (not stashed: still ours).
+    unsafe { recycle_remote_slow(page, dirty_len) }
+}
+
+/// The slow path of [`recycle_remote`]: syncs the page for the device if
+/// the pool asks for that, then pushes it into the shared ring; releases it
+/// if the ring is full or the pool is closing.
+///
+/// # Safety
+/// As for [`recycle_remote`].
+#[cold]
+#[inline(never)]
+unsafe fn recycle_remote_slow<M: TrackingMode>(page: NonNull<PageMeta<M>>, dirty_len: usize) {
+    // SAFETY: owned by the caller, live.
+    let meta = unsafe { meta_ref(page) };
+    let pool: &PoolShared<M> = &meta.pool;
+    let refused = if pool.closed.load(Ordering::Acquire) {
+        PushRefused::Closed
     } else {
         // SAFETY: owned by the caller; the guard releases it on unwind.
         let returning = unsafe { Returning::new(page) };
@@ -418,29 +436,15 @@ pub(crate) fn cpu_access_hook<M: TrackingMode>(
 pub fn put_bulk<M: TrackingMode>(pages: impl IntoIterator<Item = Page<M>>) {
     let mut run = PageRun::<M>::new();
     for page in pages {
-        // The previous run goes first, while this page is still in its
-        // handle: if a callback of that release panics, the handle (not a
-        // raw pointer) unwinds, and the page goes back as any dropped page.
         let pool = Arc::as_ptr(&page.meta().pool);
-        if run.is_full() || (!run.is_empty() && run.pool != pool) {
-            run.finish();
-        }
-        let (page, dirty_len) = page.into_raw();
-        // SAFETY: the page came out of an owned handle.
-        let meta = unsafe { meta_ref(page) };
-        if run.is_empty() {
-            run.pool = pool;
-            run.open = !meta.pool.closed.load(Ordering::Acquire);
-            run.syncs = meta.pool.recycle_sync.is_some();
-        }
-        // Sync outside the ring lock: device calls never nest in it.
-        if run.open && (!run.syncs || sync_for_bulk(&meta.pool, page, dirty_len)) {
-            run.pages[run.ready] = page;
+        // Fast path: another page of an open pool that does not sync, with
+        // room in the run: one compare and one store.
+        if pool == run.plain_pool && run.ready < RUN_LEN {
+            run.pages[run.ready] = page.into_raw().0;
             run.ready += 1;
-        } else {
-            run.refused += 1;
-            run.pages[RUN_LEN - run.refused] = page;
+            continue;
         }
+        run.add_slow(page, pool);
     }
     run.finish();
 }
@@ -481,6 +485,9 @@ struct PageRun<M: TrackingMode> {
     open: bool,
     /// Whether the run's pool syncs on recycle.
     syncs: bool,
+    /// `pool` while the run takes pages on the fast path (the pool was open
+    /// and does not sync), else null.
+    plain_pool: *const PoolShared<M>,
 }
 
 impl<M: TrackingMode> PageRun<M> {
@@ -492,6 +499,39 @@ impl<M: TrackingMode> PageRun<M> {
             pool: core::ptr::null(),
             open: false,
             syncs: false,
+            plain_pool: core::ptr::null(),
+        }
+    }
+
+    /// The slow path of [`put_bulk`]: the page starts a new run (another
+    /// pool, or the run is full), or its pool is closing or syncs.
+    #[cold]
+    #[inline(never)]
+    fn add_slow(&mut self, page: Page<M>, pool: *const PoolShared<M>) {
+        // The previous run goes first, while this page is still in its
+        // handle: if a callback of that release panics, the handle (not a
+        // raw pointer) unwinds, and the page goes back as any dropped page.
+        if self.is_full() || (!self.is_empty() && self.pool != pool) {
+            self.finish();
+        }
+        let (page, dirty_len) = page.into_raw();
+        // SAFETY: the page came out of an owned handle.
+        let meta = unsafe { meta_ref(page) };
+        if self.is_empty() {
+            self.pool = pool;
+            self.open = !meta.pool.closed.load(Ordering::Acquire);
+            self.syncs = meta.pool.recycle_sync.is_some();
+            if self.open && !self.syncs {
+                self.plain_pool = pool;
+            }
+        }
+        // Sync outside the ring lock: device calls never nest in it.
+        if self.open && (!self.syncs || sync_for_bulk(&meta.pool, page, dirty_len)) {
+            self.pages[self.ready] = page;
+            self.ready += 1;
+        } else {
+            self.refused += 1;
+            self.pages[RUN_LEN - self.refused] = page;
         }
     }
 
@@ -511,6 +551,7 @@ impl<M: TrackingMode> PageRun<M> {
         // the run's drop release them again.
         let ready = core::mem::take(&mut self.ready);
         let refused = core::mem::take(&mut self.refused);
+        self.plain_pool = core::ptr::null();
         let (taken, why) = if ready > 0 {
             // SAFETY: owned by the run, live.
             let first = unsafe { meta_ref(self.pages[0]) };

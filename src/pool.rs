@@ -66,8 +66,9 @@ pub const MAX_RING_SIZE: usize = 16384;
 /// The largest local cache the builder accepts.
 pub const MAX_CACHE_SIZE: usize = 65536;
 /// Pages a thread keeps back from a pool it does not own before handing
-/// them to the pool's ring (see [`PagePoolBuilder::remote_batch`]).
-pub const DEFAULT_REMOTE_BATCH: usize = 32;
+/// them to the pool's ring (see [`PagePoolBuilder::remote_batch`]): one
+/// refill of the owner's cache ([`DEFAULT_REFILL_BATCH`]).
+pub const DEFAULT_REMOTE_BATCH: usize = 64;
 
 /// What the builder's range checks accept, spelled from the constants.
 const ORDER_RANGE: &str = concat!("0..=", 10);
@@ -450,8 +451,7 @@ impl<M: TrackingMode> PagePool<M> {
         // SAFETY: the page came out of an owned handle.
         let meta = unsafe { meta_ref(page) };
         if !Arc::ptr_eq(&meta.pool, &self.shared) {
-            // SAFETY: owned; not used afterwards.
-            unsafe { crate::page::recycle_remote(page, dirty_len) };
+            Self::recycle_foreign(page, dirty_len);
             return;
         }
         if self.shared.closed.load(Ordering::Acquire)
@@ -470,6 +470,16 @@ impl<M: TrackingMode> PagePool<M> {
             self.shared.owner.cache_full.add(1);
             self.recycle_into_ring(page);
         }
+    }
+
+    /// A page of another pool given to [`recycle_direct`](Self::recycle_direct):
+    /// it goes home as if dropped (kept out of line, so the fast path stays
+    /// small).
+    #[cold]
+    #[inline(never)]
+    fn recycle_foreign(page: NonNull<PageMeta<M>>, dirty_len: usize) {
+        // SAFETY: owned (it came out of a `Page`); not used afterwards.
+        unsafe { crate::page::recycle_remote(page, dirty_len) };
     }
 
     /// The sync on recycle of [`recycle_direct`](Self::recycle_direct);

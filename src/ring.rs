@@ -79,7 +79,10 @@ impl<T> RingState<T> {
     }
 }
 
-/// A bounded, closable ring of page pointers.
+/// A bounded, closable ring of page pointers. Its lock and counters sit on
+/// a line of their own (two, for the adjacent-line prefetcher): producers
+/// and the owner write them, and nothing read on the fast paths shares it.
+#[repr(align(128))]
 pub(crate) struct Ring<T> {
     state: Mutex<RingState<T>>,
 }

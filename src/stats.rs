@@ -134,8 +134,12 @@ impl OwnerCounter {
     }
 }
 
-/// Counters written only by the pool's owner.
+/// Counters written only by the pool's owner, on every allocation: on a
+/// line (two, for the adjacent-line prefetcher) of their own, so a thread
+/// returning pages (which reads the pool's flags) never waits for the line
+/// the owner just wrote.
 #[derive(Debug, Default)]
+#[repr(align(128))]
 pub(crate) struct OwnerCounters {
     pub(crate) fast: OwnerCounter,
     pub(crate) slow: OwnerCounter,

@@ -27,7 +27,10 @@ mod imp {
     pub(crate) use super::std_locks::{Mutex, MutexGuard};
     #[cfg(not(miri))]
     pub(crate) use parking_lot::{Mutex, MutexGuard};
-    pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    // Only the VFIO backend orders its doorbell writes with a fence.
+    #[cfg_attr(not(feature = "vfio"), allow(unused_imports))]
+    pub(crate) use std::sync::atomic::fence;
+    pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     pub(crate) use std::sync::Arc;
 
     /// Allocates zeroed memory for `layout`.
