@@ -152,3 +152,10 @@
 //! (the same for a region), `remote-exit-forgets` (a thread exits without
 //! sending the pages it kept back home). `loom-tests/README.md`
 //! says which model catches each.
+//!
+//! loom proves the small races (up to four threads, three preemptions).
+//! Whole-pool scenarios with 10 to 16 threads (owners, holders cloning
+//! `Bytes` and dropping pages, fragments and bulk returns, pools dropped and
+//! built while `unbind` runs) run under shuttle's randomized and PCT
+//! schedulers on the same `sync` shim (`--cfg shuttle`, `shuttle-tests/`),
+//! with the same planted variants to show they can fail.
