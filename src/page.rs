@@ -95,7 +95,6 @@ pub(crate) unsafe fn recycle_remote<M: TrackingMode>(page: NonNull<PageMeta<M>>,
 ///
 /// # Safety
 /// As for [`recycle_remote`].
-#[cold]
 #[inline(never)]
 unsafe fn recycle_remote_slow<M: TrackingMode>(page: NonNull<PageMeta<M>>, dirty_len: usize) {
     // SAFETY: owned by the caller, live.

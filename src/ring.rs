@@ -127,6 +127,7 @@ impl<T> Ring<T> {
 
     /// Moves up to `max` pages into `out` (which must have room: it never
     /// grows). Returns how many moved.
+    #[inline]
     pub(crate) fn pop_into(&self, out: &mut Vec<NonNull<T>>, max: usize) -> usize {
         let mut state = self.state.lock();
         let n = max.min(state.pages.len()).min(out.capacity() - out.len());
