@@ -341,11 +341,11 @@ mod tests {
 
     /// A pool's address, as the batches see it (never dereferenced).
     fn pool_at(n: usize) -> *const () {
-        (n * 64) as *const ()
+        ptr::without_provenance(n * 64)
     }
 
     fn page(n: usize) -> NonNull<()> {
-        NonNull::new(n as *mut ()).unwrap()
+        NonNull::new(ptr::without_provenance_mut(n)).unwrap()
     }
 
     #[test]
