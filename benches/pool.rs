@@ -647,21 +647,33 @@ fn slow(c: &mut Criterion) {
 /// page freed on the other thread goes back through the ring.
 const ROUND: usize = 512;
 
+/// The set of `cpus` (those below `CPU_SETSIZE`).
+#[cfg(target_os = "linux")]
+fn cpu_set(cpus: impl IntoIterator<Item = usize>) -> libc::cpu_set_t {
+    // SAFETY: `cpu_set_t` is a plain bit array: all zeros is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { core::mem::zeroed() };
+    for cpu in cpus.into_iter().filter(|&c| c < libc::CPU_SETSIZE as usize) {
+        // SAFETY: `cpu` is below `CPU_SETSIZE`, so the bit lies in `set`.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    set
+}
+
+/// Lets the calling thread run on the CPUs of `set` only.
+#[cfg(target_os = "linux")]
+fn set_affinity(set: &libc::cpu_set_t) -> bool {
+    // SAFETY: pid 0 is the calling thread; `set` is a valid set of the size
+    // passed; the call changes only this thread's affinity.
+    unsafe { libc::sched_setaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), set) == 0 }
+}
+
 /// Pins the calling thread to CPU `cpu` (Linux; elsewhere, or if the
 /// machine has fewer CPUs, it stays where the scheduler puts it). Returns
 /// whether it did.
 fn pin_to_cpu(cpu: usize) -> bool {
     #[cfg(target_os = "linux")]
     {
-        // SAFETY: `set` is a plain bit set on the stack, initialised by
-        // CPU_ZERO before use; the call reads it and changes only this
-        // thread's affinity.
-        unsafe {
-            let mut set: libc::cpu_set_t = core::mem::zeroed();
-            libc::CPU_ZERO(&mut set);
-            libc::CPU_SET(cpu, &mut set);
-            libc::sched_setaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-        }
+        set_affinity(&cpu_set([cpu]))
     }
     #[cfg(not(target_os = "linux"))]
     {
@@ -673,15 +685,9 @@ fn pin_to_cpu(cpu: usize) -> bool {
 /// Lets the calling thread run on every CPU again.
 fn unpin() {
     #[cfg(target_os = "linux")]
-    // SAFETY: as in `pin_to_cpu`.
-    unsafe {
-        let mut set: libc::cpu_set_t = core::mem::zeroed();
-        libc::CPU_ZERO(&mut set);
-        for cpu in 0..thread::available_parallelism().map_or(1, |n| n.get()) {
-            libc::CPU_SET(cpu, &mut set);
-        }
-        libc::sched_setaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
+    set_affinity(&cpu_set(
+        0..thread::available_parallelism().map_or(1, |n| n.get()),
+    ));
 }
 
 /// The phased measurement. The producer runs on CPU 0 and the consumer on
