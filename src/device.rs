@@ -471,6 +471,82 @@ mod tests {
     }
 
     #[test]
+    fn the_report_displays_every_count() {
+        let report = UnbindReport {
+            pools: 2,
+            pages_from_rings: 3,
+            pages_in_flight: 4,
+            regions_unmapped: 5,
+            bytes_unmapped: 6,
+            mappings_left: 7,
+            duration: Duration::from_millis(8),
+        };
+        assert_eq!(
+            report.to_string(),
+            "unbind: 2 pools, 3 pages from rings + 4 in flight + 5 regions unmapped \
+             (6 bytes), 7 mappings left, in 8ms"
+        );
+    }
+
+    #[test]
+    fn debug_shows_bound_and_tracked() {
+        let device = Device::new(CheckingDevice::new(CheckMode::Panic));
+        assert_eq!(
+            format!("{device:?}"),
+            "Device { bound: true, tracked: true, .. }"
+        );
+        device.unbind().unwrap();
+        let untracked = Device::new_untracked(CheckingDevice::new(CheckMode::Panic));
+        untracked.unbind().unwrap();
+        assert_eq!(
+            format!("{untracked:?}"),
+            "Device { bound: false, tracked: false, .. }"
+        );
+    }
+
+    /// The tracker's heap as `Device` reports it: both trackers' shards,
+    /// then one word per recorded page.
+    #[test]
+    fn tracker_heap_bytes_counts_each_record() {
+        let device = Device::new(CheckingDevice::new(CheckMode::Panic));
+        let base = device.tracker_heap_bytes();
+        assert!(base >= 2 * crate::tracker::SHARDS * 128, "padded shards");
+        let mut pool = device.pool_builder().build().unwrap();
+        let page = pool.alloc().unwrap();
+        let records = device.tracked_mappings();
+        assert!(records > 0);
+        assert!(device.tracker_heap_bytes() >= base + records * core::mem::size_of::<usize>());
+        drop(page);
+    }
+
+    /// `unbind` hands the device its unmaps in full batches of
+    /// `UNMAP_BATCH`, not one call per page.
+    #[test]
+    fn unbind_unmaps_in_full_batches() {
+        use crate::mapping::unmapper::UNMAP_BATCH;
+        let checker = CheckingDevice::new(CheckMode::Panic);
+        let device = Device::new(checker.clone());
+        let mut pool = device.pool_builder().build().unwrap();
+        let held: Vec<_> = (0..2 * UNMAP_BATCH + 1)
+            .map(|_| pool.alloc().unwrap())
+            .collect();
+        let before = checker.stats();
+        let report = device.unbind().unwrap();
+        let after = checker.stats();
+        let unmaps = (after.unmaps - before.unmaps) as usize;
+        assert_eq!(unmaps, report.pages_in_flight);
+        assert!(unmaps > 2 * UNMAP_BATCH);
+        assert_eq!(
+            (after.batch_unmaps - before.batch_unmaps) as usize,
+            unmaps.div_ceil(UNMAP_BATCH),
+            "one call per {UNMAP_BATCH} mappings"
+        );
+        drop(held);
+        drop(pool);
+        assert!(checker.verdict().is_clean());
+    }
+
+    #[test]
     fn unbind_twice_and_drop_are_safe() {
         let checker = CheckingDevice::new(CheckMode::Panic);
         let device = Device::new(checker.clone());

@@ -601,6 +601,24 @@ pub(crate) mod held {
             with_state(|state| state.unbinding.set(self.outer));
         }
     }
+
+    #[cfg(all(test, not(loom), not(shuttle)))]
+    mod tests {
+        use super::*;
+
+        /// A thread's slots leave the registry when the thread exits.
+        #[test]
+        fn an_exited_thread_leaves_the_registry() {
+            let slots = std::thread::spawn(|| {
+                let announced = announce(41).expect("a free slot");
+                withdraw(&announced);
+                REGISTRATION.with(|registration| Arc::downgrade(&registration.slots))
+            })
+            .join()
+            .unwrap();
+            assert!(slots.upgrade().is_none(), "no longer registered");
+        }
+    }
 }
 
 #[cfg(all(test, not(loom), not(shuttle)))]
@@ -644,6 +662,28 @@ mod tests {
         assert!(!held::contains(7), "the unwind left the call");
         gate.close();
         held::wait_for_threads(7);
+        gate.wait_idle();
+    }
+
+    /// Once a thread is exiting, its calls are counted in the gate, not
+    /// announced in slots (it registers nothing any more).
+    #[test]
+    fn an_exiting_thread_counts_its_calls() {
+        let gate = CallGate::new(11);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let first = gate.enter().expect("open");
+                assert!(first.slot.is_some(), "announced");
+                drop(first);
+                held::exiting();
+                let call = gate.enter().expect("open");
+                assert!(call.slot.is_none(), "counted once exiting");
+                assert!(held::contains(11));
+            })
+            .join()
+            .unwrap()
+        });
+        gate.close();
         gate.wait_idle();
     }
 

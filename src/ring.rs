@@ -221,4 +221,20 @@ mod tests {
             "a closed ring counts nothing"
         );
     }
+
+    /// `pop_into` fills only the room left in `out`, not its whole
+    /// capacity: the owner's cache is refilled while it still holds pages.
+    #[test]
+    fn pop_into_is_bounded_by_the_room_left_not_the_capacity() {
+        let mut values = [1u32, 2, 3, 4];
+        let ptrs: Vec<NonNull<u32>> = values.iter_mut().map(NonNull::from).collect();
+        let ring = Ring::with_capacity(4);
+        assert_eq!(ring.lock().push_many(&ptrs[1..]), (3, None));
+        let mut out = Vec::with_capacity(2);
+        out.push(ptrs[0]);
+        let room = out.capacity() - out.len();
+        assert_eq!(ring.pop_into(&mut out, 8), room);
+        assert_eq!(out.len(), out.capacity(), "filled to capacity, no more");
+        assert_eq!(ring.len(), 3 - room);
+    }
 }

@@ -311,6 +311,45 @@ mod tests {
         assert_eq!(tracker.len(), 0);
     }
 
+    /// The free list ends in `NIL` again once its last vacant slot is
+    /// reused: the next insert appends a new slot.
+    #[test]
+    fn the_free_list_ends_after_its_last_slot_is_reused() {
+        let tracker = InFlightTracker::new();
+        let mut xs = items(3);
+        let a = tracker.insert(0, ptr(&mut xs[0])).unwrap();
+        assert!(tracker.remove(a, ptr(&mut xs[0])));
+        let b = tracker.insert(0, ptr(&mut xs[1])).unwrap();
+        assert_eq!(b, a, "the vacant slot is reused");
+        let c = tracker.insert(0, ptr(&mut xs[2])).unwrap();
+        assert_ne!(c, b, "then a new slot");
+        assert!(tracker.remove(c, ptr(&mut xs[2])));
+        assert!(tracker.remove(b, ptr(&mut xs[1])));
+        assert_eq!(tracker.len(), 0);
+    }
+
+    /// A shard holds `MAX_SLOT + 1` records (slots `0..=MAX_SLOT`) and
+    /// refuses the next. The slots are zeroed memory the test never
+    /// touches (2 GiB of address space, not of memory); too big for Miri.
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn a_shard_holds_slots_up_to_max_slot_and_no_more() {
+        let mut x = Box::new(0u64);
+        let mut slab = CompactSlab::<u64>::new();
+        let capacity = MAX_SLOT + 2;
+        let layout = std::alloc::Layout::array::<*mut u64>(capacity).unwrap();
+        // SAFETY: the layout's size is not zero.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<*mut u64>();
+        assert!(!raw.is_null(), "2 GiB of address space");
+        // SAFETY: allocated by the global allocator with the layout of
+        // `capacity` pointers; the first `MAX_SLOT` are zero, i.e. null
+        // pointers, which is a valid `*mut u64`.
+        slab.slots = unsafe { Vec::from_raw_parts(raw, MAX_SLOT, capacity) };
+        assert_eq!(slab.insert(ptr(&mut x)), Some(MAX_SLOT));
+        assert_eq!(slab.insert(ptr(&mut x)), None, "no slot above MAX_SLOT");
+        assert_eq!(slab.slots.len(), MAX_SLOT + 1);
+    }
+
     #[test]
     fn drain_visits_each_live_record_once_and_closes() {
         let tracker = InFlightTracker::new();
@@ -347,6 +386,17 @@ mod tests {
             assert_ne!(id, RecordId::NONE);
             assert_eq!((id.shard(), id.slot()), (shard, MAX_SLOT));
         }
+    }
+
+    /// An empty tracker's heap is its shards, each on lines of its own.
+    #[test]
+    fn an_empty_tracker_is_its_padded_shards() {
+        let tracker = InFlightTracker::<u64>::new();
+        assert_eq!(core::mem::size_of::<PaddedShard<u64>>() % 128, 0);
+        assert_eq!(
+            tracker.heap_bytes(),
+            SHARDS * core::mem::size_of::<PaddedShard<u64>>()
+        );
     }
 
     #[test]
