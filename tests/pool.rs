@@ -165,6 +165,7 @@ fn higher_order_pages_are_mapped_one_at_a_time_at_full_size() {
         let mut page = pool.alloc().unwrap();
         assert_eq!(rig.checker.stats().maps, maps + 1, "one page per slow path");
         assert_eq!(page.len(), len);
+        assert!(!page.is_empty(), "a page is never empty");
         assert_eq!(page.as_slice().as_ptr() as usize % PAGE_SIZE, 0);
         let list = rig.checker.live_mapping_list();
         let m = list
@@ -1023,4 +1024,31 @@ fn untracked_pool_behaves_like_tracked_while_bound() {
     drop(pool);
     assert_eq!(ops.unmaps.load(std::sync::atomic::Ordering::SeqCst), 64);
     assert_eq!(device.unbind().unwrap().mappings_left, 0);
+}
+
+/// The error messages a driver logs say what went wrong.
+#[test]
+fn errors_display_what_went_wrong() {
+    assert_eq!(
+        SyncError::OutOfRange {
+            start: 1,
+            end: 9,
+            len: 4
+        }
+        .to_string(),
+        "sync range 1..9 is outside the 4-byte buffer"
+    );
+    assert_eq!(
+        SyncError::Unbound.to_string(),
+        "nothing to sync: the device is unbound"
+    );
+    assert_eq!(
+        pagepool::OutOfMemory.to_string(),
+        "page source is out of memory"
+    );
+    assert_eq!(
+        DmaError::MappingLimit { limit: Some(7) }.to_string(),
+        "device mapping limit of 7 entries reached"
+    );
+    assert_eq!(pagepool::DmaAddr(0x1000).to_string(), "0x1000");
 }
