@@ -947,6 +947,46 @@ fn put_bulk_returns_pages_of_several_pools_to_their_rings() {
     rig.finish((a, b));
 }
 
+/// A burst longer than one run (64 pages) of one pool: the run is pushed
+/// when full and the next one begins; every page reaches the ring, in runs
+/// of 64, and nothing is released.
+#[test]
+fn put_bulk_of_more_pages_than_one_run_pushes_run_after_run() {
+    let rig = Rig::new();
+    let mut pool = rig
+        .builder()
+        .cache_size(256)
+        .refill_batch(64)
+        .ring_size(1024)
+        .build()
+        .unwrap();
+    let burst: Vec<Page> = (0..200).map(|_| pool.alloc().unwrap()).collect();
+    thread::spawn(move || put_bulk(burst)).join().unwrap();
+    let s = pool.stats();
+    assert_eq!((s.recycle.ring, s.recycle.ring_full), (200, 0));
+    assert_eq!(s.pages_in_flight, 0);
+    assert_eq!(rig.checker.stats().unmaps, 0, "nothing left the pool");
+    rig.finish(pool);
+}
+
+#[test]
+fn a_page_debugs_as_its_pool_address_and_length() {
+    let rig = Rig::new();
+    let mut pool = rig.pool();
+    let page = pool.alloc().unwrap();
+    let shown = format!("{page:?}");
+    assert_eq!(
+        shown,
+        format!(
+            "Page {{ pool: {}, dma_addr: {:?}, len: 4096 }}",
+            pool.id(),
+            page.dma_addr()
+        )
+    );
+    drop(page);
+    rig.finish(pool);
+}
+
 // ---------------------------------------------------------------------------
 // Untracked build.
 // ---------------------------------------------------------------------------
