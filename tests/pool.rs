@@ -200,7 +200,16 @@ fn fragments_are_carved_aligned_from_one_page() {
         assert_eq!(f.offset() % FRAG_ALIGN, 0);
         assert_eq!(f.dma_addr(), base.offset((i * 1024) as u64));
         assert_eq!(f.len(), 1000);
+        assert!(!f.is_empty());
         assert_eq!(f.as_slice().len(), 1000);
+        assert_eq!(
+            format!("{f:?}"),
+            format!(
+                "Frag {{ dma_addr: {:?}, offset: {}, len: 1000 }}",
+                f.dma_addr(),
+                i * 1024
+            )
+        );
     }
     let fifth = pool.alloc_frag(1000).unwrap();
     assert_eq!(fifth.offset(), 0, "did not fit: a new page");
@@ -222,6 +231,40 @@ fn fragments_are_carved_aligned_from_one_page() {
     assert_eq!(pool.stats().pages_in_flight, 2, "two pages carry fragments");
     drop((frags, fifth));
     rig.finish(pool);
+}
+
+/// A fragment that ends exactly at the page's end still comes from the
+/// current page; a fragment syncs its own range for the device.
+#[test]
+fn a_fragment_may_end_exactly_at_the_page_end_and_syncs_for_the_device() {
+    let rig = Rig::new();
+    let mut pool = rig.pool();
+    let head = pool.alloc_frag(3072).unwrap();
+    let mut tail = pool.alloc_frag(1024).unwrap();
+    assert_eq!(tail.offset(), 3072, "fits exactly: same page");
+    assert_eq!(tail.dma_addr(), head.dma_addr().offset(3072));
+    let syncs = rig.checker.stats().syncs_for_device;
+    tail.sync_for_device(0..64).unwrap();
+    assert_eq!(rig.checker.stats().syncs_for_device, syncs + 1);
+    drop((head, tail));
+    rig.finish(pool);
+}
+
+/// A pool dropped before it mapped anything leaves no detached entry; one
+/// that mapped pages is listed until its pages are back.
+#[test]
+fn only_pools_that_mapped_pages_stay_listed_as_detached() {
+    let rig = Rig::new();
+    let unused = rig.pool();
+    drop(unused);
+    assert!(rig.device.detached_pools().is_empty());
+    let mut used = rig.pool();
+    let page = used.alloc().unwrap();
+    drop(used);
+    assert_eq!(rig.device.detached_pools().len(), 1);
+    drop(page);
+    rig.device.unbind().unwrap();
+    rig.checker.assert_clean();
 }
 
 /// The page is synced for the device once, after its last fragment drops
