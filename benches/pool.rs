@@ -1490,6 +1490,38 @@ fn rx_pipeline_pool<O: DmaOps>(g: &mut Group<'_>, name: &str, ops: O, remote_bat
     );
 }
 
+/// The RX pipeline over a peer's buffers: `get` one, the "device" writes a
+/// frame, hand it over; the consumer reads it and `put`s it back.
+fn rx_pipeline_peer(
+    g: &mut Group<'_>,
+    name: &str,
+    get: impl Fn() -> Box<PageBuf>,
+    put: impl Fn(Box<PageBuf>) + Sync,
+) {
+    let mut seq = 0u8;
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            phased(
+                iters,
+                |bufs, n| {
+                    for _ in 0..n {
+                        let mut buf = get();
+                        seq = seq.wrapping_add(1);
+                        device_writes_frame(&mut buf.0, seq);
+                        bufs.push(buf);
+                    }
+                },
+                |bufs| {
+                    for buf in bufs.drain(..) {
+                        black_box(consumer_reads_frame(&buf.0));
+                        put(buf);
+                    }
+                },
+            )
+        })
+    });
+}
+
 fn rx_pipeline(c: &mut Criterion) {
     let mut g = c.benchmark_group("rx_pipeline");
     g.throughput(Throughput::Elements(1));
@@ -1508,50 +1540,19 @@ fn rx_pipeline(c: &mut Criterion) {
     // The peers: the same pipeline over their buffers, with no mapping and
     // no sync at all (they know no device).
     let pool = QueuePool::new(2 * ROUND, ROUND);
-    let mut seq = 0u8;
-    g.bench_function("peer/crossbeam_array_queue", |b| {
-        b.iter_custom(|iters| {
-            phased(
-                iters,
-                |bufs, n| {
-                    for _ in 0..n {
-                        let mut buf = pool.get();
-                        seq = seq.wrapping_add(1);
-                        device_writes_frame(&mut buf.0, seq);
-                        bufs.push(buf);
-                    }
-                },
-                |bufs| {
-                    for buf in bufs.drain(..) {
-                        black_box(consumer_reads_frame(&buf.0));
-                        pool.put(buf);
-                    }
-                },
-            )
-        })
-    });
+    rx_pipeline_peer(
+        &mut g,
+        "peer/crossbeam_array_queue",
+        || pool.get(),
+        |b| pool.put(b),
+    );
     let pool = PlMutexPool::new(ROUND);
-    g.bench_function("peer/mutex_vec_parking_lot", |b| {
-        b.iter_custom(|iters| {
-            phased(
-                iters,
-                |bufs, n| {
-                    for _ in 0..n {
-                        let mut buf = pool.get();
-                        seq = seq.wrapping_add(1);
-                        device_writes_frame(&mut buf.0, seq);
-                        bufs.push(buf);
-                    }
-                },
-                |bufs| {
-                    for buf in bufs.drain(..) {
-                        black_box(consumer_reads_frame(&buf.0));
-                        pool.put(buf);
-                    }
-                },
-            )
-        })
-    });
+    rx_pipeline_peer(
+        &mut g,
+        "peer/mutex_vec_parking_lot",
+        || pool.get(),
+        |b| pool.put(b),
+    );
     g.finish();
 }
 
