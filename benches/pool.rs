@@ -851,35 +851,57 @@ fn report_pool<M: Mode>(what: &str, pool: &PagePool<M>) {
     );
 }
 
-fn pool_phased<M: Mode>(g: &mut Group<'_>, bulk: bool) {
-    pool_phased_batched::<M>(g, bulk, pagepool::DEFAULT_REMOTE_BATCH);
+/// How the phased pool bench allocates and frees.
+#[derive(Clone, Copy, PartialEq)]
+enum Burst {
+    /// `alloc` one page at a time; pages dropped one at a time.
+    Single,
+    /// `alloc` one page at a time; `put_bulk` in bursts of `BURST`.
+    PutBulk,
+    /// `alloc_bulk` and `put_bulk`, both in bursts of `BURST`: the shape of
+    /// the bulk `Mutex<Vec>` peer (one lock per burst on each side).
+    Both,
+}
+
+fn pool_phased<M: Mode>(g: &mut Group<'_>, burst: Burst) {
+    pool_phased_batched::<M>(g, burst, pagepool::DEFAULT_REMOTE_BATCH);
 }
 
 /// [`pool_phased`] with the pool's remote batch set to `remote_batch`
 /// (0: every page dropped goes to the ring under its own lock).
-fn pool_phased_batched<M: Mode>(g: &mut Group<'_>, bulk: bool, remote_batch: usize) {
+fn pool_phased_batched<M: Mode>(g: &mut Group<'_>, burst: Burst, remote_batch: usize) {
     let device = M::device();
     let mut pool = device
         .pool_builder()
         .remote_batch(remote_batch)
         .build()
         .unwrap();
-    let name = match (bulk, remote_batch) {
-        (true, _) => "pagepool_put_bulk".to_string(),
-        (false, pagepool::DEFAULT_REMOTE_BATCH) => "pagepool".to_string(),
-        (false, 0) => "pagepool_unbatched".to_string(),
-        (false, n) => format!("pagepool_batch{n}"),
+    let name = match (burst, remote_batch) {
+        (Burst::PutBulk, _) => "pagepool_put_bulk".to_string(),
+        (Burst::Both, _) => "pagepool_alloc_bulk_put_bulk".to_string(),
+        (Burst::Single, pagepool::DEFAULT_REMOTE_BATCH) => "pagepool".to_string(),
+        (Burst::Single, 0) => "pagepool_unbatched".to_string(),
+        (Burst::Single, n) => format!("pagepool_batch{n}"),
     };
     g.bench_function(BenchmarkId::new(name.as_str(), M::NAME), |b| {
         b.iter_custom(|iters| {
             phased(
                 iters,
-                |items, n| items.extend((0..n).map(|_| pool.alloc().unwrap())),
-                |items| {
-                    if bulk {
-                        put_bulk_bursts(items)
+                |items, n| {
+                    if burst == Burst::Both {
+                        while items.len() < n {
+                            let k = (n - items.len()).min(BURST);
+                            pool.alloc_bulk(items, k).unwrap();
+                        }
                     } else {
+                        items.extend((0..n).map(|_| pool.alloc().unwrap()))
+                    }
+                },
+                |items| {
+                    if burst == Burst::Single {
                         items.clear()
+                    } else {
+                        put_bulk_bursts(items)
                     }
                 },
             )
@@ -927,11 +949,11 @@ fn cross_thread(c: &mut Criterion) {
     let mut g = c.benchmark_group("cross_thread");
     g.throughput(Throughput::Elements(1));
 
-    pool_phased::<Tracked>(&mut g, false);
-    pool_phased::<Untracked>(&mut g, false);
+    pool_phased::<Tracked>(&mut g, Burst::Single);
+    pool_phased::<Untracked>(&mut g, Burst::Single);
     // The same without per-thread batches, and with batches of 32.
-    pool_phased_batched::<Tracked>(&mut g, false, 0);
-    pool_phased_batched::<Tracked>(&mut g, false, 32);
+    pool_phased_batched::<Tracked>(&mut g, Burst::Single, 0);
+    pool_phased_batched::<Tracked>(&mut g, Burst::Single, 32);
 
     g.bench_function("transport_floor", |b| {
         b.iter_custom(|iters| {
@@ -1051,8 +1073,10 @@ fn cross_thread(c: &mut Criterion) {
     let mut g = c.benchmark_group("cross_thread_bulk64");
     g.throughput(Throughput::Elements(1));
 
-    pool_phased::<Tracked>(&mut g, true);
-    pool_phased::<Untracked>(&mut g, true);
+    pool_phased::<Tracked>(&mut g, Burst::Both);
+    pool_phased::<Untracked>(&mut g, Burst::Both);
+    pool_phased::<Tracked>(&mut g, Burst::PutBulk);
+    pool_phased::<Untracked>(&mut g, Burst::PutBulk);
 
     let pool = StdMutexPool::new(ROUND);
     g.bench_function("peer/mutex_vec_std", |b| {

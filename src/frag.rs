@@ -127,7 +127,7 @@ impl<M: TrackingMode> Drop for Frag<M> {
             // which does not model standalone fences, sees it.
             let _ = refs.load(Ordering::Acquire);
             // SAFETY: the count reached zero: this thread owns the page.
-            unsafe { recycle_remote(self.meta, usize::MAX) };
+            unsafe { recycle_remote(self.meta) };
         }
     }
 }
@@ -199,7 +199,7 @@ impl<M: TrackingMode> FragState<M> {
         if refs.fetch_sub(unused, Ordering::AcqRel) == unused {
             // SAFETY: the count reached zero: we own the page. Recycle through
             // the ring: the owner's cache may be closing (pool drop).
-            unsafe { recycle_remote(self.page, usize::MAX) };
+            unsafe { recycle_remote(self.page) };
         }
     }
 }

@@ -3,17 +3,19 @@
 //! Each page of a pool has a heap-allocated [`PageMeta`] (Linux keeps the
 //! same facts in `struct page`): its CPU address, its device address, its
 //! tracker record and its pool. A `Page` is the owned handle to one page
-//! handed out by a pool: `Send`, one pointer plus the dirty length, and it
-//! gives the page back when dropped.
+//! handed out by a pool: `Send`, one pointer (so a burst of handles is a
+//! burst of pointers), and it gives the page back when dropped.
 //!
 //! # Invariants
 //!
 //! - A `PageMeta` is created when its page is mapped (slow path) and freed,
 //!   together with the page memory, only after the mapping is gone (see
 //!   `mapping.rs`).
-//! - All fields but `frag_refs` are written before the meta is shared and
-//!   never again, so any holder (the tracker during `unbind`, a `Page` on
-//!   another thread) may read them without synchronisation.
+//! - All fields but `frag_refs` and `dirty_len` are written before the
+//!   meta is shared and never again, so any holder (the tracker during
+//!   `unbind`, a `Page` on another thread) may read them without
+//!   synchronisation. `dirty_len` belongs to the page's one owner: the
+//!   `Page` writes it, the recycle that syncs reads it and resets it.
 //! - Exactly one owner at a time: the local cache, the ring, a `Page`, or
 //!   the set of fragments sharing `frag_refs`.
 
@@ -65,7 +67,7 @@ impl<M: TrackingMode> Drop for Returning<M> {
 /// # Safety
 /// The caller owns `page` and does not use it afterwards.
 #[inline]
-pub(crate) unsafe fn recycle_remote<M: TrackingMode>(page: NonNull<PageMeta<M>>, dirty_len: usize) {
+pub(crate) unsafe fn recycle_remote<M: TrackingMode>(page: NonNull<PageMeta<M>>) {
     // SAFETY: owned by the caller, live.
     let meta = unsafe { meta_ref(page) };
     let pool: &PoolShared<M> = &meta.pool;
@@ -86,7 +88,7 @@ pub(crate) unsafe fn recycle_remote<M: TrackingMode>(page: NonNull<PageMeta<M>>,
         return;
     }
     // SAFETY: forwarded caller contract (not stashed: still ours).
-    unsafe { recycle_remote_slow(page, dirty_len) }
+    unsafe { recycle_remote_slow(page) }
 }
 
 /// The slow path of [`recycle_remote`]: syncs the page for the device if
@@ -96,7 +98,7 @@ pub(crate) unsafe fn recycle_remote<M: TrackingMode>(page: NonNull<PageMeta<M>>,
 /// # Safety
 /// As for [`recycle_remote`].
 #[inline(never)]
-unsafe fn recycle_remote_slow<M: TrackingMode>(page: NonNull<PageMeta<M>>, dirty_len: usize) {
+unsafe fn recycle_remote_slow<M: TrackingMode>(page: NonNull<PageMeta<M>>) {
     // SAFETY: owned by the caller, live.
     let meta = unsafe { meta_ref(page) };
     let pool: &PoolShared<M> = &meta.pool;
@@ -105,7 +107,8 @@ unsafe fn recycle_remote_slow<M: TrackingMode>(page: NonNull<PageMeta<M>>, dirty
     } else {
         // SAFETY: owned by the caller; the guard releases it on unwind.
         let returning = unsafe { Returning::new(page) };
-        let synced = sync_on_recycle(pool, meta, dirty_len);
+        // SAFETY: owned by the caller (through the guard).
+        let synced = unsafe { sync_on_recycle(pool, meta) };
         let page = returning.into_raw();
         if !synced {
             PushRefused::Closed
@@ -183,19 +186,25 @@ fn recycle_refused<M: TrackingMode>(page: NonNull<PageMeta<M>>, why: PushRefused
 }
 
 /// Syncs a recycled page for the device when the pool is configured to:
-/// `min(dirty_len, max_len)` bytes from `offset`. Returns `false` when the
+/// `min(dirty length, max_len)` bytes from `offset`, and resets the page's
+/// dirty length to the whole `max_len` for its next owner. Returns `false` when the
 /// page must be released instead of recycled: the device is unbinding (no
 /// sync may reach it), or the thread is unwinding from a panic (a page
 /// whose sync cannot be trusted leaves the pool, and a second panic from
 /// the backend here would abort the process).
-pub(crate) fn sync_on_recycle<M: TrackingMode>(
+///
+/// # Safety
+/// The caller owns the page of `meta` (the one owner its dirty length
+/// belongs to).
+pub(crate) unsafe fn sync_on_recycle<M: TrackingMode>(
     pool: &PoolShared<M>,
     meta: &PageMeta<M>,
-    dirty_len: usize,
 ) -> bool {
     let Some(sync) = pool.recycle_sync else {
         return true;
     };
+    // SAFETY: the caller owns the page.
+    let dirty_len = unsafe { meta.take_dirty_len() };
     if std::thread::panicking() {
         return false;
     }
@@ -224,30 +233,27 @@ pub(crate) fn sync_on_recycle<M: TrackingMode>(
 /// gives it to the device with [`sync_for_device`](Self::sync_for_device).
 /// A page stays valid memory after its device unbinds (it is just no longer
 /// mapped); dropping it then frees it without any device call.
+#[repr(transparent)]
 pub struct Page<M: TrackingMode = Tracked> {
     meta: NonNull<PageMeta<M>>,
-    dirty_len: usize,
 }
 
 // SAFETY: a Page owns its page exclusively; the metadata it points to is
 // immutable apart from atomics, and the pool it names is Send + Sync.
 unsafe impl<M: TrackingMode> Send for Page<M> {}
-// SAFETY: `&Page` only reads the page (as `&[u8]`) and immutable metadata.
+// SAFETY: `&Page` only reads the page (as `&[u8]`) and immutable metadata
+// (the dirty length, the one field a `Page` writes, takes `&mut Page`).
 unsafe impl<M: TrackingMode> Sync for Page<M> {}
 
 impl<M: TrackingMode> Page<M> {
     /// Wraps a page its caller owns.
     pub(crate) fn from_meta(meta: NonNull<PageMeta<M>>) -> Self {
-        Self {
-            meta,
-            dirty_len: usize::MAX,
-        }
+        Self { meta }
     }
 
     /// Gives up the handle without returning the page; the caller owns it.
-    pub(crate) fn into_raw(self) -> (NonNull<PageMeta<M>>, usize) {
-        let this = ManuallyDrop::new(self);
-        (this.meta, this.dirty_len)
+    pub(crate) fn into_raw(self) -> NonNull<PageMeta<M>> {
+        ManuallyDrop::new(self).meta
     }
 
     fn meta(&self) -> &PageMeta<M> {
@@ -316,16 +322,20 @@ impl<M: TrackingMode> Page<M> {
 
     /// Tells the pool how many bytes from the sync offset the device may
     /// have written, so recycling syncs only those (Linux's
-    /// `dma_sync_size`). The default is the whole `max_len`.
+    /// `dma_sync_size`). The default is the whole `max_len`; each recycle
+    /// sets it back to that for the page's next owner. Pools that do not
+    /// sync on recycle ignore it.
     pub fn set_dirty_len(&mut self, len: usize) {
-        self.dirty_len = len;
+        // SAFETY: this handle owns the page, and `&mut self` rules out any
+        // other access through it.
+        unsafe { self.meta().set_dirty_len(len) }
     }
 }
 
 impl<M: TrackingMode> Drop for Page<M> {
     fn drop(&mut self) {
         // SAFETY: the handle owns the page and is going away.
-        unsafe { recycle_remote(self.meta, self.dirty_len) }
+        unsafe { recycle_remote(self.meta) }
     }
 }
 
@@ -439,7 +449,7 @@ pub fn put_bulk<M: TrackingMode>(pages: impl IntoIterator<Item = Page<M>>) {
         // Fast path: another page of an open pool that does not sync, with
         // room in the run: one compare and one store.
         if pool == run.plain_pool && run.ready < RUN_LEN {
-            run.pages[run.ready] = page.into_raw().0;
+            run.pages[run.ready] = page.into_raw();
             run.ready += 1;
             continue;
         }
@@ -452,15 +462,13 @@ pub fn put_bulk<M: TrackingMode>(pages: impl IntoIterator<Item = Page<M>>) {
 /// Returns `false` if the page must be released instead (its device is
 /// unbinding); if the sync panics, the page is released and the panic goes
 /// on.
-fn sync_for_bulk<M: TrackingMode>(
-    pool: &PoolShared<M>,
-    page: NonNull<PageMeta<M>>,
-    dirty_len: usize,
-) -> bool {
+fn sync_for_bulk<M: TrackingMode>(pool: &PoolShared<M>, page: NonNull<PageMeta<M>>) -> bool {
     // SAFETY: owned by the caller; the guard releases it on unwind.
     let returning = unsafe { Returning::new(page) };
-    // SAFETY: owned, live.
-    let synced = sync_on_recycle(pool, unsafe { meta_ref(page) }, dirty_len);
+    // SAFETY: owned (through the guard), live.
+    let meta = unsafe { meta_ref(page) };
+    // SAFETY: owned by the caller (through the guard).
+    let synced = unsafe { sync_on_recycle(pool, meta) };
     returning.into_raw();
     synced
 }
@@ -513,7 +521,7 @@ impl<M: TrackingMode> PageRun<M> {
         if self.is_full() || (!self.is_empty() && self.pool != pool) {
             self.finish();
         }
-        let (page, dirty_len) = page.into_raw();
+        let page = page.into_raw();
         // SAFETY: the page came out of an owned handle.
         let meta = unsafe { meta_ref(page) };
         if self.is_empty() {
@@ -525,7 +533,7 @@ impl<M: TrackingMode> PageRun<M> {
             }
         }
         // Sync outside the ring lock: device calls never nest in it.
-        if self.open && (!self.syncs || sync_for_bulk(&meta.pool, page, dirty_len)) {
+        if self.open && (!self.syncs || sync_for_bulk(&meta.pool, page)) {
             self.pages[self.ready] = page;
             self.ready += 1;
         } else {

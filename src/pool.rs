@@ -3,7 +3,8 @@
 //!
 //! # Paths
 //!
-//! - **Fast path** ([`PagePool::alloc`], [`PagePool::recycle_direct`]): the
+//! - **Fast path** ([`PagePool::alloc`], [`PagePool::alloc_bulk`],
+//!   [`PagePool::recycle_direct`]): the
 //!   local cache, a `Vec` of page pointers owned through `&mut PagePool` by
 //!   one context (the driver's RX/NAPI loop). Pop or push, an acquire load
 //!   of the `closed` flag (a plain load on x86), a check that a recycled
@@ -442,20 +443,72 @@ impl<M: TrackingMode> PagePool<M> {
         }
     }
 
+    /// Allocates up to `count` mapped pages and appends them to `pages`:
+    /// what `count` calls of [`alloc`](Self::alloc) would give, in one call
+    /// (Linux's bulk allocation). Pages in the local cache are moved out as
+    /// one block, so a driver refilling its RX ring pays for the pool's
+    /// checks once per refill, not once per page.
+    ///
+    /// Returns how many pages it appended: `count`, or fewer if the pool
+    /// could not make more (the page source or the device failed, or the
+    /// device began to unbind) after it had appended at least one. Returns
+    /// the error that stopped it if it could not append any; `Ok(0)` only
+    /// for a `count` of 0.
+    pub fn alloc_bulk(
+        &mut self,
+        pages: &mut Vec<Page<M>>,
+        count: usize,
+    ) -> Result<usize, AllocError> {
+        pages.reserve(count);
+        let mut left = count;
+        while left > 0 {
+            if self.shared.closed.load(Ordering::Acquire) {
+                return Self::bulk_result(count, left, AllocError::Unbound);
+            }
+            let from = self.cache.len().saturating_sub(left);
+            let taken = self.cache.len() - from;
+            if taken == 0 {
+                match self.alloc_slow() {
+                    Ok(page) => {
+                        pages.push(page);
+                        left -= 1;
+                    }
+                    Err(why) => return Self::bulk_result(count, left, why),
+                }
+                continue;
+            }
+            pages.extend(self.cache.drain(from..).map(Page::from_meta));
+            self.shared.owner.fast.add(taken as u64);
+            left -= taken;
+        }
+        Ok(count)
+    }
+
+    /// What [`alloc_bulk`](Self::alloc_bulk) returns when `why` stopped it
+    /// with `left` of `count` pages still to allocate.
+    #[cold]
+    fn bulk_result(count: usize, left: usize, why: AllocError) -> Result<usize, AllocError> {
+        if left == count {
+            Err(why)
+        } else {
+            Ok(count - left)
+        }
+    }
+
     /// Returns a page into the local cache, from the owning context (Linux's
     /// direct recycling). If the cache is full the page goes to the ring; a
     /// page of another pool goes back to its own pool.
     #[inline]
     pub fn recycle_direct(&mut self, page: Page<M>) {
-        let (page, dirty_len) = page.into_raw();
+        let page = page.into_raw();
         // SAFETY: the page came out of an owned handle.
         let meta = unsafe { meta_ref(page) };
         if !Arc::ptr_eq(&meta.pool, &self.shared) {
-            Self::recycle_foreign(page, dirty_len);
+            Self::recycle_foreign(page);
             return;
         }
         if self.shared.closed.load(Ordering::Acquire)
-            || (self.sync_on_recycle && !self.sync_for_recycle(page, dirty_len))
+            || (self.sync_on_recycle && !self.sync_for_recycle(page))
         {
             self.recycle_unbound(page);
             return;
@@ -477,19 +530,21 @@ impl<M: TrackingMode> PagePool<M> {
     /// small).
     #[cold]
     #[inline(never)]
-    fn recycle_foreign(page: NonNull<PageMeta<M>>, dirty_len: usize) {
+    fn recycle_foreign(page: NonNull<PageMeta<M>>) {
         // SAFETY: owned (it came out of a `Page`); not used afterwards.
-        unsafe { crate::page::recycle_remote(page, dirty_len) };
+        unsafe { crate::page::recycle_remote(page) };
     }
 
     /// The sync on recycle of [`recycle_direct`](Self::recycle_direct);
     /// if the backend panics, the page is released, not leaked.
-    fn sync_for_recycle(&self, page: NonNull<PageMeta<M>>, dirty_len: usize) -> bool {
+    fn sync_for_recycle(&self, page: NonNull<PageMeta<M>>) -> bool {
         // SAFETY: owned by the caller, who hands it to the guard until the
         // sync returned.
         let returning = unsafe { Returning::new(page) };
-        // SAFETY: owned, live.
-        let synced = sync_on_recycle(&self.shared, unsafe { meta_ref(page) }, dirty_len);
+        // SAFETY: owned (through the guard), live.
+        let meta = unsafe { meta_ref(page) };
+        // SAFETY: owned by the caller (through the guard).
+        let synced = unsafe { sync_on_recycle(&self.shared, meta) };
         returning.into_raw();
         synced
     }
@@ -612,7 +667,7 @@ impl<M: TrackingMode> PagePool<M> {
         if let Some(state) = self.frag.take() {
             state.finish();
         }
-        let (page, _) = self.alloc()?.into_raw();
+        let page = self.alloc()?.into_raw();
         let (state, frag) = FragState::start(page, size);
         self.frag = Some(state);
         Ok(frag)

@@ -351,18 +351,25 @@ pub(crate) struct PageMeta<M: TrackingMode> {
     pub(crate) pool: Arc<PoolShared<M>>,
     /// Fragment references (see `frag.rs`); unused for whole pages.
     pub(crate) frag_refs: AtomicUsize,
+    /// How many bytes from the pool's sync offset the device may have
+    /// written (`Page::set_dirty_len`); `usize::MAX` (all of `max_len`)
+    /// unless the page's owner said less. Read and reset only by a recycle
+    /// that syncs for the device (see [`take_dirty_len`](Self::take_dirty_len)).
+    pub(crate) dirty_len: UnsafeCell<usize>,
     /// The region the page was carved from, in a region-mapped pool; the
     /// page is then part of the region's mapping, not a mapping of its own.
     pub(crate) region: Option<NonNull<Region<M>>>,
 }
 
-// SAFETY: all fields but `frag_refs` (atomic) are written before the meta is
-// shared and never again (module invariant), and access to the memory behind
-// `cpu` follows the one-owner-at-a-time rule, not the meta's. Without these,
+// SAFETY: all fields but `frag_refs` (atomic) and `dirty_len` are written
+// before the meta is shared and never again (module invariant); `dirty_len`
+// and the memory behind `cpu` follow the one-owner-at-a-time rule (only the
+// page's owner touches them, through `unsafe` accessors that say so). Without these,
 // the tracker and the rings (hence `Device`, which the driver's remove path
 // must reach from any thread) would be neither `Send` nor `Sync`.
 unsafe impl<M: TrackingMode> Send for PageMeta<M> {}
-// SAFETY: as above: `&PageMeta` reads immutable fields and atomics only.
+// SAFETY: as above: `&PageMeta` reads immutable fields and atomics only;
+// the owner-only fields are reached through `unsafe` accessors.
 unsafe impl<M: TrackingMode> Sync for PageMeta<M> {}
 
 impl<M: TrackingMode> PageMeta<M> {
@@ -378,6 +385,32 @@ impl<M: TrackingMode> PageMeta<M> {
         // that no thread reads the record until the page is handed out
         // (which orders the write before every later read).
         self.record.with(|record| unsafe { *record })
+    }
+
+    /// Sets the dirty length of the page.
+    ///
+    /// # Safety
+    /// The caller owns the page (exactly one owner at a time: a `Page`, the
+    /// cache, the ring, a thread's batch, or a run of `put_bulk`), so no
+    /// other thread reads or writes the field meanwhile; the hand-off of
+    /// the page to its next owner orders this write before that owner's
+    /// read.
+    #[inline]
+    pub(crate) unsafe fn set_dirty_len(&self, len: usize) {
+        // SAFETY: forwarded caller contract: no concurrent access.
+        self.dirty_len.with_mut(|dirty| unsafe { *dirty = len });
+    }
+
+    /// The dirty length, reset to the whole `max_len` (`usize::MAX`) for
+    /// the page's next owner.
+    ///
+    /// # Safety
+    /// As for [`set_dirty_len`](Self::set_dirty_len).
+    #[inline]
+    pub(crate) unsafe fn take_dirty_len(&self) -> usize {
+        // SAFETY: forwarded caller contract: no concurrent access.
+        self.dirty_len
+            .with_mut(|dirty| unsafe { core::mem::replace(&mut *dirty, usize::MAX) })
     }
 
     /// Sets the tracker record of a page just mapped.

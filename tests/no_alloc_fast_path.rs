@@ -110,6 +110,10 @@ fn fast_path_allocates_nothing<M: Mode>() {
                 // Deeper in the cache too: 32 out, 32 back.
                 held.extend((0..32).map(|_| pool.alloc().unwrap()));
                 held.drain(..).for_each(|p| pool.recycle_direct(p));
+            } else if i % 1000 == 500 {
+                // And in bulk: `alloc_bulk` into room the caller has.
+                assert_eq!(pool.alloc_bulk(&mut held, 32), Ok(32));
+                held.drain(..).for_each(|p| pool.recycle_direct(p));
             }
         }
         let (calls1, live1) = (calls(), live());
@@ -137,10 +141,16 @@ fn ring_path_allocates_nothing<M: Mode>() {
         for _ in 0..1000 {
             drop(pool.alloc().unwrap());
         }
+        let mut burst: Vec<Page<M>> = Vec::with_capacity(64);
         let (calls0, live0) = (calls(), live());
-        for _ in 0..100_000 {
+        for i in 0..100_000 {
             // Dropped, not recycled: through the ring, back by refills.
             drop(std::hint::black_box(pool.alloc().unwrap()));
+            if i % 1000 == 0 {
+                // Bulk both ways: `alloc_bulk` refills from the ring too.
+                assert_eq!(pool.alloc_bulk(&mut burst, 64), Ok(64));
+                pagepool::put_bulk(burst.drain(..));
+            }
         }
         let (calls1, live1) = (calls(), live());
         let stats = pool.stats();

@@ -2,7 +2,7 @@
 //! fragments, sync for the device on recycle, statistics and introspection,
 //! pool and device lifetimes, unbind from several callers, configuration
 //! errors, allocation failures, the simulated device's view of the data,
-//! bulk put, and the untracked build.
+//! bulk allocation and bulk put, and the untracked build.
 
 mod support;
 
@@ -25,6 +25,16 @@ use support::rig::Rig;
 // ---------------------------------------------------------------------------
 // Types.
 // ---------------------------------------------------------------------------
+
+/// A `Page` is one pointer, and `Option<Page>` too: a burst of handles is
+/// a burst of pointers.
+#[test]
+fn a_page_handle_is_one_pointer() {
+    use core::mem::size_of;
+    assert_eq!(size_of::<Page>(), size_of::<usize>());
+    assert_eq!(size_of::<Option<Page>>(), size_of::<usize>());
+    assert_eq!(size_of::<Page<pagepool::Untracked>>(), size_of::<usize>());
+}
 
 /// The driver's remove path may run on any thread while pools are in use,
 /// so the handles must be shareable and movable as documented.
@@ -432,6 +442,45 @@ fn recycle_syncs_min_of_dirty_len_and_max_len_from_offset() {
     rig.pages.assert_all_freed_once_unmapped();
 }
 
+/// The dirty length belongs to the page's owner of the moment: whoever
+/// holds the page next starts again from the whole `max_len`, on every
+/// path a page comes back by.
+#[test]
+fn the_next_owner_of_a_page_starts_from_the_whole_dirty_length() {
+    let (rig, state) = Rig::spied();
+    // One page only: every allocation below hands out the same page.
+    let mut pool = rig
+        .builder()
+        .direction(DmaDirection::Bidirectional)
+        .sync_for_device(0, 512)
+        .cache_size(1)
+        .refill_batch(1)
+        .build()
+        .unwrap();
+    let sync = |len, addr| SyncCall {
+        to_device: true,
+        addr,
+        offset: 0,
+        len,
+    };
+    let mut page = pool.alloc().unwrap();
+    let addr = page.dma_addr();
+    page.set_dirty_len(10);
+    thread::spawn(move || drop(page)).join().unwrap(); // ring
+    let page = pool.alloc().unwrap(); // refilled from the ring
+    assert_eq!(page.dma_addr(), addr, "the same page");
+    drop(page);
+    assert_eq!(state.take_syncs(), vec![sync(10, addr), sync(512, addr)]);
+    let mut page = pool.alloc().unwrap();
+    page.set_dirty_len(20);
+    put_bulk([page]);
+    let page = pool.alloc().unwrap();
+    pool.recycle_direct(page);
+    assert_eq!(state.take_syncs(), vec![sync(20, addr), sync(512, addr)]);
+    assert_eq!(pool.stats().alloc.slow, 1, "one page all along");
+    rig.finish(pool);
+}
+
 /// Without sync_for_device configured, recycling makes no device call.
 #[test]
 fn no_sync_on_recycle_unless_configured() {
@@ -802,6 +851,84 @@ fn map_failure_is_typed_and_leaks_nothing() {
     rig.checker.fail_maps_every(0);
     drop(p);
     rig.finish(pool);
+}
+
+// ---------------------------------------------------------------------------
+// Bulk allocation.
+// ---------------------------------------------------------------------------
+
+/// `alloc_bulk` gives what as many `alloc` calls would: distinct mapped
+/// pages, from the cache first, refilling (ring, then fresh maps) as often
+/// as it needs, with the same counters.
+#[test]
+fn alloc_bulk_gives_count_distinct_pages_across_refills() {
+    let rig = Rig::new();
+    let mut pool = rig.builder().cache_size(8).refill_batch(4).build().unwrap();
+    let mut pages = Vec::new();
+    assert_eq!(pool.alloc_bulk(&mut pages, 0), Ok(0));
+    assert!(pages.is_empty());
+    // 10 pages: three fresh batches of 4 (the first page of each comes
+    // from the slow path, the other 3 from the cache).
+    assert_eq!(pool.alloc_bulk(&mut pages, 10), Ok(10));
+    assert_eq!(pages.len(), 10);
+    let mut addrs: Vec<_> = pages.iter().map(|p| p.dma_addr()).collect();
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 10, "distinct pages");
+    assert_eq!(pool.cached(), 2);
+    let s = pool.stats();
+    assert_eq!((s.alloc.slow, s.alloc.fast, s.alloc.empty), (3, 7, 3));
+    assert_eq!(s.pages_in_flight, 10);
+    assert_eq!(rig.checker.live_mappings(), 12);
+    // Appends: what the vector held stays.
+    for page in pages.drain(5..) {
+        pool.recycle_direct(page); // the cache: 2 + 5
+    }
+    thread::spawn(move || drop(pages)).join().unwrap(); // the ring: 5
+    let mut pages = vec![pool.alloc().unwrap()];
+    // 6 from the cache, then two refills from the ring (4, then 1).
+    assert_eq!(pool.alloc_bulk(&mut pages, 11), Ok(11));
+    assert_eq!(pages.len(), 12, "appended after the page already there");
+    let s = pool.stats();
+    assert_eq!(s.alloc.slow, 3, "cache and ring were enough: no new map");
+    assert_eq!(s.alloc.refill, 2);
+    assert_eq!(s.alloc.fast, 7 + 1 + 6 + 3);
+    assert_eq!(pool.cached(), 0);
+    drop(pages);
+    rig.finish(pool);
+}
+
+/// `alloc_bulk` stops where the pool cannot make more: the pages it got
+/// are the caller's, the next call reports the error, and after unbind it
+/// fails as `alloc` does, appending nothing.
+#[test]
+fn alloc_bulk_gives_what_it_could_then_a_typed_error() {
+    let rig = Rig::on(
+        CheckingDevice::builder()
+            .mode(pagepool::checking::CheckMode::Record)
+            .mapping_limit(3)
+            .build(),
+    );
+    let mut pool = rig.pool();
+    let mut pages = Vec::new();
+    assert_eq!(pool.alloc_bulk(&mut pages, 5), Ok(3));
+    assert_eq!(pages.len(), 3);
+    assert_eq!(
+        pool.alloc_bulk(&mut pages, 5),
+        Err(AllocError::Map(DmaError::MappingLimit { limit: Some(3) }))
+    );
+    assert_eq!(pages.len(), 3, "nothing appended on error");
+    for page in pages.drain(..) {
+        pool.recycle_direct(page);
+    }
+    rig.device.unbind().unwrap();
+    assert_eq!(pool.cached(), 3, "the cache still holds the unmapped pages");
+    assert_eq!(pool.alloc_bulk(&mut pages, 2), Err(AllocError::Unbound));
+    assert!(pages.is_empty());
+    drop(pool);
+    assert_eq!(rig.checker.live_mappings(), 0);
+    assert_eq!(rig.checker.stats().violations, 0);
+    rig.pages.assert_all_freed_once_unmapped();
 }
 
 #[test]

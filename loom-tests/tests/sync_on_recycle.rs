@@ -76,6 +76,44 @@ fn direct_and_remote_sync_racing_unbind() {
     BOTH.assert_seen(&["no sync", "one sync", "both synced"]);
 }
 
+static DIRTY: Outcomes = Outcomes::new();
+
+/// The dirty length is the page's owner's alone and lives in the page's
+/// metadata (a checked `sync::UnsafeCell`): a holder on another thread
+/// sets it and drops the page (the sync reads it and resets it) while the
+/// owner allocates, and may take that very page back from the ring and
+/// recycle it (its sync reads the field again). loom checks that every
+/// access is ordered after the last by the hand-offs.
+#[test]
+fn dirty_length_travels_with_the_page_across_threads() {
+    model(|| {
+        let mut h = Harness::new();
+        let mut pool = h.sync_pool();
+        let mut page = pool.alloc().unwrap();
+        let first = page.dma_addr();
+        let holder = spawn(move || {
+            page.set_dirty_len(8);
+            drop(page); // sync of 8 bytes, then into the ring
+        });
+        let again = pool.alloc().unwrap();
+        DIRTY.saw(if again.dma_addr() == first {
+            "the owner took the page back from the ring"
+        } else {
+            "the owner mapped a fresh page"
+        });
+        pool.recycle_direct(again); // sync of the whole 64 bytes
+        holder.join().unwrap();
+        let report = h.device.unbind().unwrap();
+        assert_eq!(h.unbound(&report).syncs_for_device, 2);
+        drop(pool);
+        h.finish();
+    });
+    DIRTY.assert_seen(&[
+        "the owner took the page back from the ring",
+        "the owner mapped a fresh page",
+    ]);
+}
+
 /// The broken core's unbind does not wait for device calls in flight: loom
 /// finds the execution where unbind retires the ops (`OpsCell::take`, a
 /// write of the loom `UnsafeCell` holding them) while the recycling thread

@@ -124,6 +124,7 @@ pub(crate) fn map_region<M: TrackingMode>(
             record: UnsafeCell::new(RecordId::NONE),
             pool: Arc::clone(pool),
             frag_refs: AtomicUsize::new(0),
+            dirty_len: UnsafeCell::new(usize::MAX),
             region: Some(region),
         })
         .collect();
