@@ -1665,6 +1665,18 @@ fn count_bulk<M: Mode>(n: u64) {
     }
 }
 
+/// Alloc `BURST` pages with `alloc_bulk`, give them back with `put_bulk`,
+/// `n / BURST` times.
+fn count_bulk_both<M: Mode>(n: u64) {
+    let device = M::device();
+    let mut pool = device.pool_builder().build().unwrap();
+    let mut burst: Vec<Page<M>> = Vec::with_capacity(BURST);
+    for _ in 0..n / BURST as u64 {
+        pool.alloc_bulk(&mut burst, BURST).unwrap();
+        put_bulk(burst.drain(..));
+    }
+}
+
 fn count(spec: &str) {
     let (workload, n) = spec.split_once(':').expect("PAGEPOOL_COUNT=<workload>:<n>");
     let n: u64 = n.parse().expect("PAGEPOOL_COUNT: n is a number");
@@ -1694,6 +1706,21 @@ fn count(spec: &str) {
             rx_loop(&mut pool, n);
         }
         "bulk_untracked" => count_bulk::<Untracked>(n),
+        "bulk_both_tracked" => count_bulk_both::<Tracked>(n),
+        "bulk_both_untracked" => count_bulk_both::<Untracked>(n),
+        "mutex_vec_std_bulk" => {
+            let pool = StdMutexPool::new(BURST);
+            let mut burst: Vec<Box<PageBuf>> = Vec::with_capacity(BURST);
+            for _ in 0..n / BURST as u64 {
+                let mut held = pool.items.lock().unwrap();
+                burst.extend((0..BURST).map(|_| held.pop().unwrap_or_else(new_buf)));
+                drop(held);
+                pool.items
+                    .lock()
+                    .unwrap()
+                    .extend(black_box(&mut burst).drain(..));
+            }
+        }
         "vec_floor" => {
             let bufs: Vec<Box<PageBuf>> = (0..64).map(|_| new_buf()).collect();
             let mut v: Vec<NonNull<u8>> = Vec::with_capacity(128);

@@ -1,6 +1,7 @@
 //! Pages dropped on other threads: per-thread batches of remote returns,
-//! the RX-thread / consumer-thread pipeline, and `unbind` with pages kept
-//! back in a consumer's batch.
+//! the RX-thread / consumer-thread pipeline (page by page, then in bursts
+//! both ways with `alloc_bulk` and `put_bulk`), and `unbind` with pages
+//! kept back in a consumer's batch.
 //!
 //! Run: `cargo run --example remote_returns`
 //!
@@ -15,7 +16,7 @@ use std::sync::mpsc;
 use std::thread;
 
 use pagepool::checking::{CheckMode, CheckingDevice};
-use pagepool::{Device, Page, DEFAULT_REMOTE_BATCH};
+use pagepool::{put_bulk, Device, Page, DEFAULT_REMOTE_BATCH};
 
 /// Packets the RX thread receives.
 const PACKETS: usize = 100_000;
@@ -63,6 +64,40 @@ fn main() -> Result<(), Box<dyn Error>> {
         s.alloc.refill,
         s.recycle.ring,
         s.recycle.ring_full
+    );
+
+    // Bursts both ways: the RX thread refills 64 pages with one
+    // `alloc_bulk` (the pool's checks once per burst), the consumer gives a
+    // burst back with one `put_bulk` (one ring lock per burst).
+    let (to_consumer, from_rx) = mpsc::sync_channel::<Vec<Page>>(4);
+    let consumer = thread::spawn(move || {
+        let mut frames = 0;
+        for mut burst in from_rx {
+            frames += burst.len();
+            assert!(burst.iter().all(|page| &page.as_slice()[..4] == b"pkt!"));
+            put_bulk(burst.drain(..));
+        }
+        frames
+    });
+    let refills_before = rx.stats().alloc.refill;
+    let mut sent = 0;
+    while sent < PACKETS {
+        let mut burst = Vec::with_capacity(64);
+        let got = rx.alloc_bulk(&mut burst, 64.min(PACKETS - sent))?;
+        for page in &mut burst {
+            checker.device_write(page.dma_addr(), b"pkt!")?;
+            page.sync_for_cpu(0..4)?;
+        }
+        sent += got;
+        to_consumer.send(burst)?;
+    }
+    drop(to_consumer);
+    let frames = consumer.join().expect("consumer");
+    println!(
+        "{frames} frames in bursts of 64 both ways: {} more refills from the ring, \
+         {} mappings in all",
+        rx.stats().alloc.refill - refills_before,
+        checker.stats().maps,
     );
 
     // A consumer keeps 10 pages back in its batch (not full) and waits;

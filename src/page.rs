@@ -443,16 +443,9 @@ pub(crate) fn cpu_access_hook<M: TrackingMode>(
 /// released (unmapped and freed) before the panic goes on; the pages not yet
 /// taken are dropped as usual.
 pub fn put_bulk<M: TrackingMode>(pages: impl IntoIterator<Item = Page<M>>) {
+    let mut pages = pages.into_iter();
     let mut run = PageRun::<M>::new();
-    for page in pages {
-        let pool = Arc::as_ptr(&page.meta().pool);
-        // Fast path: another page of an open pool that does not sync, with
-        // room in the run: one compare and one store.
-        if pool == run.plain_pool && run.ready < RUN_LEN {
-            run.pages[run.ready] = page.into_raw();
-            run.ready += 1;
-            continue;
-        }
+    while let Some((page, pool)) = run.add_fast(&mut pages) {
         run.add_slow(page, pool);
     }
     run.finish();
@@ -508,6 +501,35 @@ impl<M: TrackingMode> PageRun<M> {
             syncs: false,
             plain_pool: core::ptr::null(),
         }
+    }
+
+    /// The fast path of [`put_bulk`]: takes pages from `pages` into the run
+    /// while each is another page of the run's open pool that does not
+    /// sync and the run has room (one compare and one store a page).
+    /// Returns the first page that does not fit, with its pool, for
+    /// [`add_slow`](Self::add_slow); `None` once `pages` is done.
+    ///
+    /// The run's length is counted in a local (no reload after each page's
+    /// store), and stored after each page, so a panic in the caller's
+    /// iterator releases every page taken.
+    #[inline(always)]
+    fn add_fast(
+        &mut self,
+        pages: &mut impl Iterator<Item = Page<M>>,
+    ) -> Option<(Page<M>, *const PoolShared<M>)> {
+        let plain_pool = self.plain_pool;
+        let mut ready = self.ready;
+        for page in pages {
+            let pool = Arc::as_ptr(&page.meta().pool);
+            if pool == plain_pool && ready < RUN_LEN {
+                self.pages[ready] = page.into_raw();
+                ready += 1;
+                self.ready = ready;
+            } else {
+                return Some((page, pool));
+            }
+        }
+        None
     }
 
     /// The slow path of [`put_bulk`]: the page starts a new run (another

@@ -423,3 +423,124 @@ pub(crate) fn next_pool_id() -> u32 {
 pub(crate) fn broken(name: &str) -> bool {
     std::env::var("PAGEPOOL_BROKEN").is_ok_and(|v| v == name)
 }
+
+#[cfg(all(test, target_os = "linux", not(miri), not(loom), not(shuttle)))]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use super::{asymmetric, backoff};
+
+    /// CPU time the calling thread has used.
+    fn thread_cpu_time() -> Duration {
+        // SAFETY: all zeros is a valid `timespec`.
+        let mut now: libc::timespec = unsafe { core::mem::zeroed() };
+        // SAFETY: `now` is a valid out-pointer for the call.
+        let done = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+        assert_eq!(done, 0, "the thread CPU clock is readable");
+        Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+    }
+
+    /// A waiter that backs off for a long time (an `unbind` waiting for a
+    /// device call that blocks) gives its core away: spinning or yielding
+    /// would burn the whole wait. Backing off as documented used about a
+    /// third of a core in a debug build on a 2-vCPU guest (each 20 µs
+    /// sleep costs tens of µs of system time there); the bound leaves room
+    /// for that and fails a waiter that never sleeps.
+    #[test]
+    fn a_long_wait_does_not_burn_a_core() {
+        let wall = Duration::from_millis(200);
+        let cpu_before = thread_cpu_time();
+        let start = Instant::now();
+        let mut round = 0;
+        while start.elapsed() < wall {
+            backoff(round);
+            round = round.saturating_add(1);
+        }
+        let cpu = thread_cpu_time() - cpu_before;
+        let waited = start.elapsed();
+        assert!(
+            cpu < waited * 2 / 3,
+            "the waiter used {cpu:?} of CPU in {waited:?} ({round} rounds)"
+        );
+    }
+
+    /// What the kernel says of `membarrier`, asked without the code under
+    /// test: whether it has the private expedited command.
+    fn kernel_has_private_expedited_membarrier() -> bool {
+        // SAFETY: MEMBARRIER_CMD_QUERY (0) takes no pointer and changes
+        // nothing; it returns the supported commands as a bit mask.
+        let supported = unsafe {
+            libc::syscall(
+                libc::SYS_membarrier,
+                0 as libc::c_long,
+                0 as libc::c_long,
+                0 as libc::c_long,
+            )
+        };
+        supported > 0 && supported & (1 << 3) != 0
+    }
+
+    /// Where the kernel has private expedited `membarrier`, `prepare`
+    /// registers for it and the light fence becomes a compiler fence;
+    /// elsewhere both sides stay `SeqCst` fences.
+    #[test]
+    fn prepare_uses_membarrier_exactly_where_the_kernel_has_it() {
+        asymmetric::prepare();
+        assert_eq!(
+            asymmetric::uses_membarrier(),
+            kernel_has_private_expedited_membarrier()
+        );
+    }
+
+    /// Store buffering, the reordering the call gate's handshake rules out
+    /// with this fence pair: one thread stores `a` and then reads `b` behind
+    /// the light fence (a thread entering the gate), the other stores `b`
+    /// and then reads `a` behind the heavy one (`unbind` closing it). In no
+    /// round may both read the value from before the round. The two threads
+    /// leave a barrier together every round, so their stores and loads
+    /// overlap; without the heavy fence x86 shows the forbidden outcome.
+    #[test]
+    fn the_fence_pair_forbids_store_buffering() {
+        const ROUNDS: usize = 20_000;
+        asymmetric::prepare();
+        let membarrier = asymmetric::uses_membarrier();
+        let a = AtomicUsize::new(0);
+        let b = AtomicUsize::new(0);
+        let arrived = AtomicUsize::new(0);
+        let light_saw_old: Vec<AtomicBool> = (0..=ROUNDS).map(|_| AtomicBool::new(false)).collect();
+        let light_done = AtomicUsize::new(0);
+        let meet = |round: usize| {
+            arrived.fetch_add(1, Ordering::AcqRel);
+            while arrived.load(Ordering::Acquire) < 2 * round {
+                core::hint::spin_loop();
+            }
+        };
+        let mut both_old = 0;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for (round, saw_old) in light_saw_old.iter().enumerate().skip(1) {
+                    meet(round);
+                    a.store(round, Ordering::Relaxed);
+                    asymmetric::light_for(membarrier);
+                    let old = b.load(Ordering::Relaxed) < round;
+                    saw_old.store(old, Ordering::Relaxed);
+                    light_done.store(round, Ordering::Release);
+                }
+            });
+            for (round, light_saw_old) in light_saw_old.iter().enumerate().skip(1) {
+                meet(round);
+                b.store(round, Ordering::Relaxed);
+                asymmetric::heavy();
+                let old = a.load(Ordering::Relaxed) < round;
+                while light_done.load(Ordering::Acquire) < round {
+                    core::hint::spin_loop();
+                }
+                if old && light_saw_old.load(Ordering::Relaxed) {
+                    both_old += 1;
+                }
+            }
+        });
+        assert_eq!(both_old, 0, "rounds where both threads read the old value");
+    }
+}

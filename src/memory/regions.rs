@@ -184,21 +184,18 @@ mod os {
         let align = len.min(HUGE_PAGE);
         let span = len.checked_add(align).ok_or(OutOfMemory)?;
         let raw = mmap(span, 0).ok_or(OutOfMemory)?;
-        let start = raw.as_ptr().addr();
-        let aligned = start.next_multiple_of(align);
-        let head = aligned - start;
-        let tail = span - head - len;
+        let (head, tail) = trim(raw.as_ptr().addr(), align);
         // SAFETY: `head <= align`, so the aligned block and both trimmed ends
         // lie inside the `span` bytes just mapped.
         let block = unsafe { raw.add(head) };
         if head > 0 {
-            // SAFETY: `[start, start + head)` is part of the fresh mapping and
+            // SAFETY: `[raw, raw + head)` is part of the fresh mapping and
             // nothing refers to it.
             unsafe { libc::munmap(raw.as_ptr().cast(), head) };
         }
         if tail > 0 {
             let end = block.as_ptr().wrapping_add(len);
-            // SAFETY: `[aligned + len, start + span)` is part of the fresh
+            // SAFETY: `[block + len, raw + span)` is part of the fresh
             // mapping and nothing refers to it.
             unsafe { libc::munmap(end.cast(), tail) };
         }
@@ -209,6 +206,14 @@ mod os {
             ptr: block,
             backing: RegionBacking::TransparentHuge,
         })
+    }
+
+    /// How much of a mapping of `len + align` bytes at address `start` to
+    /// cut off in front (`head`) and behind (`tail`) so that `len` bytes
+    /// aligned to `align` remain: `head + tail == align`.
+    pub(super) fn trim(start: usize, align: usize) -> (usize, usize) {
+        let head = start.next_multiple_of(align) - start;
+        (head, align - head)
     }
 
     fn mmap(len: usize, flags: libc::c_int) -> Option<NonNull<u8>> {
@@ -287,6 +292,93 @@ mod tests {
             let bytes = unsafe { core::slice::from_raw_parts_mut(block.ptr.as_ptr(), len) };
             assert!(bytes.iter().step_by(4096).all(|&b| b == 0));
             bytes[len - 1] = 1;
+            // SAFETY: freed once, with its length.
+            unsafe { source.free_region(block, len) };
+        }
+    }
+
+    #[test]
+    fn backings_display_as_documented() {
+        let shown: Vec<String> = [
+            RegionBacking::HugeTlb,
+            RegionBacking::TransparentHuge,
+            RegionBacking::Heap,
+            RegionBacking::User,
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        assert_eq!(shown, ["hugetlb", "transparent huge pages", "heap", "user"]);
+    }
+
+    /// The smallest region is one page; smaller, or not a power of two, is
+    /// refused.
+    #[test]
+    fn a_region_of_one_page_is_the_smallest() {
+        let source = SystemRegions::new();
+        let block = source.alloc_region(PAGE_SIZE).unwrap();
+        // SAFETY: freed once, with its length.
+        unsafe { source.free_region(block, PAGE_SIZE) };
+        for len in [0, PAGE_SIZE / 2, 3 * PAGE_SIZE] {
+            assert!(source.alloc_region(len).is_err(), "{len} bytes");
+        }
+    }
+
+    /// The trim of a transparent-huge-page region: whatever the address the
+    /// kernel picked, what is cut off in front brings the block to the
+    /// alignment, and the two cuts together are the extra `align` bytes.
+    #[cfg(all(target_os = "linux", not(miri), not(loom), not(shuttle)))]
+    #[test]
+    fn the_trim_leaves_an_aligned_block_of_the_asked_length() {
+        const MIB2: usize = 2 << 20;
+        assert_eq!(os::trim(MIB2, MIB2), (0, MIB2));
+        assert_eq!(
+            os::trim(MIB2 + PAGE_SIZE, MIB2),
+            (MIB2 - PAGE_SIZE, PAGE_SIZE)
+        );
+        assert_eq!(
+            os::trim(3 * PAGE_SIZE, 4 * PAGE_SIZE),
+            (PAGE_SIZE, 3 * PAGE_SIZE)
+        );
+    }
+
+    /// Free reserved huge pages, from `/proc/meminfo` (0 where unknown).
+    fn free_huge_pages() -> usize {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|info| {
+                let line = info.lines().find(|l| l.starts_with("HugePages_Free:"))?;
+                line.split_whitespace().nth(1)?.parse().ok()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Where huge pages are reserved (CI reserves some when it may), a
+    /// region of a multiple of 2 MiB gets them; a region of another size,
+    /// or a source built without them, never does.
+    #[cfg(all(target_os = "linux", not(miri), not(loom), not(shuttle)))]
+    #[test]
+    fn reserved_huge_pages_back_regions_of_whole_huge_pages() {
+        const MIB2: usize = 2 << 20;
+        let source = SystemRegions::new();
+        let free_before = free_huge_pages();
+        let block = source.alloc_region(MIB2).unwrap();
+        let got = block.backing;
+        // SAFETY: freed once, with its length.
+        unsafe { source.free_region(block, MIB2) };
+        if got != RegionBacking::HugeTlb {
+            // Only if none was free (another test may hold the last ones).
+            assert!(
+                free_before == 0 || free_huge_pages() == 0,
+                "{free_before} huge pages free, and the region got {got}"
+            );
+        }
+        for (source, len) in [
+            (SystemRegions::new(), MIB2 / 2),
+            (SystemRegions::without_huge_tlb(), MIB2),
+        ] {
+            let block = source.alloc_region(len).unwrap();
+            assert_ne!(block.backing, RegionBacking::HugeTlb, "{len} bytes");
             // SAFETY: freed once, with its length.
             unsafe { source.free_region(block, len) };
         }
