@@ -343,6 +343,7 @@ mod tests {
     }
 
     /// Free reserved huge pages, from `/proc/meminfo` (0 where unknown).
+    #[cfg(all(target_os = "linux", not(miri), not(loom), not(shuttle)))]
     fn free_huge_pages() -> usize {
         std::fs::read_to_string("/proc/meminfo")
             .ok()
