@@ -441,24 +441,44 @@ mod tests {
         Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
     }
 
+    /// Voluntary context switches of the calling thread so far: how often
+    /// it blocked (slept), not counting preemption.
+    fn times_blocked() -> i64 {
+        // SAFETY: all zeros is a valid `rusage`.
+        let mut usage: libc::rusage = unsafe { core::mem::zeroed() };
+        // SAFETY: `usage` is a valid out-pointer for the call.
+        let done = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+        assert_eq!(done, 0, "the thread's usage is readable");
+        usage.ru_nvcsw as i64
+    }
+
     /// A waiter that backs off for a long time (an `unbind` waiting for a
-    /// device call that blocks) gives its core away: spinning or yielding
-    /// would burn the whole wait. Backing off as documented used about a
-    /// third of a core in a debug build on a 2-vCPU guest (each 20 µs
-    /// sleep costs tens of µs of system time there); the bound leaves room
-    /// for that and fails a waiter that never sleeps.
+    /// device call that blocks) gives its core away: after its first
+    /// rounds every round sleeps, so it blocks about once a round. A
+    /// waiter that spins or yields never blocks. (Counting blocks, not CPU time, keeps the
+    /// test true on a loaded machine, where a spinning thread also gets
+    /// little CPU.) The CPU bound is loose: each 20 µs sleep costs tens of
+    /// µs of system time in a debug build on a 2-vCPU guest.
     #[test]
-    fn a_long_wait_does_not_burn_a_core() {
+    fn a_long_wait_sleeps_instead_of_burning_a_core() {
         let wall = Duration::from_millis(200);
         let cpu_before = thread_cpu_time();
+        let blocked_before = times_blocked();
         let start = Instant::now();
         let mut round = 0;
         while start.elapsed() < wall {
             backoff(round);
             round = round.saturating_add(1);
         }
+        let blocked = times_blocked() - blocked_before;
         let cpu = thread_cpu_time() - cpu_before;
         let waited = start.elapsed();
+        // Past its first 128 rounds (spins, then yields) every round sleeps.
+        let sleeping_rounds = i64::from(round.saturating_sub(128));
+        assert!(
+            sleeping_rounds > 0 && blocked * 2 >= sleeping_rounds,
+            "the waiter blocked {blocked} times in {round} rounds ({waited:?})"
+        );
         assert!(
             cpu < waited * 2 / 3,
             "the waiter used {cpu:?} of CPU in {waited:?} ({round} rounds)"
