@@ -793,6 +793,13 @@ fn builder_errors_name_every_invalid_field() {
             "sync_for_device.offset",
             4097,
         ),
+        (
+            err(device
+                .pool_builder()
+                .remote_batch(pagepool::MAX_REMOTE_BATCH + 1)),
+            "remote_batch",
+            pagepool::MAX_REMOTE_BATCH + 1,
+        ),
     ];
     for (e, field, value) in cases {
         assert_eq!((e.field, e.value), (field, value), "{e}");
@@ -814,8 +821,42 @@ fn builder_errors_name_every_invalid_field() {
         device.pool_builder().sync_for_device(0, 4096),
         device.pool_builder().sync_for_device(4095, 1),
         device.pool_builder().order(1).sync_for_device(4096, 4096),
+        device
+            .pool_builder()
+            .remote_batch(pagepool::MAX_REMOTE_BATCH),
+        device.pool_builder().regions().region_size(PAGE_SIZE),
+        device
+            .pool_builder()
+            .regions()
+            .region_size(pagepool::MAX_REGION_SIZE),
     ] {
         b.build().unwrap();
+    }
+}
+
+/// The builder shows every setting it holds.
+#[test]
+fn the_builder_debugs_as_its_settings() {
+    let device = Device::new(checker());
+    let shown = format!(
+        "{:?}",
+        device
+            .pool_builder()
+            .order(2)
+            .ring_size(77)
+            .cache_size(33)
+            .refill_batch(11)
+            .remote_batch(5)
+    );
+    for part in [
+        "PagePoolBuilder",
+        "order: 2",
+        "ring_size: 77",
+        "cache_size: 33",
+        "refill_batch: 11",
+        "remote_batch: 5",
+    ] {
+        assert!(shown.contains(part), "{part} missing from {shown}");
     }
 }
 
@@ -1103,6 +1144,8 @@ fn put_bulk_returns_pages_of_several_pools_to_their_rings() {
     let (sa, sb) = (a.stats(), b.stats());
     assert_eq!((sa.recycle.ring, sa.recycle.ring_full), (4, 7));
     assert_eq!((sb.recycle.ring, sb.recycle.ring_full), (6, 0));
+    // A full ring is not a closing pool: nothing counted as released.
+    assert_eq!(sa.recycle.released_refcnt + sb.recycle.released_refcnt, 0);
     assert_eq!(sa.pages_in_flight + sb.pages_in_flight, 0);
     assert_eq!(rig.checker.stats().unmaps, 7);
     put_bulk(Vec::<Page>::new());
@@ -1115,6 +1158,39 @@ fn put_bulk_returns_pages_of_several_pools_to_their_rings() {
     assert_eq!(b.stats().recycle.released_refcnt, 3);
     assert_eq!(rig.checker.stats(), frozen);
     rig.finish((a, b));
+}
+
+/// The caller's iterator may panic halfway through a `put_bulk`: the pages
+/// already taken are released (here their pool's device is unbound, so
+/// the run refused them all), the pages not yet taken are dropped as the
+/// panic unwinds, and nothing is lost or released twice.
+#[test]
+fn put_bulk_whose_iterator_panics_releases_what_it_took() {
+    let rig = Rig::new();
+    let mut pool = rig.pool();
+    let held: Vec<Page> = (0..5).map(|_| pool.alloc().unwrap()).collect();
+    rig.device.unbind().unwrap();
+    let frozen = rig.checker.stats();
+    let mut given = 0;
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        put_bulk(held.into_iter().map(|page| {
+            given += 1;
+            assert!(
+                given <= 3,
+                "the caller's iterator panics at its fourth page"
+            );
+            page
+        }))
+    }));
+    assert!(unwound.is_err());
+    assert_eq!(
+        pool.stats().recycle.released_refcnt,
+        5,
+        "all five came back"
+    );
+    assert_eq!(pool.stats().pages_in_flight, 0);
+    assert_eq!(rig.checker.stats(), frozen, "no device call after unbind");
+    rig.finish(pool);
 }
 
 /// A burst longer than one run (64 pages) of one pool: the run is pushed
