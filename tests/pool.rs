@@ -834,6 +834,59 @@ fn builder_errors_name_every_invalid_field() {
     }
 }
 
+/// A pool shows its id, its configuration and what it has cached.
+#[test]
+fn a_pool_debugs_as_its_id_config_and_cache() {
+    let rig = Rig::new();
+    let mut pool = rig.builder().ring_size(77).build().unwrap();
+    drop(pool.alloc().unwrap());
+    let shown = format!("{pool:?}");
+    for part in [
+        "PagePool".to_string(),
+        format!("id: {}", pool.id()),
+        "ring_size: 77".to_string(),
+        format!("cached: {}", pool.cached()),
+    ] {
+        assert!(shown.contains(&part), "{part} missing from {shown}");
+    }
+    rig.finish(pool);
+}
+
+/// `recycle_direct` of a page of another pool sends it home, to that
+/// pool's ring, not into this pool's cache; a full cache and a full ring
+/// release the page (counted as `ring_full`, not as a page of a closing
+/// pool).
+#[test]
+fn recycle_direct_sends_foreign_pages_home_and_releases_past_a_full_ring() {
+    let rig = Rig::new();
+    let mut mine = rig
+        .builder()
+        .cache_size(1)
+        .refill_batch(1)
+        .ring_size(1)
+        .remote_batch(0)
+        .build()
+        .unwrap();
+    let mut theirs = rig.builder().remote_batch(0).build().unwrap();
+    let foreign = theirs.alloc().unwrap();
+    let cached_before = mine.cached();
+    mine.recycle_direct(foreign);
+    assert_eq!(mine.cached(), cached_before, "not into this pool's cache");
+    assert_eq!(theirs.stats().recycle.ring, 1, "home, into its own ring");
+    assert_eq!(theirs.stats().pages_in_flight, 0);
+
+    let pages: Vec<Page> = (0..3).map(|_| mine.alloc().unwrap()).collect();
+    for page in pages {
+        mine.recycle_direct(page); // the cache, the ring, then released
+    }
+    let s = mine.stats();
+    assert_eq!((s.recycle.cached, s.recycle.cache_full), (1, 2));
+    assert_eq!((s.recycle.ring, s.recycle.ring_full), (1, 1));
+    assert_eq!(s.recycle.released_refcnt, 0, "the pool is not closing");
+    assert_eq!(s.pages_in_flight, 0);
+    rig.finish((mine, theirs));
+}
+
 /// The builder shows every setting it holds.
 #[test]
 fn the_builder_debugs_as_its_settings() {
