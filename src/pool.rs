@@ -459,7 +459,10 @@ impl<M: TrackingMode> PagePool<M> {
         pages: &mut Vec<Page<M>>,
         count: usize,
     ) -> Result<usize, AllocError> {
-        pages.reserve(count);
+        // Room for what the cache holds at most, not for `count`: a huge
+        // `count` is a request for as many pages as the pool can make, not
+        // a capacity overflow.
+        pages.reserve(count.min(self.cache_size));
         let mut left = count;
         while left > 0 {
             if self.shared.closed.load(Ordering::Acquire) {

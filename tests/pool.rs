@@ -840,15 +840,15 @@ fn a_pool_debugs_as_its_id_config_and_cache() {
     let rig = Rig::new();
     let mut pool = rig.builder().ring_size(77).build().unwrap();
     drop(pool.alloc().unwrap());
-    let shown = format!("{pool:?}");
-    for part in [
-        "PagePool".to_string(),
-        format!("id: {}", pool.id()),
-        "ring_size: 77".to_string(),
-        format!("cached: {}", pool.cached()),
-    ] {
-        assert!(shown.contains(&part), "{part} missing from {shown}");
-    }
+    assert_shows(
+        &format!("{pool:?}"),
+        &[
+            "PagePool",
+            &format!("id: {}", pool.id()),
+            "ring_size: 77",
+            &format!("cached: {}", pool.cached()),
+        ],
+    );
     rig.finish(pool);
 }
 
@@ -901,14 +901,23 @@ fn the_builder_debugs_as_its_settings() {
             .refill_batch(11)
             .remote_batch(5)
     );
-    for part in [
-        "PagePoolBuilder",
-        "order: 2",
-        "ring_size: 77",
-        "cache_size: 33",
-        "refill_batch: 11",
-        "remote_batch: 5",
-    ] {
+    assert_shows(
+        &shown,
+        &[
+            "PagePoolBuilder",
+            "order: 2",
+            "ring_size: 77",
+            "cache_size: 33",
+            "refill_batch: 11",
+            "remote_batch: 5",
+        ],
+    );
+}
+
+/// Fails unless `shown` (a `Debug` output) contains every one of `parts`.
+#[track_caller]
+fn assert_shows(shown: &str, parts: &[&str]) {
+    for part in parts {
         assert!(shown.contains(part), "{part} missing from {shown}");
     }
 }
@@ -1005,7 +1014,9 @@ fn alloc_bulk_gives_what_it_could_then_a_typed_error() {
     );
     let mut pool = rig.pool();
     let mut pages = Vec::new();
-    assert_eq!(pool.alloc_bulk(&mut pages, 5), Ok(3));
+    // A count far above what the pool can make is no caller error: it
+    // gets what can be made (here, the device's limit of 3 mappings).
+    assert_eq!(pool.alloc_bulk(&mut pages, usize::MAX), Ok(3));
     assert_eq!(pages.len(), 3);
     assert_eq!(
         pool.alloc_bulk(&mut pages, 5),
