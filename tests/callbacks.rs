@@ -178,6 +178,44 @@ fn alloc_pages_panic_unwinding_through_the_pool_and_its_pages_aborts_nothing() {
     rig.assert_clean();
 }
 
+/// `alloc_bulk` across slow-path batches whose page source drops a page
+/// (a re-entrant return) and then panics: the pages already appended stay
+/// the caller's, mapped and tracked; the batch keeps what it mapped; the
+/// page dropped from inside the callback comes home; the pool works on.
+#[test]
+fn alloc_bulk_keeps_what_it_appended_when_the_page_source_returns_pages_or_panics() {
+    let rig = FaultRig::new();
+    let mut pool = batch_pool(&rig);
+    let early = pool.alloc().unwrap(); // page source calls 1-4
+    rig.faults
+        .run_on(Call::AllocPages, 5, When::Before, move || drop(early));
+    rig.faults.panic_on(Call::AllocPages, 7);
+    let mut pages = Vec::new();
+    let payload = catch_unwind(AssertUnwindSafe(|| pool.alloc_bulk(&mut pages, 10)))
+        .expect_err("the page source's panic reaches the caller of alloc_bulk");
+    assert_eq!(injected(&*payload), Some(Call::AllocPages));
+    // 3 from the cache were appended; the second batch mapped 2 pages
+    // (calls 5 and 6) before its third call panicked: they stay cached.
+    assert_eq!(pages.len(), 3, "what was appended stays appended");
+    assert_eq!(pool.cached(), 2);
+    assert_eq!(rig.checker.live_mappings(), 6);
+    assert_eq!(rig.device.tracked_mappings(), 6);
+
+    // The pool works on: the 2 cached, the page dropped in the callback
+    // (back through the ring), then a fresh batch.
+    assert_eq!(pool.alloc_bulk(&mut pages, 4), Ok(4));
+    assert_eq!(rig.checker.stats().maps, 6 + 4);
+    let mut addrs: Vec<_> = pages.iter().map(|p| p.dma_addr()).collect();
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 7, "no page handed out twice");
+    let report = rig.device.unbind().unwrap();
+    assert_eq!(report.pages_in_flight, 10, "7 held + 3 cached");
+    drop(pages);
+    drop(pool);
+    rig.assert_clean();
+}
+
 // ---------------------------------------------------------------------------
 // 2. A `map` that panics in the middle of a slow-path batch.
 // ---------------------------------------------------------------------------
