@@ -20,7 +20,7 @@
 //!   the set of fragments sharing `frag_refs`.
 
 use core::fmt;
-use core::mem::ManuallyDrop;
+use core::mem::{ManuallyDrop, MaybeUninit};
 use core::ops::Range;
 use core::ptr::NonNull;
 
@@ -472,10 +472,14 @@ const RUN_LEN: usize = crate::remote::MAX_REMOTE_BATCH;
 /// The pages of one run of [`put_bulk`]: out of their `Page` handles, all of
 /// one pool, not yet in its ring. On the stack: a burst allocates nothing.
 /// Released one by one if dropped with any left (a sync panicked).
+///
+/// The slots are left uninitialised until a page is stored (a burst does
+/// not pay for writing 64 placeholders): `pages[..ready]` and
+/// `pages[RUN_LEN - refused..]` are initialised, and only those are read.
 struct PageRun<M: TrackingMode> {
     /// `pages[..ready]` go to the ring; `pages[RUN_LEN - refused..]` leave
     /// the pool (it is closing, or their sync found the device unbinding).
-    pages: [NonNull<PageMeta<M>>; RUN_LEN],
+    pages: [MaybeUninit<NonNull<PageMeta<M>>>; RUN_LEN],
     ready: usize,
     refused: usize,
     /// The run's pool (compared only while the run holds pages, which keep
@@ -493,7 +497,7 @@ struct PageRun<M: TrackingMode> {
 impl<M: TrackingMode> PageRun<M> {
     fn new() -> Self {
         Self {
-            pages: [NonNull::dangling(); RUN_LEN],
+            pages: [MaybeUninit::uninit(); RUN_LEN],
             ready: 0,
             refused: 0,
             pool: core::ptr::null(),
@@ -522,7 +526,7 @@ impl<M: TrackingMode> PageRun<M> {
         for page in pages {
             let pool = Arc::as_ptr(&page.meta().pool);
             if pool == plain_pool && ready < RUN_LEN {
-                self.pages[ready] = page.into_raw();
+                self.pages[ready].write(page.into_raw());
                 ready += 1;
                 self.ready = ready;
             } else {
@@ -556,11 +560,11 @@ impl<M: TrackingMode> PageRun<M> {
         }
         // Sync outside the ring lock: device calls never nest in it.
         if self.open && (!self.syncs || sync_for_bulk(&meta.pool, page)) {
-            self.pages[self.ready] = page;
+            self.pages[self.ready].write(page);
             self.ready += 1;
         } else {
             self.refused += 1;
-            self.pages[RUN_LEN - self.refused] = page;
+            self.pages[RUN_LEN - self.refused].write(page);
         }
     }
 
@@ -570,6 +574,18 @@ impl<M: TrackingMode> PageRun<M> {
 
     fn is_full(&self) -> bool {
         self.ready + self.refused == RUN_LEN
+    }
+
+    /// The initialised slots `pages[range]`.
+    ///
+    /// # Safety
+    /// Every slot in `range` holds a page (`range` lies in `..ready` or in
+    /// `RUN_LEN - refused..`, or was filled by `finish`'s move).
+    unsafe fn slots(&self, range: Range<usize>) -> &[NonNull<PageMeta<M>>] {
+        let slots = &self.pages[range];
+        // SAFETY: the slots are initialised (caller), and `MaybeUninit<T>`
+        // has `T`'s layout.
+        unsafe { &*(slots as *const [MaybeUninit<NonNull<PageMeta<M>>>] as *const [_]) }
     }
 
     /// Pushes the ready pages into the pool's ring under one lock, then
@@ -582,22 +598,43 @@ impl<M: TrackingMode> PageRun<M> {
         let refused = core::mem::take(&mut self.refused);
         self.plain_pool = core::ptr::null();
         let (taken, why) = if ready > 0 {
+            // SAFETY: `pages[..ready]` hold the run's ready pages.
+            let pages = unsafe { self.slots(0..ready) };
             // SAFETY: owned by the run, live.
-            let first = unsafe { meta_ref(self.pages[0]) };
+            let first = unsafe { meta_ref(pages[0]) };
             // Once the lock is released with pages inside, the owner may
             // take them and the pool may go away: neither `first` nor its
             // pool is touched after this statement.
-            first.pool.ring.lock().push_many(&self.pages[..ready])
+            first.pool.ring.lock().push_many(pages)
         } else {
             (0, None)
         };
+        if taken == ready && refused == 0 {
+            // The common case: the ring took the whole run.
+            return;
+        }
+        self.release_rest(ready, refused, taken, why);
+    }
+
+    /// The slow end of [`finish`](Self::finish): releases the pages the
+    /// ring did not take (`pages[taken..ready]`, refused because the ring
+    /// was full or closed) together with the `refused` pages the run kept
+    /// apart, in one release.
+    #[cold]
+    #[inline(never)]
+    fn release_rest(
+        &mut self,
+        ready: usize,
+        refused: usize,
+        taken: usize,
+        why: Option<PushRefused>,
+    ) {
         // The refused pages join what the ring refused: `pages[taken..end]`.
         self.pages.copy_within(RUN_LEN - refused..RUN_LEN, ready);
         let end = ready + refused;
-        if taken == end {
-            return;
-        }
-        let leaving = &self.pages[taken..end];
+        // SAFETY: `pages[taken..ready]` were ready and not taken by the
+        // ring, and the move above filled `pages[ready..end]`.
+        let leaving = unsafe { self.slots(taken..end) };
         // SAFETY: not in the ring, so still owned.
         let meta = unsafe { meta_ref(leaving[0]) };
         // A strong reference of our own: releasing the pages frees their
@@ -622,10 +659,14 @@ impl<M: TrackingMode> Drop for PageRun<M> {
     fn drop(&mut self) {
         let ready = core::mem::take(&mut self.ready);
         let refused = core::mem::take(&mut self.refused);
-        for &page in self.pages[..ready]
-            .iter()
-            .chain(&self.pages[RUN_LEN - refused..])
-        {
+        if ready + refused == 0 {
+            return;
+        }
+        // SAFETY: the run's ready slots hold its pages.
+        let ready = unsafe { self.slots(0..ready) };
+        // SAFETY: as are its refused slots.
+        let refused = unsafe { self.slots(RUN_LEN - refused..RUN_LEN) };
+        for &page in ready.iter().chain(refused) {
             recycle_refused(page, PushRefused::Closed);
         }
     }

@@ -40,7 +40,7 @@ use crate::dma::DmaDirection;
 use crate::error::{AllocError, BuildError, ConfigError};
 use crate::frag::{Frag, FragState};
 use crate::gate::CallGate;
-use crate::mapping::{map_page, map_region, release_pages};
+use crate::mapping::{map_page, map_region, release_pages, MetaFiller};
 use crate::memory::{
     GlobalPages, PageSource, RegionSource, SystemRegions, DEFAULT_REGION_SIZE, MAX_ORDER,
     MAX_REGION_SIZE, PAGE_SIZE,
@@ -625,8 +625,11 @@ impl<M: TrackingMode> PagePool<M> {
             1
         };
         let want = want.min(config.cache_size - self.cache.len());
+        // The batch's metas side by side; the filler gives up the slots
+        // of pages not made (error, unbind, panic) when it goes.
+        let mut metas = MetaFiller::new(want);
         for _ in 0..want {
-            match map_page(&self.shared) {
+            match map_page(&self.shared, &mut metas) {
                 Ok(page) => self.cache.push(page),
                 Err(AllocError::Unbound) => return Err(AllocError::Unbound),
                 Err(e) if self.cache.is_empty() => return Err(e),

@@ -31,6 +31,7 @@ use crate::checking::CpuAccessCheck;
 use crate::dma::{DmaAddr, DmaDirection, DmaMapping, DmaOps};
 use crate::error::BuildError;
 use crate::gate::{CallGate, DeviceCall, OpsCell};
+use crate::mapping::MetaBlock;
 use crate::memory::{PageSource, RegionBacking, RegionSource};
 use crate::mode::TrackingMode;
 use crate::ring::Ring;
@@ -338,6 +339,7 @@ impl<M: TrackingMode> PoolShared<M> {
 }
 
 /// Metadata of one pool page.
+#[repr(align(64))]
 pub(crate) struct PageMeta<M: TrackingMode> {
     /// The page memory, from the pool's page source.
     pub(crate) cpu: NonNull<u8>,
@@ -359,6 +361,10 @@ pub(crate) struct PageMeta<M: TrackingMode> {
     /// The region the page was carved from, in a region-mapped pool; the
     /// page is then part of the region's mapping, not a mapping of its own.
     pub(crate) region: Option<NonNull<Region<M>>>,
+    /// The block the meta lives in, for a page mapped on its own (see
+    /// `mapping/meta_block.rs`); `None` in a region, whose metas live in
+    /// the region.
+    pub(crate) block: Option<NonNull<MetaBlock<M>>>,
 }
 
 // SAFETY: all fields but `frag_refs` (atomic) and `dirty_len` are written

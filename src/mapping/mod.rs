@@ -8,6 +8,8 @@
 //!   carves it into pages; pages that leave the pool for good are retired,
 //!   and the region is unmapped and freed when its last page is
 //!   ([`retire_pages`]).
+//! - [`meta_block`]: where the metas of pages mapped one by one live: a
+//!   refill's metas side by side in one block ([`MetaFiller`]).
 //! - [`unmapper`]: the one batcher, [`Unmapper`], that every unmap goes
 //!   through (`release_pages`, a region's release, `unbind`).
 //!
@@ -47,10 +49,12 @@
 //!   releases it like a page: record removed and region unmapped in one
 //!   device call, memory freed after it, or handed to a running `unbind`.
 
+pub(crate) mod meta_block;
 pub(crate) mod page;
 pub(crate) mod region;
 pub(crate) mod unmapper;
 
+pub(crate) use meta_block::{MetaBlock, MetaFiller};
 pub(crate) use page::{free_pages, map_page, release_pages};
 pub(crate) use region::{free_regions, map_region};
 pub(crate) use unmapper::Unmapper;

@@ -10,6 +10,7 @@
 
 use core::ptr::NonNull;
 
+use super::meta_block::{take, MetaFiller};
 use super::region::{retire_pages, return_pages};
 use super::unmapper::{Unmapper, UNMAP_BATCH};
 use crate::error::AllocError;
@@ -49,9 +50,11 @@ impl<M: TrackingMode> Drop for FreshBlock<'_, M> {
 
 /// Allocates one page from the pool's source, maps it and records it: the
 /// slow path for one page. The source is called outside every gate; the map
-/// and the record are one device call.
+/// and the record are one device call. The page's meta goes into `metas`'
+/// block.
 pub(crate) fn map_page<M: TrackingMode>(
     pool: &Arc<PoolShared<M>>,
+    metas: &mut MetaFiller<M>,
 ) -> Result<NonNull<PageMeta<M>>, AllocError> {
     let config = pool.config;
     if pool.gate.is_closed() {
@@ -74,7 +77,7 @@ pub(crate) fn map_page<M: TrackingMode>(
     // that); no CPU reference to it exists.
     let dma =
         unsafe { call.map(cpu, config.page_len, config.direction) }.map_err(AllocError::Map)?;
-    let meta = NonNull::from(Box::leak(Box::new(PageMeta {
+    let meta = metas.place(PageMeta {
         cpu: block.into_page(),
         dma,
         record: UnsafeCell::new(RecordId::NONE),
@@ -82,7 +85,8 @@ pub(crate) fn map_page<M: TrackingMode>(
         frag_refs: AtomicUsize::new(0),
         dirty_len: UnsafeCell::new(usize::MAX),
         region: None,
-    })));
+        block: None,
+    });
     pool.pages_allocated.fetch_add(1, Ordering::Relaxed);
     pool.pages_mapped.fetch_add(1, Ordering::Relaxed);
     if M::TRACKED {
@@ -164,9 +168,9 @@ unsafe fn free_page<M: TrackingMode>(meta: NonNull<PageMeta<M>>) {
         // SAFETY: owned by the caller, leaving the pool for good.
         return unsafe { retire_pages(&[meta]) };
     }
-    // SAFETY: metas are created with `Box::leak` in `map_page` and freed
-    // only here, once (caller contract).
-    let meta = unsafe { Box::from_raw(meta.as_ptr()) };
+    // SAFETY: metas of pages mapped one by one are placed in a block by
+    // `map_page` and freed only here, once (caller contract).
+    let meta = unsafe { take(meta) };
     let pool = &meta.pool;
     // Release: the page's last device call happened-before a reader that
     // sees the count drop (the registry prunes detached pools by it).

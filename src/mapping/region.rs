@@ -126,6 +126,7 @@ pub(crate) fn map_region<M: TrackingMode>(
             frag_refs: AtomicUsize::new(0),
             dirty_len: UnsafeCell::new(usize::MAX),
             region: Some(region),
+            block: None,
         })
         .collect();
     // SAFETY: the region is ours alone (not shared yet); the empty
