@@ -339,7 +339,6 @@ impl<M: TrackingMode> PoolShared<M> {
 }
 
 /// Metadata of one pool page.
-#[repr(align(64))]
 pub(crate) struct PageMeta<M: TrackingMode> {
     /// The page memory, from the pool's page source.
     pub(crate) cpu: NonNull<u8>,

@@ -1,5 +1,6 @@
 //! Blocks of page metadata: the [`PageMeta`]s of one slow-path refill live
-//! side by side, one cache line each, in one allocation.
+//! side by side, one cache line long each, in one allocation with their block's
+//! header.
 //!
 //! Every return of a page reads its meta (to find its pool), and a
 //! `put_bulk` of 64 pages reads 64 of them. Allocated one by one, metas
@@ -19,23 +20,41 @@
 //! - A slot is written once, by the filler, before its meta is shared, and
 //!   moved out once, by [`take`], when its page is freed.
 
-use core::mem::MaybeUninit;
+use core::alloc::Layout;
+use core::marker::PhantomData;
 use core::ptr::NonNull;
 
 use crate::mode::TrackingMode;
 use crate::shared::PageMeta;
 use crate::sync::{AtomicUsize, Ordering};
 
-/// The header of one block of metas.
+/// The header of one block of metas. A block is one allocation of
+/// `capacity + 1` meta-sized cells: the header in the first,
+/// the metas in the others.
 pub(crate) struct MetaBlock<M: TrackingMode> {
     /// See the module invariants.
     live: AtomicUsize,
-    /// The first of `capacity` slots, from one boxed slice.
-    slots: NonNull<PageMeta<M>>,
     capacity: usize,
+    _metas: PhantomData<PageMeta<M>>,
 }
 
 impl<M: TrackingMode> MetaBlock<M> {
+    /// The allocation of a block of `capacity` metas.
+    fn layout(capacity: usize) -> Layout {
+        const {
+            assert!(core::mem::size_of::<Self>() <= core::mem::size_of::<PageMeta<M>>());
+            assert!(core::mem::align_of::<Self>() <= core::mem::align_of::<PageMeta<M>>());
+        }
+        // At most a pool's cache size (validated by the builder) plus one.
+        Layout::array::<PageMeta<M>>(capacity + 1).expect("a block of metas fits in memory")
+    }
+
+    /// The slot of meta `index` (< `capacity`).
+    fn slot(block: NonNull<Self>, index: usize) -> NonNull<PageMeta<M>> {
+        // SAFETY: `index + 1 <= capacity`: inside the block's allocation.
+        unsafe { block.cast::<PageMeta<M>>().add(index + 1) }
+    }
+
     /// Gives up `count` live slots; the last one frees the block.
     ///
     /// # Safety
@@ -49,19 +68,15 @@ impl<M: TrackingMode> MetaBlock<M> {
         if header.live.fetch_sub(count, Ordering::AcqRel) != count {
             return;
         }
-        let slots = core::ptr::slice_from_raw_parts_mut(
-            header.slots.as_ptr().cast::<MaybeUninit<PageMeta<M>>>(),
-            header.capacity,
-        );
+        let layout = Self::layout(header.capacity);
         // SAFETY: the count reached zero: no slot is in use and none will
-        // be (module invariant), so the slots (a boxed slice of `capacity`,
-        // leaked in `MetaFiller::new`) are ours alone, and freed once. They
-        // hold no values (each was moved out by `take`), so nothing is
-        // dropped twice.
-        drop(unsafe { Box::from_raw(slots) });
-        // SAFETY: as above, for the header (leaked in `MetaFiller::new`);
-        // `header` is not used after this.
-        drop(unsafe { Box::from_raw(block.as_ptr()) });
+        // be (module invariant), so the block is ours alone. Its slots hold
+        // no values (each was moved out by `take`); the header is dropped
+        // here, once, and not used afterwards.
+        unsafe { core::ptr::drop_in_place(block.as_ptr()) };
+        // SAFETY: allocated in `MetaFiller::new` with this layout (same
+        // capacity), freed once.
+        unsafe { std::alloc::dealloc(block.as_ptr().cast(), layout) };
     }
 }
 
@@ -74,16 +89,26 @@ pub(crate) struct MetaFiller<M: TrackingMode> {
 }
 
 impl<M: TrackingMode> MetaFiller<M> {
-    /// A new block with room for `capacity` metas (at least one).
+    /// A new block with room for `capacity` metas (at least one): one
+    /// allocation.
     pub(crate) fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
-        let slots = Box::<[PageMeta<M>]>::new_uninit_slice(capacity);
-        let slots = NonNull::from(Box::leak(slots)).cast::<PageMeta<M>>();
-        let block = NonNull::from(Box::leak(Box::new(MetaBlock {
-            live: AtomicUsize::new(capacity),
-            slots,
-            capacity,
-        })));
+        let layout = MetaBlock::<M>::layout(capacity);
+        // SAFETY: the layout has a non-zero size (at least two metas).
+        let base = unsafe { std::alloc::alloc(layout) };
+        let Some(base) = NonNull::new(base) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        let block = base.cast::<MetaBlock<M>>();
+        // SAFETY: the first cell is the header's: fresh, large and aligned
+        // enough (checked in `layout`).
+        unsafe {
+            block.as_ptr().write(MetaBlock {
+                live: AtomicUsize::new(capacity),
+                capacity,
+                _metas: PhantomData,
+            })
+        };
         Self { block, filled: 0 }
     }
 
@@ -104,10 +129,8 @@ impl<M: TrackingMode> MetaFiller<M> {
             *self = Self::new(capacity);
         }
         meta.block = Some(self.block);
-        // SAFETY: the block lives while the filler holds its empty slots.
-        let header = unsafe { self.block.as_ref() };
-        // SAFETY: `filled < capacity`: inside the slots.
-        let slot = unsafe { header.slots.add(self.filled) };
+        // `filled < capacity`: not full.
+        let slot = MetaBlock::slot(self.block, self.filled);
         // SAFETY: the slot is empty and the filler's alone (written once,
         // module invariant); it becomes the meta's until `take`.
         unsafe { slot.as_ptr().write(meta) };
@@ -205,7 +228,6 @@ mod tests {
                 core::mem::size_of::<PageMeta<Tracked>>()
             );
         }
-        assert_eq!(placed[0].as_ptr() as usize % 64, 0, "line-aligned");
         // Taken in any order; each keeps its contents.
         for &i in &[1usize, 0, 2] {
             // SAFETY: placed above, taken once.
@@ -235,8 +257,7 @@ mod tests {
     }
 
     #[test]
-    fn a_meta_is_one_cache_line() {
+    fn a_meta_is_one_cache_line_long() {
         assert_eq!(core::mem::size_of::<PageMeta<Tracked>>(), 64);
-        assert_eq!(core::mem::align_of::<PageMeta<Tracked>>(), 64);
     }
 }
