@@ -1,8 +1,9 @@
 //! Pool pages: the per-page metadata and the owned [`Page`] handle.
 //!
-//! Each page of a pool has a heap-allocated [`PageMeta`] (Linux keeps the
-//! same facts in `struct page`): its CPU address, its device address, its
-//! tracker record and its pool. A `Page` is the owned handle to one page
+//! Each page of a pool has a [`PageMeta`] (Linux keeps the same facts in
+//! `struct page`): its CPU address, its device address, its tracker record
+//! and its pool. It lives beside the metas of its refill in one block (see
+//! `mapping/meta_block.rs`), or, in a region-mapped pool, in its region. A `Page` is the owned handle to one page
 //! handed out by a pool: `Send`, one pointer (so a burst of handles is a
 //! burst of pointers), and it gives the page back when dropped.
 //!

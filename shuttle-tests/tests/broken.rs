@@ -41,7 +41,8 @@ fn broken_release_keeps_record_is_found() {
 /// `unbind-no-wait`: `unbind` does not wait for the device calls in
 /// progress (a sync on recycle, a holder's `sync_for_cpu`, a map on the
 /// slow path, the unmap of a page leaving its pool), so one of them takes
-/// effect after `on_unbind`, or a mapping made meanwhile is still live
+/// effect after `on_unbind`, or after unbind unmapped its page (a sync of
+/// memory no longer mapped), or a mapping made meanwhile is still live
 /// then. A real race: the failing schedule needs a thread inside a device
 /// call when unbind goes past its waits.
 #[test]
@@ -52,6 +53,7 @@ fn broken_unbind_no_wait_is_found() {
         &[
             "after the device was released (on_unbind)",
             "pending DMA allocations while released",
+            "on DMA memory that is not mapped",
         ],
         "rx_loops_holders_and_unbind",
         RX_LOOPS,
