@@ -83,18 +83,27 @@ impl<M: TrackingMode> MetaBlock<M> {
 /// Fills one new block's slots, in order, during one refill. Dropping it
 /// gives up the slots it left empty (the refill made fewer pages, or a
 /// callback panicked), so a block whose slots all stayed empty is freed.
+///
+/// A refill of one page gains nothing from a block: its meta is boxed on
+/// its own, as it would be in a block of one, without the header.
 pub(crate) struct MetaFiller<M: TrackingMode> {
-    block: NonNull<MetaBlock<M>>,
+    /// `None`: each meta is boxed on its own.
+    block: Option<NonNull<MetaBlock<M>>>,
     filled: usize,
 }
 
 impl<M: TrackingMode> MetaFiller<M> {
-    /// A new block with room for `capacity` metas (at least one): one
-    /// allocation.
+    /// A filler for `capacity` metas: one block (one allocation) for two
+    /// or more, none for one.
     pub(crate) fn new(capacity: usize) -> Self {
-        let capacity = capacity.max(1);
+        if capacity <= 1 {
+            return Self {
+                block: None,
+                filled: 0,
+            };
+        }
         let layout = MetaBlock::<M>::layout(capacity);
-        // SAFETY: the layout has a non-zero size (at least two metas).
+        // SAFETY: the layout has a non-zero size (at least three metas).
         let base = unsafe { std::alloc::alloc(layout) };
         let Some(base) = NonNull::new(base) else {
             std::alloc::handle_alloc_error(layout)
@@ -109,28 +118,42 @@ impl<M: TrackingMode> MetaFiller<M> {
                 _metas: PhantomData,
             })
         };
-        Self { block, filled: 0 }
+        Self {
+            block: Some(block),
+            filled: 0,
+        }
     }
 
-    /// Whether every slot is filled.
-    pub(crate) fn is_full(&self) -> bool {
+    /// The block's capacity and whether every slot is filled; `None` for a
+    /// filler that boxes each meta.
+    fn fill_state(&self) -> Option<(usize, bool)> {
+        let block = self.block?;
         // SAFETY: the block lives while the filler holds its empty slots.
-        self.filled == unsafe { self.block.as_ref() }.capacity
+        let capacity = unsafe { block.as_ref() }.capacity;
+        Some((capacity, self.filled == capacity))
     }
 
     /// Moves `meta` into the next slot, as a meta of this block, and
     /// returns where it lives. A full filler first starts a new block of
     /// the same capacity (the full one lives on with its metas).
     pub(crate) fn place(&mut self, mut meta: PageMeta<M>) -> NonNull<PageMeta<M>> {
-        if self.is_full() {
-            // SAFETY: the block lives while the filler holds its empty slots.
-            let capacity = unsafe { self.block.as_ref() }.capacity;
-            // The full filler holds no empty slot: dropping it gives up none.
-            *self = Self::new(capacity);
+        match self.fill_state() {
+            None => {
+                meta.block = None;
+                return NonNull::from(Box::leak(Box::new(meta)));
+            }
+            Some((capacity, true)) => {
+                // The full filler holds no empty slot: dropping it gives up none.
+                *self = Self::new(capacity);
+            }
+            Some((_, false)) => {}
         }
-        meta.block = Some(self.block);
+        let Some(block) = self.block else {
+            unreachable!("a filler of two or more metas has a block")
+        };
+        meta.block = Some(block);
         // `filled < capacity`: not full.
-        let slot = MetaBlock::slot(self.block, self.filled);
+        let slot = MetaBlock::slot(block, self.filled);
         // SAFETY: the slot is empty and the filler's alone (written once,
         // module invariant); it becomes the meta's until `take`.
         unsafe { slot.as_ptr().write(meta) };
@@ -141,32 +164,63 @@ impl<M: TrackingMode> MetaFiller<M> {
 
 impl<M: TrackingMode> Drop for MetaFiller<M> {
     fn drop(&mut self) {
-        // SAFETY: the block lives while the filler holds its empty slots.
-        let empty = unsafe { self.block.as_ref() }.capacity - self.filled;
+        let (Some(block), Some((capacity, _))) = (self.block, self.fill_state()) else {
+            return;
+        };
+        let empty = capacity - self.filled;
         if empty > 0 {
             // SAFETY: the filler holds exactly the empty slots, and uses
             // none afterwards.
-            unsafe { MetaBlock::release(self.block, empty) };
+            unsafe { MetaBlock::release(block, empty) };
         }
     }
 }
 
-/// Moves a meta out of its block slot and gives the slot up (freeing the
-/// block with its last slot).
+/// Moves a meta out of its block slot (or its own box). The returned
+/// [`EmptySlot`] gives the slot up when dropped (freeing the block with its
+/// last slot, or the box): the caller drops it once it has freed the page,
+/// so a page's memory goes back before its meta's, as it did when each
+/// meta was boxed.
 ///
 /// # Safety
 /// `meta` was placed by a [`MetaFiller`], is live, and is not used
 /// afterwards by anyone (its page is being freed).
-pub(crate) unsafe fn take<M: TrackingMode>(meta: NonNull<PageMeta<M>>) -> PageMeta<M> {
+pub(crate) unsafe fn take<M: TrackingMode>(
+    meta: NonNull<PageMeta<M>>,
+) -> (PageMeta<M>, EmptySlot<M>) {
     // SAFETY: live and ours alone (caller): moved out once.
     let value = unsafe { meta.as_ptr().read() };
-    let block = value
-        .block
-        .expect("`take` is called only for metas placed in a block");
-    // SAFETY: the slot was one of the block's live slots, and is no longer
-    // used (its value moved out above).
-    unsafe { MetaBlock::release(block, 1) };
-    value
+    let slot = EmptySlot {
+        slot: meta,
+        block: value.block,
+    };
+    (value, slot)
+}
+
+/// The slot of a meta moved out by [`take`]: given up when dropped.
+pub(crate) struct EmptySlot<M: TrackingMode> {
+    slot: NonNull<PageMeta<M>>,
+    block: Option<NonNull<MetaBlock<M>>>,
+}
+
+impl<M: TrackingMode> Drop for EmptySlot<M> {
+    fn drop(&mut self) {
+        match self.block {
+            // SAFETY: the slot was one of the block's live slots, and is no
+            // longer used (its value was moved out by `take`).
+            Some(block) => unsafe { MetaBlock::release(block, 1) },
+            // SAFETY: boxed by `place` (a filler without a block), freed
+            // once; the value was moved out, so the box is freed without a
+            // drop.
+            None => drop(unsafe {
+                Box::from_raw(
+                    self.slot
+                        .as_ptr()
+                        .cast::<core::mem::MaybeUninit<PageMeta<M>>>(),
+                )
+            }),
+        }
+    }
 }
 
 #[cfg(all(test, not(loom), not(shuttle)))]
@@ -211,12 +265,16 @@ mod tests {
         let (_device, pool) = pool();
         let mut filler = MetaFiller::new(3);
         let placed: Vec<_> = (0..3).map(|i| filler.place(meta(&pool, i))).collect();
-        assert!(filler.is_full());
+        assert_eq!(filler.fill_state(), Some((3, true)));
         let next = filler.place(meta(&pool, 9));
-        assert!(!filler.is_full(), "a full filler starts a new block");
+        assert_eq!(
+            filler.fill_state(),
+            Some((3, false)),
+            "a full filler starts a new block"
+        );
         drop(filler);
         // SAFETY: placed above, taken once.
-        let value = unsafe { take(next) };
+        let (value, _slot) = unsafe { take(next) };
         assert_ne!(
             value.block,
             placed_block(placed[0]),
@@ -231,7 +289,7 @@ mod tests {
         // Taken in any order; each keeps its contents.
         for &i in &[1usize, 0, 2] {
             // SAFETY: placed above, taken once.
-            let value = unsafe { take(placed[i]) };
+            let (value, _slot) = unsafe { take(placed[i]) };
             assert_eq!(value.dma, DmaAddr(i as u64));
             assert!(value.block.is_some());
         }
@@ -247,13 +305,27 @@ mod tests {
         let only = filler.place(meta(&pool, 7));
         drop(filler);
         // SAFETY: placed above, taken once.
-        let value = unsafe { take(only) };
+        let (value, _slot) = unsafe { take(only) };
         assert_eq!(value.dma, DmaAddr(7));
     }
 
     fn placed_block(meta: NonNull<PageMeta<Tracked>>) -> Option<NonNull<MetaBlock<Tracked>>> {
         // SAFETY: placed and not yet taken.
         unsafe { meta.as_ref() }.block
+    }
+
+    /// A filler for one meta boxes it, without a block, as often as asked.
+    #[test]
+    fn a_filler_of_one_boxes_each_meta() {
+        let (_device, pool) = pool();
+        let mut filler = MetaFiller::new(1);
+        let placed: Vec<_> = (0..2).map(|i| filler.place(meta(&pool, i))).collect();
+        drop(filler);
+        for (i, &meta) in placed.iter().enumerate() {
+            assert_eq!(placed_block(meta), None);
+            // SAFETY: placed above, taken once.
+            assert_eq!(unsafe { take(meta) }.0.dma, DmaAddr(i as u64));
+        }
     }
 
     #[test]

@@ -168,9 +168,11 @@ unsafe fn free_page<M: TrackingMode>(meta: NonNull<PageMeta<M>>) {
         // SAFETY: owned by the caller, leaving the pool for good.
         return unsafe { retire_pages(&[meta]) };
     }
-    // SAFETY: metas of pages mapped one by one are placed in a block by
-    // `map_page` and freed only here, once (caller contract).
-    let meta = unsafe { take(meta) };
+    // SAFETY: metas of pages mapped one by one are placed by `map_page`
+    // and freed only here, once (caller contract). The slot is given up
+    // after the page memory (also on unwind: declared after `meta`, it
+    // drops first of the two, after the call below).
+    let (meta, slot) = unsafe { take(meta) };
     let pool = &meta.pool;
     // Release: the page's last device call happened-before a reader that
     // sees the count drop (the registry prunes detached pools by it).
@@ -178,6 +180,7 @@ unsafe fn free_page<M: TrackingMode>(meta: NonNull<PageMeta<M>>) {
     // SAFETY: the block came from this source with this order and is no
     // longer mapped, so no device can reach it (invariant 4).
     unsafe { pool.source.free_pages(meta.cpu, pool.config.order) };
+    drop(slot);
 }
 
 /// Releases pages leaving `pool` (ring full, pool dropped, late return):
