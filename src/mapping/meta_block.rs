@@ -126,6 +126,7 @@ impl<M: TrackingMode> MetaFiller<M> {
 
     /// The block's capacity and whether every slot is filled; `None` for a
     /// filler that boxes each meta.
+    #[inline]
     fn fill_state(&self) -> Option<(usize, bool)> {
         let block = self.block?;
         // SAFETY: the block lives while the filler holds its empty slots.
@@ -136,6 +137,7 @@ impl<M: TrackingMode> MetaFiller<M> {
     /// Moves `meta` into the next slot, as a meta of this block, and
     /// returns where it lives. A full filler first starts a new block of
     /// the same capacity (the full one lives on with its metas).
+    #[inline]
     pub(crate) fn place(&mut self, mut meta: PageMeta<M>) -> NonNull<PageMeta<M>> {
         match self.fill_state() {
             None => {
@@ -185,6 +187,7 @@ impl<M: TrackingMode> Drop for MetaFiller<M> {
 /// # Safety
 /// `meta` was placed by a [`MetaFiller`], is live, and is not used
 /// afterwards by anyone (its page is being freed).
+#[inline]
 pub(crate) unsafe fn take<M: TrackingMode>(
     meta: NonNull<PageMeta<M>>,
 ) -> (PageMeta<M>, EmptySlot<M>) {
@@ -204,6 +207,7 @@ pub(crate) struct EmptySlot<M: TrackingMode> {
 }
 
 impl<M: TrackingMode> Drop for EmptySlot<M> {
+    #[inline]
     fn drop(&mut self) {
         match self.block {
             // SAFETY: the slot was one of the block's live slots, and is no
