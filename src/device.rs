@@ -364,7 +364,8 @@ fn unmap_everything<M: TrackingMode>(
         for &page in &pages {
             // SAFETY: the closed ring handed these pages to us.
             let meta = unsafe { meta_ref(page) };
-            if meta.region.is_none() && (!M::TRACKED || shared.tracker.remove(meta.record(), page))
+            if meta.region().is_none()
+                && (!M::TRACKED || shared.tracker.remove(meta.record(), page))
             {
                 unmap(meta, &mut unmapper, report, panics);
             }

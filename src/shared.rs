@@ -24,6 +24,7 @@
 //! - The registry lists every pool that can still make a device call: the
 //!   open ones and, until their last page is freed, the detached ones.
 
+use core::marker::PhantomData;
 use core::ptr::NonNull;
 use std::time::SystemTime;
 
@@ -357,13 +358,79 @@ pub(crate) struct PageMeta<M: TrackingMode> {
     /// unless the page's owner said less. Read and reset only by a recycle
     /// that syncs for the device (see [`take_dirty_len`](Self::take_dirty_len)).
     pub(crate) dirty_len: UnsafeCell<usize>,
-    /// The region the page was carved from, in a region-mapped pool; the
-    /// page is then part of the region's mapping, not a mapping of its own.
-    pub(crate) region: Option<NonNull<Region<M>>>,
-    /// The block the meta lives in, for a page mapped on its own (see
-    /// `mapping/meta_block.rs`); `None` in a region, whose metas live in
-    /// the region.
-    pub(crate) block: Option<NonNull<MetaBlock<M>>>,
+    /// Where the meta lives: in a region (the page was carved from it, in
+    /// a region-mapped pool, and is part of the region's mapping, not a
+    /// mapping of its own), in a block of metas (see
+    /// `mapping/meta_block.rs`), or boxed on its own.
+    pub(crate) home: MetaHome<M>,
+}
+
+/// Where a [`PageMeta`] lives, in one word (a meta stays 56 bytes, the
+/// size class the allocator served before blocks existed): null for a meta
+/// boxed on its own, else a pointer to its block, or to its region with the
+/// low bit set (both are at least 8-aligned).
+pub(crate) struct MetaHome<M: TrackingMode> {
+    tagged: *mut u8,
+    _home: PhantomData<HomeTypes<M>>,
+}
+
+/// What a [`MetaHome`] may point to.
+type HomeTypes<M> = (NonNull<MetaBlock<M>>, NonNull<Region<M>>);
+
+impl<M: TrackingMode> Clone for MetaHome<M> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<M: TrackingMode> Copy for MetaHome<M> {}
+
+impl<M: TrackingMode> MetaHome<M> {
+    /// The low bit that marks a region.
+    const REGION: usize = 1;
+
+    /// A meta boxed on its own.
+    pub(crate) fn boxed() -> Self {
+        Self {
+            tagged: core::ptr::null_mut(),
+            _home: PhantomData,
+        }
+    }
+
+    /// A meta in `block`.
+    pub(crate) fn block(block: NonNull<MetaBlock<M>>) -> Self {
+        Self {
+            tagged: block.as_ptr().cast(),
+            _home: PhantomData,
+        }
+    }
+
+    /// A meta in `region`.
+    pub(crate) fn region(region: NonNull<Region<M>>) -> Self {
+        const { assert!(core::mem::align_of::<Region<M>>() > Self::REGION) };
+        Self {
+            tagged: region.as_ptr().cast::<u8>().map_addr(|a| a | Self::REGION),
+            _home: PhantomData,
+        }
+    }
+
+    /// The region, for a meta in one.
+    #[inline]
+    pub(crate) fn as_region(self) -> Option<NonNull<Region<M>>> {
+        if self.tagged.addr() & Self::REGION == 0 {
+            return None;
+        }
+        NonNull::new(self.tagged.map_addr(|a| a & !Self::REGION).cast())
+    }
+
+    /// The block, for a meta in one.
+    #[inline]
+    pub(crate) fn as_block(self) -> Option<NonNull<MetaBlock<M>>> {
+        if self.tagged.addr() & Self::REGION != 0 {
+            return None;
+        }
+        NonNull::new(self.tagged.cast())
+    }
 }
 
 // SAFETY: all fields but `frag_refs` (atomic) and `dirty_len` are written
@@ -429,9 +496,15 @@ impl<M: TrackingMode> PageMeta<M> {
         self.record.with_mut(|record| unsafe { *record = id });
     }
 
+    /// The region the page was carved from, in a region-mapped pool.
+    #[inline]
+    pub(crate) fn region(&self) -> Option<NonNull<Region<M>>> {
+        self.home.as_region()
+    }
+
     /// The page's own mapping. Only for pages mapped one by one.
     pub(crate) fn mapping(&self) -> DmaMapping {
-        debug_assert!(self.region.is_none());
+        debug_assert!(self.region().is_none());
         DmaMapping {
             addr: self.dma,
             len: self.pool.config.page_len,
@@ -444,7 +517,7 @@ impl<M: TrackingMode> PageMeta<M> {
     /// Syncs of a region page are sub-range syncs of its region's mapping.
     #[inline]
     pub(crate) fn device_range(&self) -> (DmaMapping, usize) {
-        match self.region {
+        match self.region() {
             None => (self.mapping(), 0),
             Some(region) => {
                 // SAFETY: a region outlives each of its pages' metas (they

@@ -1,5 +1,5 @@
 //! Blocks of page metadata: the [`PageMeta`]s of one slow-path refill live
-//! side by side, one cache line long each, in one allocation with their block's
+//! side by side, in one allocation with their block's
 //! header.
 //!
 //! Every return of a page reads its meta (to find its pool), and a
@@ -25,7 +25,7 @@ use core::marker::PhantomData;
 use core::ptr::NonNull;
 
 use crate::mode::TrackingMode;
-use crate::shared::PageMeta;
+use crate::shared::{MetaHome, PageMeta};
 use crate::sync::{AtomicUsize, Ordering};
 
 /// The header of one block of metas. A block is one allocation of
@@ -141,7 +141,7 @@ impl<M: TrackingMode> MetaFiller<M> {
     pub(crate) fn place(&mut self, mut meta: PageMeta<M>) -> NonNull<PageMeta<M>> {
         match self.fill_state() {
             None => {
-                meta.block = None;
+                meta.home = MetaHome::boxed();
                 return NonNull::from(Box::leak(Box::new(meta)));
             }
             Some((capacity, true)) => {
@@ -153,7 +153,7 @@ impl<M: TrackingMode> MetaFiller<M> {
         let Some(block) = self.block else {
             unreachable!("a filler of two or more metas has a block")
         };
-        meta.block = Some(block);
+        meta.home = MetaHome::block(block);
         // `filled < capacity`: not full.
         let slot = MetaBlock::slot(block, self.filled);
         // SAFETY: the slot is empty and the filler's alone (written once,
@@ -195,7 +195,7 @@ pub(crate) unsafe fn take<M: TrackingMode>(
     let value = unsafe { meta.as_ptr().read() };
     let slot = EmptySlot {
         slot: meta,
-        block: value.block,
+        block: value.home.as_block(),
     };
     (value, slot)
 }
@@ -256,12 +256,11 @@ mod tests {
             pool: Arc::clone(pool),
             frag_refs: AtomicUsize::new(0),
             dirty_len: UnsafeCell::new(usize::MAX),
-            region: None,
-            block: None,
+            home: MetaHome::boxed(),
         }
     }
 
-    /// Metas of one filler are adjacent, one line apart, each names its
+    /// Metas of one filler are adjacent, each names its
     /// block, and the block is freed with the last meta taken (Miri reports
     /// a block that is never freed, or freed while in use).
     #[test]
@@ -280,7 +279,7 @@ mod tests {
         // SAFETY: placed above, taken once.
         let (value, _slot) = unsafe { take(next) };
         assert_ne!(
-            value.block,
+            value.home.as_block(),
             placed_block(placed[0]),
             "in a block of its own"
         );
@@ -295,7 +294,7 @@ mod tests {
             // SAFETY: placed above, taken once.
             let (value, _slot) = unsafe { take(placed[i]) };
             assert_eq!(value.dma, DmaAddr(i as u64));
-            assert!(value.block.is_some());
+            assert!(value.home.as_block().is_some());
         }
     }
 
@@ -315,7 +314,7 @@ mod tests {
 
     fn placed_block(meta: NonNull<PageMeta<Tracked>>) -> Option<NonNull<MetaBlock<Tracked>>> {
         // SAFETY: placed and not yet taken.
-        unsafe { meta.as_ref() }.block
+        unsafe { meta.as_ref() }.home.as_block()
     }
 
     /// A filler for one meta boxes it, without a block, as often as asked.
@@ -333,7 +332,7 @@ mod tests {
     }
 
     #[test]
-    fn a_meta_is_one_cache_line_long() {
-        assert_eq!(core::mem::size_of::<PageMeta<Tracked>>(), 64);
+    fn a_meta_is_seven_words() {
+        assert_eq!(core::mem::size_of::<PageMeta<Tracked>>(), 56);
     }
 }

@@ -15,7 +15,7 @@ use super::region::{retire_pages, return_pages};
 use super::unmapper::{Unmapper, UNMAP_BATCH};
 use crate::error::AllocError;
 use crate::mode::TrackingMode;
-use crate::shared::{meta_ref, DeviceShared, PageMeta, PoolShared};
+use crate::shared::{meta_ref, DeviceShared, MetaHome, PageMeta, PoolShared};
 use crate::sync::{Arc, AtomicUsize, Ordering, UnsafeCell};
 use crate::tracker::{InsertError, RecordId};
 use crate::unwind::Panics;
@@ -84,8 +84,7 @@ pub(crate) fn map_page<M: TrackingMode>(
         pool: Arc::clone(pool),
         frag_refs: AtomicUsize::new(0),
         dirty_len: UnsafeCell::new(usize::MAX),
-        region: None,
-        block: None,
+        home: MetaHome::boxed(),
     });
     pool.pages_allocated.fetch_add(1, Ordering::Relaxed);
     pool.pages_mapped.fetch_add(1, Ordering::Relaxed);
@@ -164,7 +163,7 @@ pub(crate) unsafe fn free_pages<M: TrackingMode>(pages: &[NonNull<PageMeta<M>>])
 /// As for [`free_pages`].
 unsafe fn free_page<M: TrackingMode>(meta: NonNull<PageMeta<M>>) {
     // SAFETY: live until freed here (caller contract).
-    if unsafe { meta_ref(meta) }.region.is_some() {
+    if unsafe { meta_ref(meta) }.region().is_some() {
         // SAFETY: owned by the caller, leaving the pool for good.
         return unsafe { retire_pages(&[meta]) };
     }

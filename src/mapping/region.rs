@@ -30,7 +30,7 @@ use crate::dma::DmaAddr;
 use crate::error::AllocError;
 use crate::memory::RegionBlock;
 use crate::mode::TrackingMode;
-use crate::shared::{meta_ref, DeviceShared, PageMeta, PoolShared, Region};
+use crate::shared::{meta_ref, DeviceShared, MetaHome, PageMeta, PoolShared, Region};
 use crate::sync::{Arc, AtomicUsize, Ordering, UnsafeCell};
 use crate::tracker::{InsertError, RecordId};
 use crate::unwind::Panics;
@@ -125,8 +125,7 @@ pub(crate) fn map_region<M: TrackingMode>(
             pool: Arc::clone(pool),
             frag_refs: AtomicUsize::new(0),
             dirty_len: UnsafeCell::new(usize::MAX),
-            region: Some(region),
-            block: None,
+            home: MetaHome::region(region),
         })
         .collect();
     // SAFETY: the region is ours alone (not shared yet); the empty
@@ -277,7 +276,7 @@ pub(crate) unsafe fn retire_pages<M: TrackingMode>(pages: &[NonNull<PageMeta<M>>
         // SAFETY: owned by the caller, live (its region is: this page has
         // not been retired yet).
         let meta = unsafe { meta_ref(page) };
-        let Some(region) = meta.region else {
+        let Some(region) = meta.region() else {
             continue;
         };
         // SAFETY: a region lives until its last page is retired, below.
