@@ -32,7 +32,6 @@ use crate::checking::CpuAccessCheck;
 use crate::dma::{DmaAddr, DmaDirection, DmaMapping, DmaOps};
 use crate::error::BuildError;
 use crate::gate::{CallGate, DeviceCall, OpsCell};
-use crate::mapping::MetaBlock;
 use crate::memory::{PageSource, RegionBacking, RegionSource};
 use crate::mode::TrackingMode;
 use crate::ring::Ring;
@@ -363,6 +362,17 @@ pub(crate) struct PageMeta<M: TrackingMode> {
     /// mapping of its own), in a block of metas (see
     /// `mapping/meta_block.rs`), or boxed on its own.
     pub(crate) home: MetaHome<M>,
+}
+
+/// The header of one block of metas (see `mapping/meta_block.rs`, which
+/// owns its life). A block is one allocation of `capacity + 1` meta-sized
+/// cells: the header in the first, the metas in the others.
+pub(crate) struct MetaBlock<M: TrackingMode> {
+    /// The slots in use or still to be filled (the module invariants of
+    /// `mapping/meta_block.rs`).
+    pub(crate) live: AtomicUsize,
+    pub(crate) capacity: usize,
+    pub(crate) _metas: PhantomData<PageMeta<M>>,
 }
 
 /// Where a [`PageMeta`] lives, in one word (a meta stays 56 bytes, the

@@ -25,18 +25,8 @@ use core::marker::PhantomData;
 use core::ptr::NonNull;
 
 use crate::mode::TrackingMode;
-use crate::shared::{MetaHome, PageMeta};
+use crate::shared::{MetaBlock, MetaHome, PageMeta};
 use crate::sync::{AtomicUsize, Ordering};
-
-/// The header of one block of metas. A block is one allocation of
-/// `capacity + 1` meta-sized cells: the header in the first,
-/// the metas in the others.
-pub(crate) struct MetaBlock<M: TrackingMode> {
-    /// See the module invariants.
-    live: AtomicUsize,
-    capacity: usize,
-    _metas: PhantomData<PageMeta<M>>,
-}
 
 impl<M: TrackingMode> MetaBlock<M> {
     /// The allocation of a block of `capacity` metas.
@@ -230,13 +220,13 @@ impl<M: TrackingMode> Drop for EmptySlot<M> {
 #[cfg(all(test, not(loom), not(shuttle)))]
 mod tests {
     use super::*;
-    use crate::device::Device;
     use crate::dma::DmaAddr;
     use crate::mode::Tracked;
     use crate::shared::PoolShared;
     use crate::sync::Arc;
     use crate::sync::UnsafeCell;
     use crate::tracker::RecordId;
+    use crate::Device;
 
     fn pool() -> (Device<Tracked>, Arc<PoolShared<Tracked>>) {
         let device = Device::new(crate::checking::CheckingDevice::new(

@@ -54,7 +54,7 @@ pub(crate) mod page;
 pub(crate) mod region;
 pub(crate) mod unmapper;
 
-pub(crate) use meta_block::{MetaBlock, MetaFiller};
+pub(crate) use meta_block::MetaFiller;
 pub(crate) use page::{free_pages, map_page, release_pages};
 pub(crate) use region::{free_regions, map_region};
 pub(crate) use unmapper::Unmapper;
