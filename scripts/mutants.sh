@@ -23,7 +23,8 @@ fi
 # the last full run took them.
 CORE=(
     src/ring.rs src/remote.rs src/tracker.rs src/mapping/unmapper.rs
-    src/mapping/page.rs src/gate.rs src/device.rs src/mapping/region.rs
+    src/mapping/page.rs src/mapping/meta_block.rs src/gate.rs src/device.rs
+    src/mapping/region.rs
     src/page.rs src/pool.rs src/shared.rs src/frag.rs src/sync.rs
     src/unwind.rs src/memory/regions.rs src/memory/mod.rs src/dma.rs
     src/error.rs src/into_bytes.rs src/stats.rs
