@@ -251,8 +251,9 @@ mod tests {
     }
 
     /// Metas of one filler are adjacent, each names its
-    /// block, and the block is freed with the last meta taken (Miri reports
-    /// a block that is never freed, or freed while in use).
+    /// block, and every meta keeps its contents until it is taken, in any
+    /// order (under Miri, a block freed while a meta is still in it is a
+    /// use after free).
     #[test]
     fn a_block_holds_adjacent_metas_and_goes_with_the_last() {
         let (_device, pool) = pool();
