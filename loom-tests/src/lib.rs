@@ -151,6 +151,18 @@ impl Harness {
             .expect("pool builds on a bound device")
     }
 
+    /// A pool whose slow path maps two pages in one refill (one gate hold
+    /// each; their metadata in one block), cache 2, ring 1.
+    pub fn refill_two_pool(&self) -> PagePool {
+        self.device
+            .pool_builder()
+            .cache_size(2)
+            .refill_batch(2)
+            .ring_size(1)
+            .build()
+            .expect("pool builds on a bound device")
+    }
+
     /// A pool whose ring holds one page (a second page dropped is released
     /// through the gate), cache 2, refill 1, taking memory from `source`.
     pub fn one_page_ring_pool(&self, source: CheckedSource) -> PagePool {

@@ -14,14 +14,7 @@ static SEEN: Outcomes = Outcomes::new();
 fn pages_of_one_block_freed_on_two_threads_racing_unbind() {
     model(|| {
         let mut h = Harness::new();
-        let mut pool = h
-            .device
-            .pool_builder()
-            .cache_size(2)
-            .refill_batch(2)
-            .ring_size(1)
-            .build()
-            .expect("pool builds on a bound device");
+        let mut pool = h.refill_two_pool();
         let first = pool.alloc().unwrap();
         let second = pool.alloc().unwrap();
         assert_eq!(pool.stats().alloc.slow, 1, "one refill mapped both pages");

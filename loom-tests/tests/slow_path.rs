@@ -17,14 +17,7 @@ static BATCH: Outcomes = Outcomes::new();
 fn slow_path_racing_unbind(seen: Option<&'static Outcomes>) {
     let mut h = Harness::new();
     // Refill batch 2: one slow path maps two pages, one gate hold each.
-    let mut pool = h
-        .device
-        .pool_builder()
-        .cache_size(2)
-        .refill_batch(2)
-        .ring_size(1)
-        .build()
-        .unwrap();
+    let mut pool = h.refill_two_pool();
     let owner = spawn(move || {
         let got = pool.alloc();
         let mapped = got.is_ok();
