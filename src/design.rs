@@ -106,7 +106,24 @@
 //! [`PageSource`](crate::PageSource). In short: panic (a call that panicked
 //! counts as made), drop pages, fragments, `Bytes` and pools, call back in,
 //! block (then `unbind` waits for that one call); `unbind` from inside a
-//! callback of the same device returns `UnbindError::InsideCallback`.
+//! callback of the same device returns `UnbindError::InsideCallback`, and of
+//! any other device it unbinds that device.
+//!
+//! A thread knows which devices it is inside a call of, on both of the
+//! gate's paths (`gate.rs`): the announced calls are in its slots, the
+//! counted ones (deep nesting, thread exit) in its private notes, so the
+//! refusal is for the same device only. Past `DEPTH + COUNTED_NAMED` nested
+//! calls on one thread the notes end and every device is refused ("maybe").
+//!
+//! Dropping the last `Device` handle never leaves the device bound. Inside
+//! a call of that device, where unbinding at once would wait for the
+//! caller, the drop defers the unbind to the thread's own state
+//! (`held::defer_unbind`); the gate runs it when the thread's outermost
+//! call of the device ends, after that hold is released and before the
+//! pool operation that made the call returns. The deferred unbind is an
+//! ordinary one (the same steps, the same `unbinding` lock, so it races an
+//! explicit `unbind` on another thread like any second unbind). Elsewhere,
+//! the drop unbinds at once.
 //!
 //! The CPU-access hook is not a `DmaOps` method: it is
 //! [`CpuAccessCheck`](crate::checking::CpuAccessCheck), in the `checking`

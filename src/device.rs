@@ -44,7 +44,7 @@ use crate::mode::{Tracked, TrackingMode, Untracked};
 use crate::pool::PagePoolBuilder;
 use crate::shared::{meta_ref, DeviceShared, PageMeta, PoolShared};
 use crate::stats::PoolInfo;
-use crate::sync::{Arc, Ordering};
+use crate::sync::{Arc, AtomicUsize, Ordering};
 use crate::unwind::Panics;
 
 #[cfg(doc)]
@@ -96,6 +96,28 @@ impl fmt::Display for UnbindReport {
 ///
 /// Dropping a `Device` unbinds it. `Device` is `Sync`: `unbind` may be called
 /// from the driver's remove path on any thread while pools are in use.
+///
+/// # Dropped inside one of its own callbacks
+///
+/// The last handle may be dropped inside a [`DmaOps`] method (or a
+/// CPU-access check) that the pool is running for this device, for example
+/// by a remove path that a callback triggers. Unbinding right there would
+/// wait for that very call, so the unbind is deferred, never skipped: it
+/// runs on the same thread as soon as the thread's outermost call of this
+/// device returns, right after the pool leaves that call and before the
+/// pool operation that made it (an allocation, a page drop, a sync, an
+/// unbind of another device) returns to its caller. Until then the device
+/// stays bound: the call in progress, and calls nested inside it, go on;
+/// other threads may still use its pools. The deferred unbind is a full
+/// [`unbind`](Self::unbind), with every guarantee of one: each mapping
+/// unmapped once, `on_unbind` called once, no device call after it
+/// finished, held pages valid. If another thread unbinds the device first,
+/// the deferred one finds it unbound and does nothing. A callback's panic
+/// during a deferred unbind is caught and discarded (the unbind completes
+/// first), since no caller is left to receive it.
+///
+/// Dropped anywhere else, including inside a callback of another device or
+/// a [`PageSource`](crate::PageSource) method, the unbind runs at once.
 pub struct Device<M: TrackingMode = Tracked> {
     pub(crate) shared: Arc<DeviceShared<M>>,
 }
@@ -260,72 +282,103 @@ impl<M: TrackingMode> Device<M> {
     /// are retired, every page it owns is freed. Then the first panic is
     /// resumed to the caller; the device is unbound either way.
     pub fn unbind(&self) -> Result<UnbindReport, UnbindError> {
-        let shared = &*self.shared;
-        let key = shared.key();
-        if held::contains(key) {
-            return Err(UnbindError::InsideCallback);
-        }
-        let started = Instant::now();
-        let one_at_a_time = shared.unbinding.lock();
-        // From here on a callback that calls `unbind` is refused, not
-        // deadlocked on `unbinding`.
-        let unbinding = held::Unbinding::new(key);
+        unbind(&self.shared)
+    }
+}
 
-        // 1. Stop new pools, allocations and recycling.
-        let pools = {
-            let mut registry = shared.registry.lock();
-            if !registry.bound {
-                return Err(UnbindError::AlreadyUnbound);
-            }
-            registry.bound = false;
-            let mut pools = core::mem::take(&mut registry.pools);
-            let open = pools.len();
-            pools.append(&mut registry.detached);
-            (pools, open)
-        };
-        let (pools, open_pools) = pools;
-        for pool in &pools {
-            pool.closed.store(true, Ordering::Release);
-            pool.gate.close();
-        }
-        // 2. Wait for the device calls already running; none starts now.
-        held::wait_for_threads(key);
-        for pool in &pools {
-            pool.gate.wait_idle();
-        }
+/// [`Device::unbind`], on the device's shared state (also run, deferred,
+/// after the last handle is gone: see [`Device`]'s `Drop`).
+fn unbind<M: TrackingMode>(shared: &DeviceShared<M>) -> Result<UnbindReport, UnbindError> {
+    let key = shared.key();
+    let me = held::thread_token();
+    // Inside a call of this device (waiting for it would wait for our own
+    // caller), or inside a callback of this thread's unbind of it (which
+    // holds `unbinding`).
+    if held::contains(key) || shared.unbinder.load(Ordering::Relaxed) == me {
+        return Err(UnbindError::InsideCallback);
+    }
+    let started = Instant::now();
+    let one_at_a_time = shared.unbinding.lock();
+    // From here on a callback that calls `unbind` is refused, not
+    // deadlocked on `unbinding`.
+    let unbinding = Unbinder::mark(&shared.unbinder, me);
 
-        // SAFETY: this is the device's unbind, before the ops are retired.
-        let ops = unsafe { shared.ops.get() };
-        let mut panics = Panics::new();
-        let mut report = UnbindReport {
-            pools: open_pools,
-            ..UnbindReport::default()
-        };
-        if let Some(ops) = ops {
-            // 3. and 4.
-            unmap_everything(shared, ops, &pools, &mut report, &mut panics);
-            // 5. The last call the device gets.
-            panics.run(|| ops.on_unbind());
+    // 1. Stop new pools, allocations and recycling.
+    let pools = {
+        let mut registry = shared.registry.lock();
+        if !registry.bound {
+            return Err(UnbindError::AlreadyUnbound);
         }
-        // SAFETY: every gate is closed and idle; `ops` is not used again.
-        let retired = unsafe { shared.ops.take() };
-        // 6. The device is gone: free what came back meanwhile.
-        let handed_over = shared.finish_unbind();
-        panics.run(|| drop(retired));
-        // SAFETY: every page and region handed over was unmapped in step 3 or
-        // 4 (its record was still in a tracker when it was handed over).
-        panics.run(|| unsafe { free_pages(&handed_over.pages) });
-        // SAFETY: as above; each region's last page was retired by the
-        // thread that handed it over.
-        panics.run(|| unsafe { free_regions(&handed_over.regions) });
-        panics.run(|| drop(pools));
-        report.duration = started.elapsed();
-        // Unlocked before a callback's panic is resumed: a guard dropped
-        // while unwinding would poison a lock that poisons (loom's).
-        drop(unbinding);
-        drop(one_at_a_time);
-        panics.resume();
-        Ok(report)
+        registry.bound = false;
+        let mut pools = core::mem::take(&mut registry.pools);
+        let open = pools.len();
+        pools.append(&mut registry.detached);
+        (pools, open)
+    };
+    let (pools, open_pools) = pools;
+    for pool in &pools {
+        pool.closed.store(true, Ordering::Release);
+        pool.gate.close();
+    }
+    // 2. Wait for the device calls already running; none starts now.
+    held::wait_for_threads(key);
+    for pool in &pools {
+        pool.gate.wait_idle();
+    }
+
+    // SAFETY: this is the device's unbind, before the ops are retired.
+    let ops = unsafe { shared.ops.get() };
+    let mut panics = Panics::new();
+    let mut report = UnbindReport {
+        pools: open_pools,
+        ..UnbindReport::default()
+    };
+    if let Some(ops) = ops {
+        // 3. and 4.
+        unmap_everything(shared, ops, &pools, &mut report, &mut panics);
+        // 5. The last call the device gets.
+        panics.run(|| ops.on_unbind());
+    }
+    // SAFETY: every gate is closed and idle; `ops` is not used again.
+    let retired = unsafe { shared.ops.take() };
+    // 6. The device is gone: free what came back meanwhile.
+    let handed_over = shared.finish_unbind();
+    panics.run(|| drop(retired));
+    // SAFETY: every page and region handed over was unmapped in step 3 or
+    // 4 (its record was still in a tracker when it was handed over).
+    panics.run(|| unsafe { free_pages(&handed_over.pages) });
+    // SAFETY: as above; each region's last page was retired by the
+    // thread that handed it over.
+    panics.run(|| unsafe { free_regions(&handed_over.regions) });
+    panics.run(|| drop(pools));
+    report.duration = started.elapsed();
+    // Unlocked before a callback's panic is resumed: a guard dropped
+    // while unwinding would poison a lock that poisons (loom's).
+    drop(unbinding);
+    drop(one_at_a_time);
+    panics.resume();
+    Ok(report)
+}
+
+/// Marks a thread as the one running a device's `unbind` (see
+/// `DeviceShared::unbinder`) until dropped.
+struct Unbinder<'a>(&'a AtomicUsize);
+
+impl<'a> Unbinder<'a> {
+    /// Called with the device's `unbinding` lock held.
+    fn mark(unbinder: &'a AtomicUsize, thread: usize) -> Self {
+        // Relaxed: a thread compares what it reads with its own token only,
+        // which no other live thread writes; every writer clears its token
+        // before the lock is released, and a thread that later gets the same
+        // token starts after that one exited.
+        unbinder.store(thread, Ordering::Relaxed);
+        Self(unbinder)
+    }
+}
+
+impl Drop for Unbinder<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Relaxed);
     }
 }
 
@@ -409,10 +462,28 @@ fn unmap_everything<M: TrackingMode>(
 }
 
 impl<M: TrackingMode> Drop for Device<M> {
+    /// Unbinds the device (see [`Device`] for when, if dropped inside one
+    /// of its own callbacks).
     fn drop(&mut self) {
         // Unbinding an unbound device is a no-op; nothing to report here. A
         // callback's panic is resumed (or dropped if already unwinding).
-        let _ = self.unbind();
+        if let Err(UnbindError::InsideCallback) = unbind(&self.shared) {
+            let key = self.shared.key();
+            // Inside a call of this device on this thread: the unbind runs
+            // when the outermost such call returns. (The other refusal, a
+            // callback of this thread's own unbind of the device, cannot
+            // drop the handle that unbind borrows, and that unbind finishes
+            // the job anyway.)
+            if held::contains(key) {
+                let shared = Arc::clone(&self.shared);
+                held::defer_unbind(
+                    key,
+                    Box::new(move || {
+                        let _ = unbind(&shared);
+                    }),
+                );
+            }
+        }
     }
 }
 

@@ -47,6 +47,11 @@
 //!   `unbind` itself runs) returns
 //!   [`UnbindError::InsideCallback`](crate::UnbindError::InsideCallback) at
 //!   once. Unbind from another thread, or after the call returned.
+//!   Unbinding *another* device from inside a callback works, on any path
+//!   the pool took to make the call. Dropping the device's last
+//!   [`Device`](crate::Device) handle inside its own callback is allowed:
+//!   the unbind is deferred until the thread's outermost call of the device
+//!   returns (see [`Device`](crate::Device#dropped-inside-one-of-its-own-callbacks)).
 //! - **block**, at the price above: `unbind` waits for that one call.
 //!
 //! # What the pool guarantees in return

@@ -170,11 +170,16 @@ pub enum UnbindError {
     /// thread); when this is returned, that earlier unbind has finished.
     AlreadyUnbound,
     /// `unbind` was called from inside a callback of this device: a
-    /// [`DmaOps`](crate::DmaOps) method the pool is running for it, or a
-    /// callback that `unbind` itself runs. Waiting there would wait for the
-    /// caller itself, so it returns at once and unbinds nothing; call
-    /// `unbind` once the callback has returned (from the driver's remove
-    /// path, or another thread).
+    /// [`DmaOps`](crate::DmaOps) method the pool is running for it (on this
+    /// thread), or a callback that this thread's `unbind` of it runs.
+    /// Waiting there would wait for the caller itself, so it returns at once
+    /// and unbinds nothing; call `unbind` once the callback has returned
+    /// (from the driver's remove path, or another thread), or drop the last
+    /// [`Device`](crate::Device) handle, which defers the unbind until the
+    /// callback returns. Callbacks of other devices are not refused (except
+    /// past a nesting depth no driver reaches: more than 20 device calls
+    /// nested on one thread, or 16 inside a thread-local destructor, where
+    /// the thread no longer tells devices apart).
     InsideCallback,
 }
 

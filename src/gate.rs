@@ -21,7 +21,10 @@
 //! - **Counted**: when the thread's slots are all in use (deeply nested
 //!   callbacks) or gone (thread-local destructors running), the gate's word
 //!   counts the call with a read-modify-write, which the same word's
-//!   `CLOSED` bit orders; `unbind` waits for the count to reach zero.
+//!   `CLOSED` bit orders; `unbind` waits for the count to reach zero. The
+//!   thread still notes, in its private state, which device each counted
+//!   call is for (up to [`held::COUNTED_NAMED`] of them), so that it can
+//!   tell its own callbacks apart from other devices' on either path.
 //!
 //! # Invariants
 //!
@@ -38,9 +41,17 @@
 //! - On the fast path a thread writes only its own slot line; the gate's
 //!   word is read, and written only by `unbind` and the counted path. Pools
 //!   of a device, and threads of a pool, share no written line.
-//! - A thread's slots also tell whether it is inside a call of a device
-//!   ([`held::contains`]), so an `unbind` from inside a device call of the
-//!   same device refuses at once instead of waiting for its own caller.
+//! - A thread's slots and its counted-call notes tell whether it is inside
+//!   a call of a device ([`held::contains`]), so an `unbind` from inside a
+//!   device call of the same device refuses at once instead of waiting for
+//!   its own caller, and one of another device goes ahead. The answer is
+//!   exact unless the thread nests more than `DEPTH + COUNTED_NAMED` calls;
+//!   only then does it answer "maybe" for every device.
+//! - An unbind deferred on a thread ([`held::defer_unbind`]: the last
+//!   `Device` handle dropped inside one of its own callbacks) runs when that
+//!   thread's last call of the device ends, right after the hold is
+//!   released (its slot cleared or its count given back), so the unbind
+//!   never waits for its own thread.
 //! - Whoever holds a [`CallGuard`] may use the device's ops: `unbind`
 //!   retires them only after every gate of the device is closed and idle.
 
@@ -95,7 +106,9 @@ impl CallGate {
                 // the module docs (unbind: close, heavy fence, scan).
                 asymmetric::light_for(self.membarrier);
                 if self.state.load(Ordering::Relaxed) & CLOSED != 0 {
-                    held::withdraw(&slot);
+                    if held::withdraw(&slot) {
+                        held::run_due_unbinds();
+                    }
                     return None;
                 }
                 Some(CallGuard {
@@ -115,7 +128,7 @@ impl CallGate {
             self.state.fetch_sub(ONE_CALL, Ordering::Release);
             return None;
         }
-        held::note_counted(1);
+        held::enter_counted(self.device);
         Some(CallGuard {
             gate: self,
             slot: None,
@@ -228,14 +241,20 @@ impl Deref for DeviceCall<'_> {
 impl Drop for CallGuard<'_> {
     #[inline(always)]
     fn drop(&mut self) {
-        match self.slot {
+        let deferred = match self.slot {
             // Release: the call and its bookkeeping happen-before the scan
             // that sees the slot cleared.
             Some(ref slot) => held::withdraw(slot),
             None => {
-                held::note_counted(-1);
+                let deferred = held::leave_counted();
                 self.gate.state.fetch_sub(ONE_CALL, Ordering::Release);
+                deferred
             }
+        };
+        // After the hold is released: a deferred unbind of this device must
+        // not wait for this very call.
+        if deferred {
+            held::run_due_unbinds();
         }
     }
 }
@@ -258,6 +277,9 @@ pub(crate) mod held {
     #[repr(align(128))]
     struct Slots([AtomicUsize; DEPTH]);
 
+    /// Counted calls whose device the thread notes (see [`contains`]).
+    pub(crate) const COUNTED_NAMED: usize = 16;
+
     /// The calling thread's state. Constant-initialised and without `Drop`,
     /// so reaching it is a plain thread-local access, valid even while the
     /// thread's destructors run.
@@ -267,10 +289,49 @@ pub(crate) mod held {
         slots: Cell<*const Slots>,
         /// Slots in use.
         depth: Cell<usize>,
-        /// Calls of this thread counted in a gate instead.
-        counted: Cell<isize>,
-        /// The device this thread is unbinding, or 0.
-        unbinding: Cell<usize>,
+        /// Calls of this thread counted in a gate instead, in progress.
+        counted: Cell<usize>,
+        /// The device of the thread's `i`-th counted call in progress, for
+        /// the first [`COUNTED_NAMED`]; deeper ones name no device.
+        counted_devices: [Cell<usize>; COUNTED_NAMED],
+        /// Unbinds deferred until the thread's calls of their device end:
+        /// null, or a list made by [`defer_unbind`] (owned here, freed by
+        /// [`run_due_unbinds`] once empty).
+        deferred: Cell<*mut Vec<DeferredUnbind>>,
+    }
+
+    impl State {
+        const fn new(slots: *const Slots) -> Self {
+            Self {
+                slots: Cell::new(slots),
+                depth: Cell::new(0),
+                counted: Cell::new(0),
+                counted_devices: [const { Cell::new(0) }; COUNTED_NAMED],
+                deferred: Cell::new(core::ptr::null_mut()),
+            }
+        }
+
+        /// Whether the thread is (or, past the noted depth, may be) inside
+        /// a call of `device`.
+        fn in_call_of(&self, device: usize) -> bool {
+            let counted = self.counted.get();
+            counted > COUNTED_NAMED
+                || self.counted_devices[..counted]
+                    .iter()
+                    .any(|noted| noted.get() == device)
+                || slots(self).is_some_and(|slots| {
+                    slots.0[..self.depth.get()]
+                        .iter()
+                        .any(|slot| slot.load(Ordering::Relaxed) == device)
+                })
+        }
+    }
+
+    /// An unbind to run once the thread is no longer inside a call of
+    /// `device`.
+    struct DeferredUnbind {
+        device: usize,
+        unbind: Box<dyn FnOnce()>,
     }
 
     /// Owns the thread's slots and their place in the registry; dropped at
@@ -336,25 +397,13 @@ pub(crate) mod held {
 
     #[cfg(not(any(loom, shuttle)))]
     std::thread_local! {
-        static STATE: State = const {
-            State {
-                slots: Cell::new(core::ptr::null()),
-                depth: Cell::new(0),
-                counted: Cell::new(0),
-                unbinding: Cell::new(0),
-            }
-        };
+        static STATE: State = const { State::new(core::ptr::null()) };
         static REGISTRATION: Registration = Registration::new();
     }
 
     #[cfg(loom)]
     loom::thread_local! {
-        static STATE: State = State {
-            slots: Cell::new(core::ptr::null()),
-            depth: Cell::new(0),
-            counted: Cell::new(0),
-            unbinding: Cell::new(0),
-        };
+        static STATE: State = State::new(core::ptr::null());
         static REGISTRATION: Registration = Registration::new();
     }
 
@@ -379,7 +428,7 @@ pub(crate) mod held {
 
     #[cfg(all(shuttle, not(loom)))]
     mod shuttle_state {
-        use core::cell::{Cell, RefCell};
+        use core::cell::RefCell;
         use std::collections::HashMap;
 
         use super::State;
@@ -406,14 +455,9 @@ pub(crate) mod held {
                 let me = shuttle::thread::current().id();
                 let state: *const State = {
                     let mut states = STATES.0.borrow_mut();
-                    let state = states.entry(me).or_insert_with(|| {
-                        Box::new(State {
-                            slots: Cell::new(core::ptr::null()),
-                            depth: Cell::new(0),
-                            counted: Cell::new(0),
-                            unbinding: Cell::new(0),
-                        })
-                    });
+                    let state = states
+                        .entry(me)
+                        .or_insert_with(|| Box::new(State::new(core::ptr::null())));
                     &**state
                 };
                 // SAFETY: the box is never removed from the map nor moved
@@ -477,12 +521,7 @@ pub(crate) mod held {
         if let Ok(r) = STATE.try_with(|state| f.take().expect("runs once")(state)) {
             return r;
         }
-        let exiting = State {
-            slots: Cell::new(gone()),
-            depth: Cell::new(0),
-            counted: Cell::new(0),
-            unbinding: Cell::new(0),
-        };
+        let exiting = State::new(gone());
         f.take().expect("runs once")(&exiting)
     }
 
@@ -522,33 +561,113 @@ pub(crate) mod held {
         })
     }
 
-    /// Ends the announced call (the thread's innermost).
+    /// Ends the announced call (the thread's innermost). Returns whether
+    /// the thread has deferred unbinds, to run with [`run_due_unbinds`]
+    /// now that the call is over.
     #[inline(always)]
-    pub(crate) fn withdraw(announced: &Announced) {
-        with_state(|state| state.depth.set(announced.index));
+    pub(crate) fn withdraw(announced: &Announced) -> bool {
+        let deferred = with_state(|state| {
+            state.depth.set(announced.index);
+            !state.deferred.get().is_null()
+        });
         // SAFETY: the slot belongs to this thread's registration, which is
         // dropped only at thread exit, after every call of the thread ended.
         unsafe { announced.slot.as_ref() }.store(0, Ordering::Release);
+        deferred
     }
 
-    /// Counts a call of this thread made on the counted path (`+1`, `-1`).
-    pub(crate) fn note_counted(delta: isize) {
-        with_state(|state| state.counted.set(state.counted.get() + delta));
-    }
-
-    /// Whether this thread may be inside a call of `device`: it has
-    /// announced one, is unbinding it, or has counted calls (which name no
-    /// device, so the answer is "maybe").
-    pub(crate) fn contains(device: usize) -> bool {
+    /// Notes a call of `device` this thread makes on the counted path.
+    pub(crate) fn enter_counted(device: usize) {
         with_state(|state| {
-            state.counted.get() > 0
-                || state.unbinding.get() == device
-                || slots(state).is_some_and(|slots| {
-                    slots.0[..state.depth.get()]
-                        .iter()
-                        .any(|slot| slot.load(Ordering::Relaxed) == device)
-                })
+            let index = state.counted.get();
+            if let Some(noted) = state.counted_devices.get(index) {
+                noted.set(device);
+            }
+            state.counted.set(index + 1);
+        });
+    }
+
+    /// Ends the thread's innermost counted call. Returns whether the thread
+    /// has deferred unbinds, as [`withdraw`] does.
+    pub(crate) fn leave_counted() -> bool {
+        with_state(|state| {
+            let index = state.counted.get() - 1;
+            if let Some(noted) = state.counted_devices.get(index) {
+                noted.set(0);
+            }
+            state.counted.set(index);
+            !state.deferred.get().is_null()
         })
+    }
+
+    /// Whether this thread is inside a call of `device`: one announced in a
+    /// slot or noted on the counted path. Exact, unless more than
+    /// [`COUNTED_NAMED`] counted calls are in progress on the thread: past
+    /// that depth calls name no device, and the answer is "maybe" (true)
+    /// for every device.
+    pub(crate) fn contains(device: usize) -> bool {
+        with_state(|state| state.in_call_of(device))
+    }
+
+    /// A number that names the calling thread while it runs.
+    pub(crate) fn thread_token() -> usize {
+        with_state(|state| core::ptr::from_ref(state).addr())
+    }
+
+    /// Runs `unbind` (of `device`) once this thread is no longer inside a
+    /// call of `device`: right after the hold of its outermost such call is
+    /// released. For a device whose last handle is dropped inside one of
+    /// its own callbacks, where unbinding at once would wait for the
+    /// caller. Call only while [`contains`]`(device)` holds.
+    pub(crate) fn defer_unbind(device: usize, unbind: Box<dyn FnOnce()>) {
+        with_state(|state| {
+            let mut list = state.deferred.get();
+            if list.is_null() {
+                list = Box::into_raw(Box::default());
+                state.deferred.set(list);
+            }
+            // SAFETY: a non-null `deferred` is a list this thread boxed; it is
+            // only reached through its own state, and no reference to it
+            // outlives one of these short accesses (no callback runs while
+            // one is held).
+            unsafe { &mut *list }.push(DeferredUnbind { device, unbind });
+        });
+    }
+
+    /// Runs each deferred unbind whose device the thread is no longer
+    /// inside a call of, one at a time, outside every hold. Each runs to
+    /// completion: the unbind itself finishes every step whatever its
+    /// callbacks do, and a callback's panic that it resumes is discarded
+    /// here, since the handle whose drop asked for the unbind is gone and
+    /// the thread may be releasing a hold while unwinding.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn run_due_unbinds() {
+        while let Some(due) = with_state(take_due_unbind) {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(due.unbind));
+        }
+    }
+
+    /// Takes one deferred unbind that is due out of the thread's list, and
+    /// frees the list once it is empty.
+    fn take_due_unbind(state: &State) -> Option<DeferredUnbind> {
+        let list = state.deferred.get();
+        if list.is_null() {
+            return None;
+        }
+        // SAFETY: as in `defer_unbind`; the unbind runs after this access
+        // ended (it may defer more, or run this function again).
+        let entries = unsafe { &mut *list };
+        let due = entries
+            .iter()
+            .position(|entry| !state.in_call_of(entry.device))
+            .map(|index| entries.remove(index));
+        if entries.is_empty() {
+            state.deferred.set(core::ptr::null_mut());
+            // SAFETY: boxed by `defer_unbind`, unreachable from here on.
+            drop(unsafe { Box::from_raw(list) });
+        }
+        due
     }
 
     /// Waits until no thread has a call of `device` announced. Call after
@@ -579,26 +698,6 @@ pub(crate) mod held {
                     round = round.saturating_add(1);
                 }
             }
-        }
-    }
-
-    /// Marks the current thread as unbinding `device` until dropped, so
-    /// that a callback `unbind` runs cannot unbind the same device again.
-    /// Not announced in a slot: `unbind`'s own wait must not see it.
-    pub(crate) struct Unbinding {
-        outer: usize,
-    }
-
-    impl Unbinding {
-        pub(crate) fn new(device: usize) -> Self {
-            let outer = with_state(|state| state.unbinding.replace(device));
-            Self { outer }
-        }
-    }
-
-    impl Drop for Unbinding {
-        fn drop(&mut self) {
-            with_state(|state| state.unbinding.set(self.outer));
         }
     }
 
@@ -679,6 +778,9 @@ mod tests {
                 let call = gate.enter().expect("open");
                 assert!(call.slot.is_none(), "counted once exiting");
                 assert!(held::contains(11));
+                assert!(!held::contains(12), "another device is not refused");
+                drop(call);
+                assert!(!held::contains(11));
             })
             .join()
             .unwrap()
@@ -691,7 +793,9 @@ mod tests {
     fn deep_nesting_is_counted_and_waited_for() {
         let gates: Vec<_> = (0..=held::DEPTH).map(|i| CallGate::new(100 + i)).collect();
         let holds: Vec<_> = gates.iter().map(|g| g.enter().unwrap()).collect();
-        assert!(held::contains(999), "a counted call answers maybe");
+        assert!(holds.last().unwrap().slot.is_none(), "counted");
+        assert!(held::contains(100 + held::DEPTH), "a counted call is noted");
+        assert!(!held::contains(999), "and names its device only");
         let deepest = gates.last().unwrap();
         deepest.close();
         std::thread::scope(|s| {
@@ -702,5 +806,65 @@ mod tests {
             waiter.join().unwrap();
         });
         assert!(!held::contains(999));
+    }
+
+    /// Past the noted depth the answer is "maybe", and exact again once the
+    /// calls return.
+    #[test]
+    fn counted_calls_past_the_noted_depth_answer_maybe() {
+        let depth = held::DEPTH + held::COUNTED_NAMED + 1;
+        let gates: Vec<_> = (0..depth).map(|i| CallGate::new(200 + i)).collect();
+        let mut holds: Vec<_> = gates.iter().map(|g| g.enter().unwrap()).collect();
+        assert!(held::contains(999), "an unnamed call: maybe");
+        holds.pop();
+        assert!(!held::contains(999), "every call named again");
+        assert!(held::contains(200 + depth - 2));
+        drop(holds);
+        assert!(!held::contains(200));
+    }
+
+    /// A deferred unbind runs once the thread's outermost call of its device
+    /// has ended, after that hold was released, on either path.
+    #[test]
+    fn a_deferred_unbind_runs_after_the_outermost_call_of_its_device() {
+        use std::cell::Cell;
+        use std::rc::Rc;
+
+        for counted in [false, true] {
+            let device = 300;
+            let gate = CallGate::new(device);
+            let other = CallGate::new(301);
+            // Fill the slots so that the calls below are counted.
+            let fillers: Vec<_> = (0..if counted { held::DEPTH } else { 0 })
+                .map(|_| other.enter().unwrap())
+                .collect();
+            let ran = Rc::new(Cell::new(0));
+            let outer = gate.enter().unwrap();
+            assert_eq!(outer.slot.is_none(), counted);
+            let inner = gate.enter().unwrap();
+            let seen = Rc::clone(&ran);
+            let closing = std::sync::Arc::new(CallGate::new(device));
+            held::defer_unbind(
+                device,
+                Box::new(move || {
+                    // Runs outside every call of the device...
+                    assert!(!held::contains(device));
+                    // ...so waiting for the device's calls returns at once.
+                    closing.close();
+                    held::wait_for_threads(device);
+                    closing.wait_idle();
+                    seen.set(seen.get() + 1);
+                }),
+            );
+            drop(inner);
+            assert_eq!(ran.get(), 0, "the outer call is still in progress");
+            let unrelated = other.enter().unwrap();
+            drop(unrelated);
+            assert_eq!(ran.get(), 0, "another device's call changes nothing");
+            drop(outer);
+            assert_eq!(ran.get(), 1, "ran when the outermost call ended");
+            drop(fillers);
+            assert_eq!(ran.get(), 1, "once");
+        }
     }
 }

@@ -100,6 +100,12 @@ pub(crate) struct DeviceShared<M: TrackingMode> {
     /// Held for the whole of `unbind`, so a second caller waits for the
     /// first to finish.
     pub(crate) unbinding: Mutex<()>,
+    /// The thread running `unbind` ([`held::thread_token`]), or 0: written
+    /// under `unbinding`, so a callback of that unbind can be refused
+    /// instead of deadlocking on the lock.
+    ///
+    /// [`held::thread_token`]: crate::gate::held::thread_token
+    pub(crate) unbinder: AtomicUsize,
     after_close: Mutex<AfterClose<M>>,
 }
 
@@ -126,6 +132,7 @@ impl<M: TrackingMode> DeviceShared<M> {
                 detached: Vec::new(),
             }),
             unbinding: Mutex::new(()),
+            unbinder: AtomicUsize::new(0),
             after_close: Mutex::new(AfterClose {
                 unbound: false,
                 pages: Vec::new(),
