@@ -159,6 +159,7 @@
 //! | a page dropped from inside a callback while another thread drops one | `reentrant_drop` |
 //! | the last page of a region coming back while unbind runs or the pool drops | `region_retire` |
 //! | a thread exiting with pages in its batch of remote returns, racing unbind; a full batch going home while the pool drops | `remote_batch` |
+//! | the last `Device` handle dropped inside its own callback (deferred unbind) racing the other handle's drop or explicit unbind, and page drops | `deferred_unbind` |
 //!
 //! Deliberately broken variants of the core (`--cfg pagepool_broken`) show
 //! that the models can fail: `unbind-no-wait` (unbind does not wait for
@@ -167,7 +168,9 @@
 //! but left open), `free-before-unbind` (a page coming back during unbind
 //! is freed at once instead of after unbind's unmaps), `region-free-before-unbind`
 //! (the same for a region), `remote-exit-forgets` (a thread exits without
-//! sending the pages it kept back home). `loom-tests/README.md`
+//! sending the pages it kept back home), `drop-inside-callback-forgets` (the
+//! last `Device` handle dropped inside its own callback leaves the device
+//! bound). `loom-tests/README.md`
 //! says which model catches each.
 //!
 //! loom proves the small races (up to four threads, three preemptions).

@@ -474,6 +474,14 @@ impl<M: TrackingMode> Drop for Device<M> {
             // callback of this thread's own unbind of the device, cannot
             // drop the handle that unbind borrows, and that unbind finishes
             // the job anyway.)
+            // BROKEN VARIANT (test-only, `--cfg pagepool_broken`,
+            // PAGEPOOL_BROKEN=drop-inside-callback-forgets): discard the
+            // refusal, as the drop once did, so the device stays bound with
+            // its mappings live. Caught by the deferred-unbind loom model.
+            #[cfg(pagepool_broken)]
+            if crate::sync::broken("drop-inside-callback-forgets") {
+                return;
+            }
             if held::contains(key) {
                 let shared = Arc::clone(&self.shared);
                 held::defer_unbind(

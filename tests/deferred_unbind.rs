@@ -471,3 +471,69 @@ fn the_last_handle_dropped_in_a_counted_call_unbinds_after_the_outermost_one() {
         a.assert_clean();
     });
 }
+
+// ---------------------------------------------------------------------------
+// 3. Unbinds nested across two devices.
+// ---------------------------------------------------------------------------
+
+/// A device on its own checker and fault program, shared so that callbacks
+/// can reach it.
+fn shared_device() -> (CheckingDevice, Arc<Faults>, Arc<Device>) {
+    let checker = checker();
+    let faults = Faults::new();
+    let ops = FaultyOps::new(&checker, &faults);
+    let check = ops.check();
+    let device = Arc::new(Device::with_cpu_access_check(ops, check));
+    (checker, faults, device)
+}
+
+/// B's unbind unmaps through a callback that unbinds A; A's unbind unmaps
+/// through a callback that unbinds B again. The inner unbind of B is a
+/// callback of this thread's own unbind of B: refused, not deadlocked on
+/// B's unbind lock; A's, from B's callback, goes through.
+#[test]
+fn nested_unbinds_across_two_devices_refuse_the_outer_device_only() {
+    watchdog("nested unbinds across two devices", || {
+        let (checker_a, faults_a, a) = shared_device();
+        let (checker_b, faults_b, b) = shared_device();
+        let mut pool_a = a.pool_builder().build().unwrap();
+        let mut pool_b = b.pool_builder().build().unwrap();
+        let held_a = pool_a.alloc().unwrap();
+        let held_b = pool_b.alloc().unwrap();
+        let inner_b = Arc::new(Mutex::new(None));
+        let middle_a = Arc::new(Mutex::new(None));
+        let (b_again, out) = (Arc::clone(&b), Arc::clone(&inner_b));
+        faults_a.run_on(
+            Call::UnmapBatch,
+            faults_a.next(Call::UnmapBatch),
+            When::Before,
+            move || *out.lock().unwrap() = Some(b_again.unbind().map(|_| ())),
+        );
+        let (a_inside, out) = (Arc::clone(&a), Arc::clone(&middle_a));
+        faults_b.run_on(
+            Call::UnmapBatch,
+            faults_b.next(Call::UnmapBatch),
+            When::Before,
+            move || *out.lock().unwrap() = Some(a_inside.unbind().map(|r| r.pages_in_flight > 0)),
+        );
+        let report = b.unbind().expect("the outer unbind");
+        assert!(report.pages_in_flight > 0);
+        assert_eq!(
+            *middle_a.lock().unwrap(),
+            Some(Ok(true)),
+            "A unbound inside"
+        );
+        assert_eq!(
+            *inner_b.lock().unwrap(),
+            Some(Err(UnbindError::InsideCallback)),
+            "B refused inside its own unbind"
+        );
+        assert!(checker_a.is_unbound() && checker_b.is_unbound());
+        drop((held_a, held_b, pool_a, pool_b));
+        for (checker, faults) in [(&checker_a, &faults_a), (&checker_b, &faults_b)] {
+            faults.clear();
+            assert_unbound_clean(checker);
+            assert!(checker.verdict().is_clean(), "{}", checker.report());
+        }
+    });
+}

@@ -109,6 +109,7 @@ impl Harness {
             hook,
             armed: std::sync::Mutex::new(None),
             page: std::sync::Mutex::new(None),
+            device: std::sync::Mutex::new(None),
             fired_on: std::sync::Mutex::new(None),
             retired: std::sync::atomic::AtomicBool::new(false),
         });
@@ -533,6 +534,9 @@ pub enum UnmapHook {
     /// Drops the page given to [`Hooks::give_page`] first (a re-entrant
     /// drop from inside a device callback), then unmaps.
     DropPageThenUnmap,
+    /// Drops the device handle given to [`Hooks::give_device`] first (a
+    /// remove path run from inside a device callback), then unmaps.
+    DropDeviceThenUnmap,
 }
 
 /// The payload [`UnmapHook::PanicAfterUnmap`] panics with.
@@ -548,6 +552,7 @@ pub struct Hooks {
     /// calls on thread `t`.
     armed: std::sync::Mutex<Option<Option<ThreadId>>>,
     page: std::sync::Mutex<Option<Page>>,
+    device: std::sync::Mutex<Option<Arc<Device>>>,
     fired_on: std::sync::Mutex<Option<ThreadId>>,
     retired: std::sync::atomic::AtomicBool,
 }
@@ -563,6 +568,12 @@ impl Hooks {
     /// when the ops are retired is dropped with them.
     pub fn give_page(&self, page: Page) {
         *self.page.lock().unwrap() = Some(page);
+    }
+
+    /// The device handle [`UnmapHook::DropDeviceThenUnmap`] drops. A handle
+    /// left here when the ops are retired is dropped with them.
+    pub fn give_device(&self, device: Arc<Device>) {
+        *self.device.lock().unwrap() = Some(device);
     }
 
     /// The thread whose `unmap_batch` fired the hook, if it fired.
@@ -620,6 +631,10 @@ impl DmaOps for HookedOps {
             let page = self.hooks.page.lock().unwrap().take();
             drop(page);
         }
+        if fire && self.hooks.hook == UnmapHook::DropDeviceThenUnmap {
+            let device = self.hooks.device.lock().unwrap().take();
+            drop(device);
+        }
         // SAFETY: forwarded contract.
         unsafe { self.inner.unmap_batch(mappings) };
         if fire && self.hooks.hook == UnmapHook::PanicAfterUnmap {
@@ -653,6 +668,8 @@ impl Drop for HookedOps {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let page = self.hooks.page.lock().unwrap().take();
         drop(page);
+        let device = self.hooks.device.lock().unwrap().take();
+        drop(device);
     }
 }
 
