@@ -38,8 +38,8 @@ host=$(rustc +"$toolchain" -vV | sed -n 's/^host: //p')
 
 # The test targets, with the features the Miri runs use.
 features=(--features bytes)
-tsan_tests=(--test concurrency --test invariants --test callbacks --test regions)
-asan_tests=(--lib --test concurrency --test invariants --test callbacks --test regions)
+tsan_tests=(--test concurrency --test invariants --test callbacks --test deferred_unbind --test regions)
+asan_tests=(--lib --test concurrency --test invariants --test callbacks --test deferred_unbind --test regions)
 tsan_skip=()
 
 export ASAN_OPTIONS="detect_leaks=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
