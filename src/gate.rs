@@ -56,6 +56,7 @@
 //!   retires them only after every gate of the device is closed and idle.
 
 use core::ops::Deref;
+use core::ptr::NonNull;
 
 use crate::dma::DmaOps;
 use crate::sync::{asymmetric, backoff, AtomicUsize, Ordering, UnsafeCell};
@@ -192,7 +193,7 @@ impl OpsCell {
     /// # Safety
     /// The caller is inside a device call of one of the device's pools, or
     /// is the device's `unbind` (see the type's docs).
-    pub(crate) unsafe fn get(&self) -> Option<&dyn DmaOps> {
+    pub(crate) unsafe fn get(&self) -> Option<&(dyn DmaOps + 'static)> {
         // SAFETY: no `take` runs concurrently (caller contract), so the box
         // stays where it is while the reference lives.
         self.0.with(|ops| unsafe { (*ops).as_deref() })
@@ -210,8 +211,14 @@ impl OpsCell {
 }
 
 /// One device call in progress, with the ops to make it through.
+///
+/// The ops are kept as a pointer, not a reference: leaving the call (the
+/// guard's drop) may run a deferred unbind on this thread, which retires
+/// and drops the ops, so no reference to them may be live (or, as a field
+/// of the value being dropped, protected) at that point. References are
+/// handed out by `Deref`, borrowing the call.
 pub(crate) struct DeviceCall<'a> {
-    ops: &'a dyn DmaOps,
+    ops: NonNull<dyn DmaOps>,
     _call: CallGuard<'a>,
 }
 
@@ -225,7 +232,10 @@ impl<'a> DeviceCall<'a> {
         let call = gate.enter()?;
         // SAFETY: inside a device call of one of the device's pools.
         let ops = unsafe { cell.get() }?;
-        Some(Self { ops, _call: call })
+        Some(Self {
+            ops: NonNull::from(ops),
+            _call: call,
+        })
     }
 }
 
@@ -234,7 +244,10 @@ impl Deref for DeviceCall<'_> {
 
     #[inline]
     fn deref(&self) -> &Self::Target {
-        self.ops
+        // SAFETY: the ops stay in their cell while the call is held (no
+        // `take` before every hold of the device ended), and the reference
+        // borrows the call, so it ends before the call does.
+        unsafe { self.ops.as_ref() }
     }
 }
 
