@@ -113,9 +113,16 @@ impl fmt::Display for DmaDirection {
     }
 }
 
-/// A device-visible (bus or IO virtual) address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A device-visible (bus or IO virtual) address. Shown in hex by both
+/// `Display` (`0x1000`) and `Debug` (`DmaAddr(0x1000)`).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DmaAddr(pub u64);
+
+impl fmt::Debug for DmaAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DmaAddr({:#x})", self.0)
+    }
+}
 
 impl DmaAddr {
     /// The value Linux uses for a failed mapping (`DMA_MAPPING_ERROR`); no
@@ -168,6 +175,11 @@ pub enum DmaError {
     Injected,
     /// The device is no longer bound.
     Unbound,
+    /// The backend's `map` returned [`DmaAddr::ERROR`] as if it had
+    /// succeeded. Linux's value for a failed mapping is never a valid
+    /// address, so the pool treats the call as a failed map (nothing
+    /// mapped) and never hands out a page with that address.
+    ErrorAddress,
     /// Any other operating-system error, with the `errno` and the operation.
     Os {
         /// The operation that failed (for example `"VFIO_IOMMU_MAP_DMA"`).
@@ -192,6 +204,9 @@ impl fmt::Display for DmaError {
             Self::InvalidArgument => f.write_str("backend rejected the mapping arguments"),
             Self::Injected => f.write_str("injected mapping failure"),
             Self::Unbound => f.write_str("device is unbound"),
+            Self::ErrorAddress => {
+                f.write_str("backend returned DMA_MAPPING_ERROR from a successful map")
+            }
             Self::Os { op, errno } => write!(f, "{op} failed with errno {errno}"),
         }
     }
@@ -277,3 +292,79 @@ pub trait DmaOps: Send + Sync + 'static {
     /// checking backend reports mappings still live here.
     fn on_unbind(&self) {}
 }
+
+/// `DmaOps` for a pointer to a backend: every method forwarded unchanged.
+macro_rules! forward_dma_ops {
+    ($(#[$doc:meta])* $pointer:ty) => {
+        $(#[$doc])*
+        impl<T: DmaOps + ?Sized> DmaOps for $pointer {
+            unsafe fn map(
+                &self,
+                cpu: NonNull<u8>,
+                len: usize,
+                direction: DmaDirection,
+            ) -> Result<DmaAddr, DmaError> {
+                // SAFETY: the caller's contract, forwarded.
+                unsafe { (**self).map(cpu, len, direction) }
+            }
+            unsafe fn unmap(&self, mapping: DmaMapping) {
+                // SAFETY: the caller's contract, forwarded.
+                unsafe { (**self).unmap(mapping) }
+            }
+            unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) {
+                // SAFETY: the caller's contract, forwarded.
+                unsafe { (**self).unmap_batch(mappings) }
+            }
+            unsafe fn sync_for_device(&self, mapping: DmaMapping, offset: usize, len: usize) {
+                // SAFETY: the caller's contract, forwarded.
+                unsafe { (**self).sync_for_device(mapping, offset, len) }
+            }
+            unsafe fn sync_for_cpu(&self, mapping: DmaMapping, offset: usize, len: usize) {
+                // SAFETY: the caller's contract, forwarded.
+                unsafe { (**self).sync_for_cpu(mapping, offset, len) }
+            }
+            fn needs_sync(&self) -> bool {
+                (**self).needs_sync()
+            }
+            fn min_page_size(&self) -> Option<usize> {
+                (**self).min_page_size()
+            }
+            fn on_unbind(&self) {
+                (**self).on_unbind()
+            }
+        }
+    };
+}
+
+forward_dma_ops!(
+    /// Forwards every method, so a backend can be shared: a driver keeps an
+    /// `Arc` of its backend (for its own statistics or its MMIO) and binds
+    /// the device on a clone.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use pagepool::{Device, IdentityDma};
+    ///
+    /// let backend = Arc::new(IdentityDma::new());
+    /// let device = Device::new(Arc::clone(&backend));
+    /// let mut pool = device.pool_builder().build()?;
+    /// let page = pool.alloc()?;
+    /// assert!(backend.live_mappings() > 0, "the driver still sees its backend");
+    /// drop(page);
+    /// device.unbind()?;
+    /// assert_eq!(backend.live_mappings(), 0);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    std::sync::Arc<T>
+);
+
+forward_dma_ops!(
+    /// Forwards every method: a backend in a `static`.
+    &'static T
+);
+
+forward_dma_ops!(
+    /// Forwards every method: a backend chosen at run time
+    /// (`Box<dyn DmaOps>`).
+    Box<T>
+);

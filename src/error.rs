@@ -7,24 +7,81 @@ use core::fmt;
 
 use crate::dma::DmaError;
 
-/// A pool configuration value the builder rejected.
+/// A pool configuration the builder rejected. Each variant names the
+/// builder settings involved, as the caller wrote them.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError {
-    /// The builder method / field that holds the bad value.
-    pub field: &'static str,
-    /// The value given.
-    pub value: usize,
-    /// What the field accepts.
-    pub expected: &'static str,
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A value outside what its setting accepts.
+    OutOfRange {
+        /// The builder method that set the value.
+        field: &'static str,
+        /// The value given.
+        value: usize,
+        /// What the setting accepts.
+        expected: &'static str,
+    },
+    /// Two settings that cannot be used together.
+    Conflict {
+        /// The setting that cannot be used here.
+        field: &'static str,
+        /// The setting it conflicts with.
+        with: &'static str,
+        /// What to do instead.
+        hint: &'static str,
+    },
+    /// A region-mapped pool whose pages do not fit in its regions: the
+    /// page order asks for larger pages than the region size holds.
+    PageLargerThanRegion {
+        /// The page order set.
+        order: u32,
+        /// Bytes per page at that order.
+        page_len: usize,
+        /// Bytes per region.
+        region_len: usize,
+        /// Whether the region size is the default
+        /// ([`DEFAULT_REGION_SIZE`](crate::DEFAULT_REGION_SIZE)) rather than
+        /// one set with `region_size`.
+        region_len_is_default: bool,
+    },
+}
+
+impl ConfigError {
+    /// The builder setting at fault (the first one, for a conflict).
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::OutOfRange { field, .. } | Self::Conflict { field, .. } => field,
+            Self::PageLargerThanRegion { .. } => "order",
+        }
+    }
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid page pool configuration: {} = {} (expected {})",
-            self.field, self.value, self.expected
-        )
+        match self {
+            Self::OutOfRange {
+                field,
+                value,
+                expected,
+            } => write!(
+                f,
+                "invalid page pool configuration: {field} = {value} (expected {expected})"
+            ),
+            Self::Conflict { field, with, hint } => write!(
+                f,
+                "invalid page pool configuration: {field} cannot be used with {with} ({hint})"
+            ),
+            Self::PageLargerThanRegion {
+                order,
+                page_len,
+                region_len,
+                region_len_is_default,
+            } => write!(
+                f,
+                "invalid page pool configuration: order {order} makes {page_len}-byte pages, larger than the {}region size of {region_len} bytes (set region_size to at least {page_len}, or lower the order)",
+                if *region_len_is_default { "default " } else { "" }
+            ),
+        }
     }
 }
 
@@ -48,6 +105,14 @@ pub enum BuildError {
         /// The IOMMU's smallest page ([`DmaOps::min_page_size`](crate::DmaOps::min_page_size)).
         iommu_page: usize,
     },
+    /// The device's backend reported a smallest IOMMU page
+    /// ([`DmaOps::min_page_size`](crate::DmaOps::min_page_size)) that is not
+    /// a power of two: no page or region can be aligned to it. A defect of
+    /// the backend, not of the pool's configuration.
+    InvalidIommuPage {
+        /// What the backend reported.
+        min_page_size: usize,
+    },
 }
 
 impl fmt::Display for BuildError {
@@ -62,6 +127,10 @@ impl fmt::Display for BuildError {
                 f,
                 "cannot create a page pool: {page_len}-byte pages are smaller than the IOMMU's {iommu_page}-byte page (raise the order or map regions)"
             ),
+            Self::InvalidIommuPage { min_page_size } => write!(
+                f,
+                "cannot create a page pool: the device's backend reports a smallest IOMMU page of {min_page_size} bytes, which is not a power of two"
+            ),
         }
     }
 }
@@ -70,7 +139,7 @@ impl std::error::Error for BuildError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Config(e) => Some(e),
-            Self::Unbound | Self::PageBelowIommuPage { .. } => None,
+            Self::Unbound | Self::PageBelowIommuPage { .. } | Self::InvalidIommuPage { .. } => None,
         }
     }
 }

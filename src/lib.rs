@@ -53,6 +53,7 @@ mod device;
 mod error;
 mod frag;
 mod gate;
+mod identity;
 #[cfg(feature = "bytes")]
 mod into_bytes;
 mod mapping;
@@ -71,6 +72,7 @@ pub use device::{Device, UnbindReport};
 pub use dma::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
 pub use error::{AllocError, BuildError, ConfigError, SyncError, UnbindError};
 pub use frag::{Frag, FRAG_ALIGN};
+pub use identity::IdentityDma;
 pub use memory::{
     GlobalPages, OutOfMemory, PageSource, RegionBacking, RegionBlock, RegionSource, SystemRegions,
     DEFAULT_REGION_SIZE, MAX_ORDER, MAX_REGION_SIZE, PAGE_SIZE,

@@ -97,6 +97,8 @@ pub struct PagePoolBuilder<'d, M: TrackingMode = Tracked> {
     sync_for_device: Option<SyncForDevice>,
     source: Option<Box<dyn PageSource>>,
     region_len: Option<usize>,
+    /// Whether `region_len` was set with `region_size` (not the default).
+    region_len_set: bool,
     region_source: Option<Box<dyn RegionSource>>,
     remote_batch: usize,
 }
@@ -128,6 +130,7 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
             sync_for_device: None,
             source: None,
             region_len: None,
+            region_len_set: false,
             region_source: None,
             remote_batch: DEFAULT_REMOTE_BATCH,
         }
@@ -207,6 +210,7 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
     /// device's smallest IOMMU page.
     pub fn region_size(mut self, bytes: usize) -> Self {
         self.region_len = Some(bytes);
+        self.region_len_set = true;
         self
     }
 
@@ -240,7 +244,7 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
 
     fn validate(&self) -> Result<PoolConfig, ConfigError> {
         let bad = |field, value, expected| {
-            Err(ConfigError {
+            Err(ConfigError::OutOfRange {
                 field,
                 value,
                 expected,
@@ -275,6 +279,30 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
             }
         }
         if let Some(region_len) = self.region_len {
+            if self.source.is_some() {
+                return Err(ConfigError::Conflict {
+                    field: "page_source",
+                    with: if self.region_source.is_some() {
+                        "region_source"
+                    } else if self.region_len_set {
+                        "region_size"
+                    } else {
+                        "regions"
+                    },
+                    hint: "a region-mapped pool takes its memory from a region source",
+                });
+            }
+            if region_len.is_power_of_two()
+                && region_len <= MAX_REGION_SIZE
+                && region_len < page_len
+            {
+                return Err(ConfigError::PageLargerThanRegion {
+                    order: self.order,
+                    page_len,
+                    region_len,
+                    region_len_is_default: !self.region_len_set,
+                });
+            }
             if !region_len.is_power_of_two()
                 || region_len < page_len
                 || region_len > MAX_REGION_SIZE
@@ -286,20 +314,17 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
                 );
             }
             if let Some(granule) = self.device.min_page_size {
-                if region_len % granule != 0 {
+                if granule.is_power_of_two() && region_len % granule != 0 {
                     return bad(
                         "region_size",
                         region_len,
-                        "a multiple of the device's smallest IOMMU page",
+                        if self.region_len_set {
+                            "a multiple of the device's smallest IOMMU page"
+                        } else {
+                            "a multiple of the device's smallest IOMMU page: the default region size is not, set region_size"
+                        },
                     );
                 }
-            }
-            if self.source.is_some() {
-                return bad(
-                    "page_source",
-                    0,
-                    "no page source on a region-mapped pool (use region_source)",
-                );
             }
         }
         Ok(PoolConfig {
@@ -317,6 +342,11 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
 
     /// Checks the configuration and creates the pool. Maps nothing yet.
     pub fn build(self) -> Result<PagePool<M>, BuildError> {
+        if let Some(min_page_size) = self.device.min_page_size {
+            if !min_page_size.is_power_of_two() {
+                return Err(BuildError::InvalidIommuPage { min_page_size });
+            }
+        }
         let config = self.validate()?;
         let device = self.device;
         if let (None, Some(iommu_page)) = (config.region_len, device.min_page_size) {
@@ -791,7 +821,7 @@ mod tests {
     fn builder_rejects_each_bad_field_by_name() {
         let device = Device::new(CheckingDevice::new(CheckMode::Panic));
         let field = |b: PagePoolBuilder<'_>| match b.build() {
-            Err(BuildError::Config(e)) => e.field,
+            Err(BuildError::Config(e)) => e.field(),
             other => panic!("expected a config error, got {other:?}"),
         };
         assert_eq!(field(device.pool_builder().order(11)), "order");

@@ -732,6 +732,122 @@ fn concurrent_unbind_from_two_threads_unbinds_once() {
 // Configuration errors.
 // ---------------------------------------------------------------------------
 
+/// The checking device, reporting a smallest IOMMU page that is not a
+/// power of two (a defective backend).
+struct OddIommuPage(CheckingDevice);
+
+impl pagepool::DmaOps for OddIommuPage {
+    unsafe fn map(
+        &self,
+        cpu: std::ptr::NonNull<u8>,
+        len: usize,
+        direction: DmaDirection,
+    ) -> Result<pagepool::DmaAddr, DmaError> {
+        // SAFETY: forwarded caller contract.
+        unsafe { self.0.map(cpu, len, direction) }
+    }
+    unsafe fn unmap(&self, mapping: pagepool::DmaMapping) {
+        // SAFETY: forwarded caller contract.
+        unsafe { self.0.unmap(mapping) }
+    }
+    unsafe fn sync_for_device(&self, mapping: pagepool::DmaMapping, offset: usize, len: usize) {
+        // SAFETY: forwarded caller contract.
+        unsafe { self.0.sync_for_device(mapping, offset, len) }
+    }
+    unsafe fn sync_for_cpu(&self, mapping: pagepool::DmaMapping, offset: usize, len: usize) {
+        // SAFETY: forwarded caller contract.
+        unsafe { self.0.sync_for_cpu(mapping, offset, len) }
+    }
+    fn on_unbind(&self) {
+        self.0.on_unbind()
+    }
+    fn min_page_size(&self) -> Option<usize> {
+        Some(3 * 4096)
+    }
+}
+
+#[test]
+fn a_backend_iommu_page_that_is_not_a_power_of_two_is_refused() {
+    let checker = checker();
+    let device = Device::with_cpu_access_check(OddIommuPage(checker.clone()), checker.clone());
+    for builder in [
+        device.pool_builder(),
+        device.pool_builder().order(2),
+        device.pool_builder().regions(),
+    ] {
+        let e = builder.build().unwrap_err();
+        assert_eq!(
+            e,
+            BuildError::InvalidIommuPage {
+                min_page_size: 12288
+            }
+        );
+        assert!(e.to_string().contains("12288"), "{e}");
+    }
+    device.unbind().unwrap();
+    assert_eq!(checker.stats().maps, 0);
+}
+
+/// A backend whose `map` answers `DmaAddr::ERROR` as if it had succeeded;
+/// nothing else may ever be called.
+struct AnswersErrorAddress;
+
+impl pagepool::DmaOps for AnswersErrorAddress {
+    unsafe fn map(
+        &self,
+        _cpu: std::ptr::NonNull<u8>,
+        _len: usize,
+        _direction: DmaDirection,
+    ) -> Result<pagepool::DmaAddr, DmaError> {
+        Ok(pagepool::DmaAddr::ERROR)
+    }
+    unsafe fn unmap(&self, mapping: pagepool::DmaMapping) {
+        panic!("{mapping:?} was never mapped");
+    }
+    unsafe fn sync_for_device(&self, mapping: pagepool::DmaMapping, _: usize, _: usize) {
+        panic!("{mapping:?} was never mapped");
+    }
+    unsafe fn sync_for_cpu(&self, mapping: pagepool::DmaMapping, _: usize, _: usize) {
+        panic!("{mapping:?} was never mapped");
+    }
+}
+
+#[test]
+fn a_map_answering_the_error_address_fails_the_allocation() {
+    let pages = CountingPages::default();
+    let device = Device::new(AnswersErrorAddress);
+    let mut pool = device
+        .pool_builder()
+        .page_source(pages.clone())
+        .build()
+        .unwrap();
+    assert_eq!(
+        pool.alloc().unwrap_err(),
+        AllocError::Map(DmaError::ErrorAddress)
+    );
+    let mut regions = device.pool_builder().regions().build().unwrap();
+    assert_eq!(
+        regions.alloc().unwrap_err(),
+        AllocError::Map(DmaError::ErrorAddress)
+    );
+    assert_eq!(pages.live(), 0, "the block went back to its source");
+    assert_eq!(pool.stats().pages_mapped, 0);
+    assert_eq!(device.tracked_mappings(), 0);
+    drop((pool, regions));
+    let report = device.unbind().unwrap();
+    assert_eq!(report.bytes_unmapped, 0, "nothing to unmap");
+    pages.assert_all_freed_once();
+}
+
+#[test]
+fn dma_addresses_debug_in_hex() {
+    assert_eq!(
+        format!("{:?}", pagepool::DmaAddr(0x1000)),
+        "DmaAddr(0x1000)"
+    );
+    assert_eq!(pagepool::DmaAddr(0x1000).to_string(), "0x1000");
+}
+
 #[test]
 fn builder_errors_name_every_invalid_field() {
     let device = Device::new(checker());
@@ -802,10 +918,19 @@ fn builder_errors_name_every_invalid_field() {
         ),
     ];
     for (e, field, value) in cases {
-        assert_eq!((e.field, e.value), (field, value), "{e}");
+        let ConfigError::OutOfRange {
+            field: named,
+            value: given,
+            expected,
+        } = &e
+        else {
+            panic!("expected an out-of-range error, got {e:?}");
+        };
+        assert_eq!((*named, *given), (field, value), "{e}");
+        assert_eq!(e.field(), field);
         let text = e.to_string();
         assert!(text.contains(field), "{text}");
-        assert!(text.contains(e.expected), "{text}");
+        assert!(text.contains(expected), "{text}");
         let build: Box<dyn std::error::Error> = Box::new(BuildError::Config(e.clone()));
         assert!(build.to_string().contains(field));
         assert!(build.source().is_some());

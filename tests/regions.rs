@@ -11,8 +11,8 @@ use std::thread;
 
 use pagepool::checking::{CheckMode, CheckingDevice, Violation};
 use pagepool::{
-    AllocError, BuildError, Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps,
-    OutOfMemory, PagePool, RegionBacking, RegionBlock, RegionSource, SystemRegions,
+    AllocError, BuildError, ConfigError, Device, DmaAddr, DmaDirection, DmaError, DmaMapping,
+    DmaOps, OutOfMemory, PagePool, RegionBacking, RegionBlock, RegionSource, SystemRegions,
     DEFAULT_REGION_SIZE,
 };
 
@@ -470,7 +470,7 @@ fn pages_smaller_than_the_iommu_page_are_refused_unless_regions_map_them() {
     let page = pool.alloc().unwrap();
     assert_eq!(page.len(), 4096);
     let err = device.pool_builder().region_size(8192).build().unwrap_err();
-    assert!(matches!(err, BuildError::Config(ref e) if e.field == "region_size"));
+    assert!(matches!(err, BuildError::Config(ref e) if e.field() == "region_size"));
     drop(page);
     drop(pool);
     device.unbind().unwrap();
@@ -481,7 +481,7 @@ fn pages_smaller_than_the_iommu_page_are_refused_unless_regions_map_them() {
 fn bad_region_configurations_are_named() {
     let device = Device::new(CheckingDevice::new(CheckMode::Panic));
     let field = |result: Result<PagePool, BuildError>| match result {
-        Err(BuildError::Config(e)) => e.field,
+        Err(BuildError::Config(e)) => e.field(),
         other => panic!("expected a config error, got {other:?}"),
     };
     assert_eq!(
@@ -490,7 +490,8 @@ fn bad_region_configurations_are_named() {
     );
     assert_eq!(
         field(device.pool_builder().order(3).region_size(16384).build()),
-        "region_size"
+        "order",
+        "pages larger than the region: the order is named"
     );
     assert_eq!(
         field(device.pool_builder().region_size(2 << 30).build()),
@@ -506,6 +507,82 @@ fn bad_region_configurations_are_named() {
         ),
         "page_source"
     );
+}
+
+/// Errors name what the user set: a page order too large for the default
+/// region size blames the order (and says the region size is the
+/// default), and conflicting settings name both, with no made-up value.
+#[test]
+fn region_errors_name_what_the_user_set() {
+    let device = Device::new(CheckingDevice::new(CheckMode::Panic));
+    let err = |result: Result<PagePool, BuildError>| match result {
+        Err(BuildError::Config(e)) => e,
+        other => panic!("expected a config error, got {other:?}"),
+    };
+    let e = err(device.pool_builder().order(10).regions().build());
+    assert_eq!(
+        e,
+        ConfigError::PageLargerThanRegion {
+            order: 10,
+            page_len: 4 << 20,
+            region_len: 2 << 20,
+            region_len_is_default: true,
+        }
+    );
+    let text = e.to_string();
+    assert!(text.contains("order 10"), "{text}");
+    assert!(text.contains("default region size"), "{text}");
+    let e = err(device.pool_builder().order(10).region_size(2 << 20).build());
+    assert!(matches!(
+        e,
+        ConfigError::PageLargerThanRegion {
+            region_len_is_default: false,
+            ..
+        }
+    ));
+    assert!(!e.to_string().contains("default"), "{e}");
+    assert!(device.pool_builder().order(9).regions().build().is_ok());
+    let conflicts = [
+        (
+            err(device
+                .pool_builder()
+                .page_source(pagepool::GlobalPages)
+                .regions()
+                .build()),
+            "regions",
+        ),
+        (
+            err(device
+                .pool_builder()
+                .page_source(pagepool::GlobalPages)
+                .region_size(4 << 20)
+                .build()),
+            "region_size",
+        ),
+        (
+            err(device
+                .pool_builder()
+                .page_source(pagepool::GlobalPages)
+                .region_source(pagepool::SystemRegions::new())
+                .build()),
+            "region_source",
+        ),
+    ];
+    for (e, with) in conflicts {
+        let ConfigError::Conflict {
+            field, with: named, ..
+        } = &e
+        else {
+            panic!("expected a conflict, got {e:?}");
+        };
+        assert_eq!((*field, *named), ("page_source", with));
+        let text = e.to_string();
+        assert!(
+            text.contains("page_source") && text.contains(with) && !text.contains(" 0"),
+            "{text}"
+        );
+    }
+    device.unbind().unwrap();
 }
 
 #[test]

@@ -13,6 +13,7 @@ use core::ptr::NonNull;
 use super::meta_block::{take, MetaFiller};
 use super::region::{retire_pages, return_pages};
 use super::unmapper::{Unmapper, UNMAP_BATCH};
+use crate::dma::{DmaAddr, DmaError};
 use crate::error::AllocError;
 use crate::mode::TrackingMode;
 use crate::shared::{meta_ref, DeviceShared, MetaHome, PageMeta, PoolShared};
@@ -77,6 +78,11 @@ pub(crate) fn map_page<M: TrackingMode>(
     // that); no CPU reference to it exists.
     let dma =
         unsafe { call.map(cpu, config.page_len, config.direction) }.map_err(AllocError::Map)?;
+    if dma == DmaAddr::ERROR {
+        // Linux's failed-mapping value: nothing is mapped; the block goes
+        // back to its source.
+        return Err(AllocError::Map(DmaError::ErrorAddress));
+    }
     let meta = metas.place(PageMeta {
         cpu: block.into_page(),
         dma,

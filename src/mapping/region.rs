@@ -26,7 +26,7 @@
 use core::ptr::NonNull;
 
 use super::unmapper::Unmapper;
-use crate::dma::DmaAddr;
+use crate::dma::{DmaAddr, DmaError};
 use crate::error::AllocError;
 use crate::memory::RegionBlock;
 use crate::mode::TrackingMode;
@@ -149,6 +149,10 @@ pub(crate) fn map_region<M: TrackingMode>(
     // that); no CPU reference to it exists.
     let dma =
         unsafe { call.map(block.ptr, regions.len, config.direction) }.map_err(AllocError::Map)?;
+    if dma == DmaAddr::ERROR {
+        // As for a page: a failed map, nothing mapped.
+        return Err(AllocError::Map(DmaError::ErrorAddress));
+    }
     // SAFETY: not shared yet: written before the record makes it reachable.
     unsafe { write_addresses(region, dma, config.page_len) };
     pool.pages_allocated.fetch_add(count, Ordering::Relaxed);
