@@ -1337,7 +1337,7 @@ fn unbind(c: &mut Criterion) {
                     let start = Instant::now();
                     let report = device.unbind().unwrap();
                     timed += start.elapsed();
-                    assert_eq!(report.pages_in_flight, pages, "{report}");
+                    assert_eq!(report.pages_held_or_cached, pages, "{report}");
                     held.clear();
                     drop(pool);
                 }

@@ -542,7 +542,7 @@ fn stats_table(rx: &PoolStats, tx: &PoolStats) {
         ("recycle.cache_full", |s| s.recycle.cache_full),
         ("recycle.ring", |s| s.recycle.ring),
         ("recycle.ring_full", |s| s.recycle.ring_full),
-        ("recycle.released_refcnt", |s| s.recycle.released_refcnt),
+        ("recycle.released_closed", |s| s.recycle.released_closed),
     ];
     for (name, get) in rows {
         println!("  {name:<28}{:>14}{:>14}", get(rx), get(tx));
@@ -677,8 +677,8 @@ fn main() {
         "  before: {mapped_at_unplug} mappings live; pages out of the pools: {} RX + {} TX \
          ({held_at_unplug} buffers held by sockets, {posted} RX descriptors posted, \
          {} frames queued for TX, the rest in transit)",
-        rx_stats.pages_in_flight,
-        tx_stats.pages_in_flight,
+        rx_stats.pages_held,
+        tx_stats.pages_held,
         tx_queued.len(),
     );
     println!("  {report}");

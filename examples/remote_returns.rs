@@ -118,7 +118,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     println!(
         "unbind: {} pages unmapped through the tracker (the 10 kept back among them), \
          {} from the ring",
-        report.pages_in_flight, report.pages_from_rings
+        report.pages_held_or_cached, report.pages_from_rings
     );
     let calls = checker.stats();
     unbound_tx.send(())?;

@@ -43,7 +43,7 @@ use crate::mapping::{free_pages, free_regions, Unmapper};
 use crate::mode::{Tracked, TrackingMode, Untracked};
 use crate::pool::PagePoolBuilder;
 use crate::shared::{meta_ref, DeviceShared, PageMeta, PoolShared};
-use crate::stats::PoolInfo;
+use crate::stats::{PoolInfo, PoolStats};
 use crate::sync::{Arc, AtomicUsize, Ordering};
 use crate::unwind::Panics;
 
@@ -60,10 +60,12 @@ pub struct UnbindReport {
     /// regions are counted in `regions_unmapped`).
     pub pages_from_rings: usize,
     /// Pages unmapped through the in-flight tracker: held outside the pool
-    /// (by the stack, by sockets) or in a live owner's local cache. Their
-    /// memory stays valid for their holders and is freed, with no device
-    /// call, when they come back.
-    pub pages_in_flight: usize,
+    /// (by the stack, by sockets, in a thread's batch of remote returns) or
+    /// in a live owner's local cache. Their memory stays valid for their
+    /// holders and is freed, with no device call, when they come back.
+    /// With `pages_from_rings`, what Linux's `inflight` counted when the
+    /// device went away.
+    pub pages_held_or_cached: usize,
     /// Regions of region-mapped pools unmapped (one mapping each, whatever
     /// their pages were doing: cached, in a ring, held outside).
     pub regions_unmapped: usize,
@@ -80,10 +82,10 @@ impl fmt::Display for UnbindReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "unbind: {} pools, {} pages from rings + {} in flight + {} regions unmapped ({} bytes), {} mappings left, in {:?}",
+            "unbind: {} pools, {} pages from rings + {} held or cached + {} regions unmapped ({} bytes), {} mappings left, in {:?}",
             self.pools,
             self.pages_from_rings,
-            self.pages_in_flight,
+            self.pages_held_or_cached,
             self.regions_unmapped,
             self.bytes_unmapped,
             self.mappings_left,
@@ -248,10 +250,48 @@ impl<M: TrackingMode> Device<M> {
         self.shared.leaked_pages.load(Ordering::Relaxed)
     }
 
-    /// A `page-pool-get` snapshot of every pool still open on the device.
+    /// A `page-pool-get` snapshot of every pool still open on the device,
+    /// each with its label, queue and counters; callable from any thread
+    /// (a monitor), while the pools run.
     pub fn pools(&self) -> Vec<PoolInfo> {
         let pools: Vec<_> = self.shared.registry.lock().pools.clone();
         pools.iter().map(|p| p.info()).collect()
+    }
+
+    /// The sum of the counters of every pool of the device still listed:
+    /// the open ones ([`pools`](Self::pools)) and those dropped with pages
+    /// still out ([`detached_pools`](Self::detached_pools)). Readable from
+    /// any thread, like each pool's.
+    ///
+    /// ```
+    /// use pagepool::{Device, IdentityDma};
+    ///
+    /// let device = Device::new(IdentityDma::new());
+    /// let mut rx0 = device.pool_builder().label("eth0-rx").queue(0).build()?;
+    /// let mut rx1 = device.pool_builder().label("eth0-rx").queue(1).build()?;
+    /// let (a, b) = (rx0.alloc()?, rx1.alloc()?);
+    /// // A monitor thread reads every queue's counters through the device.
+    /// std::thread::scope(|s| {
+    ///     s.spawn(|| {
+    ///         for pool in device.pools() {
+    ///             println!("{pool}\n{}", pool.stats);
+    ///         }
+    ///         assert_eq!(device.stats().pages_held, 2);
+    ///     });
+    /// });
+    /// drop((a, b));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn stats(&self) -> PoolStats {
+        let registry = self.shared.registry.lock();
+        let listed: Vec<_> = registry
+            .pools
+            .iter()
+            .chain(&registry.detached)
+            .cloned()
+            .collect();
+        drop(registry);
+        listed.iter().map(|pool| pool.stats()).sum()
     }
 
     /// `page-pool-get` snapshots of the pools their owners dropped while
@@ -432,7 +472,7 @@ fn unmap_everything<M: TrackingMode>(
 
     // 4. Unmap every mapping still recorded, wherever its page is.
     if M::TRACKED {
-        report.pages_in_flight = shared.tracker.close_and_drain(|page| {
+        report.pages_held_or_cached = shared.tracker.close_and_drain(|page| {
             // SAFETY: a recorded page is live until its record is removed
             // and it is unmapped: its holder cannot free it now (the gates
             // are closed, so it hands the page to this unbind instead).
@@ -530,7 +570,7 @@ mod tests {
         assert_eq!(report.pools, 1);
         assert_eq!(report.pages_from_rings, 1);
         assert_eq!(
-            report.pages_in_flight, 3,
+            report.pages_held_or_cached, 3,
             "the held page and the two cached ones"
         );
         assert_eq!(report.bytes_unmapped, 4 * 4096);
@@ -555,7 +595,7 @@ mod tests {
         let report = UnbindReport {
             pools: 2,
             pages_from_rings: 3,
-            pages_in_flight: 4,
+            pages_held_or_cached: 4,
             regions_unmapped: 5,
             bytes_unmapped: 6,
             mappings_left: 7,
@@ -563,7 +603,7 @@ mod tests {
         };
         assert_eq!(
             report.to_string(),
-            "unbind: 2 pools, 3 pages from rings + 4 in flight + 5 regions unmapped \
+            "unbind: 2 pools, 3 pages from rings + 4 held or cached + 5 regions unmapped \
              (6 bytes), 7 mappings left, in 8ms"
         );
     }
@@ -614,7 +654,7 @@ mod tests {
         let report = device.unbind().unwrap();
         let after = checker.stats();
         let unmaps = (after.unmaps - before.unmaps) as usize;
-        assert_eq!(unmaps, report.pages_in_flight);
+        assert_eq!(unmaps, report.pages_held_or_cached);
         assert!(unmaps > 2 * UNMAP_BATCH);
         assert_eq!(
             (after.batch_unmaps - before.batch_unmaps) as usize,

@@ -31,7 +31,7 @@
 //! // The stack holds a page while the driver unbinds.
 //! let held = rx.alloc()?;
 //! let report = device.unbind()?;
-//! assert_eq!(report.pages_in_flight, 64); // the held page + the cached batch
+//! assert_eq!(report.pages_held_or_cached, 64); // the held page + the cached batch
 //! assert_eq!(checker.live_mappings(), 0);
 //! assert_eq!(rx.alloc().unwrap_err(), AllocError::Unbound);
 //! assert_eq!(held.as_slice().len(), 4096); // still valid memory

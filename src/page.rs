@@ -55,7 +55,7 @@ impl<M: TrackingMode> Returning<M> {
 impl<M: TrackingMode> Drop for Returning<M> {
     #[cold]
     fn drop(&mut self) {
-        // Counted as released instead of recycled (`released_refcnt`), so
+        // Counted as released instead of recycled (`released_closed`), so
         // the pool's in-flight count stays exact.
         recycle_refused(self.0, PushRefused::Closed);
     }
@@ -142,7 +142,7 @@ unsafe fn hand_back_batch<M: TrackingMode>(pages: &[NonNull<()>]) {
 }
 
 /// Pushes pages of one pool into its ring under one lock; releases the
-/// pages the ring refuses (full, or closed: counted in `released_refcnt`).
+/// pages the ring refuses (full, or closed: counted in `released_closed`).
 ///
 /// # Safety
 /// The caller owns every page in `pages` (not empty), all belong to one
@@ -162,7 +162,7 @@ pub(crate) unsafe fn push_run<M: TrackingMode>(pages: &[NonNull<PageMeta<M>>]) {
         // metadata, which may hold the pool's last one.
         let pool = Arc::clone(&meta.pool);
         if why == PushRefused::Closed {
-            pool.released_refcnt
+            pool.released_closed
                 .fetch_add(rest.len() as u64, Ordering::Relaxed);
         }
         // SAFETY: owned, all of `pool`, not used afterwards.
@@ -180,7 +180,7 @@ fn recycle_refused<M: TrackingMode>(page: NonNull<PageMeta<M>>, why: PushRefused
     // may hold the pool's (and through it the device's) last one.
     let pool = Arc::clone(&meta.pool);
     if why == PushRefused::Closed {
-        pool.released_refcnt.fetch_add(1, Ordering::Relaxed);
+        pool.released_closed.fetch_add(1, Ordering::Relaxed);
     }
     // SAFETY: owned, not used afterwards.
     unsafe { release_pages(&pool, &[page]) };
@@ -648,7 +648,7 @@ impl<M: TrackingMode> PageRun<M> {
                 0
             };
         if closed > 0 {
-            pool.released_refcnt
+            pool.released_closed
                 .fetch_add(closed as u64, Ordering::Relaxed);
         }
         // SAFETY: owned, all of `pool`, not used afterwards.

@@ -101,6 +101,8 @@ pub struct PagePoolBuilder<'d, M: TrackingMode = Tracked> {
     region_len_set: bool,
     region_source: Option<Box<dyn RegionSource>>,
     remote_batch: usize,
+    label: Option<String>,
+    queue: Option<u32>,
 }
 
 impl<M: TrackingMode> fmt::Debug for PagePoolBuilder<'_, M> {
@@ -114,6 +116,8 @@ impl<M: TrackingMode> fmt::Debug for PagePoolBuilder<'_, M> {
             .field("sync_for_device", &self.sync_for_device)
             .field("region_len", &self.region_len)
             .field("remote_batch", &self.remote_batch)
+            .field("label", &self.label)
+            .field("queue", &self.queue)
             .finish_non_exhaustive()
     }
 }
@@ -133,6 +137,8 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
             region_len_set: false,
             region_source: None,
             remote_batch: DEFAULT_REMOTE_BATCH,
+            label: None,
+            queue: None,
         }
     }
 
@@ -239,6 +245,21 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
     /// stack holds.
     pub fn remote_batch(mut self, pages: usize) -> Self {
         self.remote_batch = pages;
+        self
+    }
+
+    /// A name for the pool in its [`PoolInfo`] and its stats (Linux names
+    /// the netdev a pool serves; a driver might say `"eth0-rx"`). For
+    /// introspection only.
+    pub fn label(mut self, label: impl Into<String>) -> Self {
+        self.label = Some(label.into());
+        self
+    }
+
+    /// The queue the pool serves, shown in its [`PoolInfo`] (Linux's
+    /// `queue_idx`). For introspection only.
+    pub fn queue(mut self, index: u32) -> Self {
+        self.queue = Some(index);
         self
     }
 
@@ -386,7 +407,9 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
             closed: AtomicBool::new(false),
             ring: Ring::with_capacity(config.ring_size),
             owner: OwnerCounters::default(),
-            released_refcnt: AtomicU64::new(0),
+            released_closed: AtomicU64::new(0),
+            label: self.label.map(Into::into),
+            queue: self.queue,
             pages_mapped: AtomicUsize::new(0),
             pages_allocated: AtomicUsize::new(0),
             tracker_shard: id as usize,
@@ -455,6 +478,24 @@ impl<M: TrackingMode> PagePool<M> {
     /// Pages waiting in the local cache.
     pub fn cached(&self) -> usize {
         self.cache.len()
+    }
+
+    /// The label given by [`PagePoolBuilder::label`], if any.
+    pub fn label(&self) -> Option<&str> {
+        self.shared.label.as_deref()
+    }
+
+    /// The queue index given by [`PagePoolBuilder::queue`], if any.
+    pub fn queue(&self) -> Option<u32> {
+        self.shared.queue
+    }
+
+    /// Whether the pool's device is still bound. Once it is not, every
+    /// allocation fails with [`AllocError::Unbound`]; an RX loop whose ring
+    /// is full (so it allocates nothing) can poll this to notice an unbind.
+    /// One load, no device call.
+    pub fn is_bound(&self) -> bool {
+        !self.shared.gate.is_closed()
     }
 
     /// Allocates a mapped page: from the local cache (fast path), else by
@@ -586,7 +627,7 @@ impl<M: TrackingMode> PagePool<M> {
     /// unbind, freed here or by unbind).
     #[cold]
     fn recycle_unbound(&mut self, page: NonNull<PageMeta<M>>) {
-        self.shared.released_refcnt.fetch_add(1, Ordering::Relaxed);
+        self.shared.released_closed.fetch_add(1, Ordering::Relaxed);
         // SAFETY: owned; not used afterwards.
         unsafe { release_pages(&self.shared, &[page]) };
     }
@@ -597,7 +638,7 @@ impl<M: TrackingMode> PagePool<M> {
         let refused = self.shared.ring.lock().push(page);
         if let Err(why) = refused {
             if why == PushRefused::Closed {
-                self.shared.released_refcnt.fetch_add(1, Ordering::Relaxed);
+                self.shared.released_closed.fetch_add(1, Ordering::Relaxed);
             }
             // SAFETY: refused, so still owned.
             unsafe { release_pages(&self.shared, &[page]) };
@@ -790,7 +831,7 @@ mod tests {
             (stats.alloc.slow, stats.alloc.fast, stats.recycle.cached),
             (1, 1, 1)
         );
-        assert_eq!(stats.pages_in_flight, 1);
+        assert_eq!(stats.pages_held, 1);
         assert_eq!(stats.pages_mapped, 2);
         drop(again);
         drop(pool);
@@ -899,7 +940,7 @@ mod tests {
         let cached = pool.cached();
         pool.recycle_direct(page);
         assert_eq!(pool.cached(), cached, "not put back into the cache");
-        assert_eq!(pool.stats().recycle.released_refcnt, 1);
+        assert_eq!(pool.stats().recycle.released_closed, 1);
         assert_eq!(checker.stats(), calls, "no device call");
     }
 }

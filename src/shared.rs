@@ -247,7 +247,12 @@ pub(crate) struct PoolShared<M: TrackingMode> {
     pub(crate) closed: AtomicBool,
     pub(crate) ring: Ring<PageMeta<M>>,
     pub(crate) owner: OwnerCounters,
-    pub(crate) released_refcnt: AtomicU64,
+    /// Pages released because the pool was closed when they came back
+    /// (`RecycleStats::released_closed`).
+    pub(crate) released_closed: AtomicU64,
+    /// The builder's label and queue index, for introspection only.
+    pub(crate) label: Option<std::sync::Arc<str>>,
+    pub(crate) queue: Option<u32>,
     pub(crate) pages_mapped: AtomicUsize,
     pub(crate) pages_allocated: AtomicUsize,
     pub(crate) tracker_shard: usize,
@@ -295,13 +300,14 @@ impl<M: TrackingMode> PoolShared<M> {
             cache_full: o.cache_full.get(),
             ring: ring.ring,
             ring_full: ring.ring_full,
-            released_refcnt: self.released_refcnt.load(Ordering::Relaxed),
+            released_refcnt: 0,
+            released_closed: self.released_closed.load(Ordering::Relaxed),
         };
-        let returned = recycle.cached + recycle.ring + recycle.ring_full + recycle.released_refcnt;
+        let returned = recycle.cached + recycle.ring + recycle.ring_full + recycle.released_closed;
         // Every page handed out is counted once: by `fast`, or by the one
         // slow-path event (refill, slow, slow_high_order) that produced it.
         let handed_out = o.fast.get() + o.refill.get() + o.slow.get() + o.slow_high_order.get();
-        let in_flight = handed_out.saturating_sub(returned);
+        let held = handed_out.saturating_sub(returned);
         let mapped = self.pages_mapped.load(Ordering::Relaxed) as u64;
         let page_len = self.config.page_len as u64;
         PoolStats {
@@ -314,8 +320,8 @@ impl<M: TrackingMode> PoolShared<M> {
                 waive: 0,
             },
             recycle,
-            pages_in_flight: in_flight,
-            bytes_in_flight: in_flight * page_len,
+            pages_held: held,
+            bytes_held: held * page_len,
             pages_mapped: mapped,
             bytes_mapped: mapped * page_len,
         }
@@ -323,10 +329,14 @@ impl<M: TrackingMode> PoolShared<M> {
 
     pub(crate) fn info(&self) -> PoolInfo {
         let stats = self.stats();
+        let inflight = self.pages_allocated.load(Ordering::Relaxed) as u64;
         PoolInfo {
             id: self.id,
-            inflight: stats.pages_in_flight,
-            inflight_mem: stats.bytes_in_flight,
+            label: self.label.clone(),
+            queue: self.queue,
+            inflight,
+            inflight_mem: inflight * self.config.page_len as u64,
+            stats,
             detach_time: *self.detach_time.lock(),
             regions: self.regions.as_ref().map(|r| {
                 let live = r.live.load(Ordering::Relaxed) as u64;

@@ -10,7 +10,24 @@
 //!
 //! A snapshot read while the pool runs is not atomic across counters: each
 //! counter is exact, their sum may be off by the operations in progress.
+//! Every counter is readable from any thread: through the pool
+//! ([`PagePool::stats`](crate::PagePool::stats)) or through its device
+//! ([`Device::pools`](crate::Device::pools), [`Device::stats`](crate::Device::stats)).
+//!
+//! # Names
+//!
+//! Where a name is Linux's, it means what Linux means by it: the alloc and
+//! recycle counters are `page_pool_stats`' (printed with their ethtool
+//! names, `rx_pp_*`, by [`PoolStats`]'s `Display`), and [`PoolInfo`]'s
+//! fields are netlink `page-pool-get`'s (`inflight` counts every page the
+//! pool took from memory and has not released, its cache and ring
+//! included). Counters Linux does not have carry names of their own
+//! (`pages_held`, `released_closed`).
 
+use core::fmt;
+use core::iter::Sum;
+use core::ops::{Add, AddAssign};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::memory::RegionBacking;
@@ -54,9 +71,18 @@ pub struct RecycleStats {
     /// or, in a region-mapped pool, went to the pool's spare list (a
     /// region's pages stay mapped with their region).
     pub ring_full: u64,
-    /// Pages that came back after their pool was dropped or its device
-    /// unbound, and were released instead of recycled.
+    /// Linux counts pages released instead of recycled because someone
+    /// else still held a reference to them. A page here has one owner (a
+    /// page's fragments and `Bytes` clones give it back only when the last
+    /// one goes), so none is ever released for that reason and this stays
+    /// 0; it is kept so dashboards built for Linux's names read the same
+    /// fields. Pages released because their pool was closed are
+    /// [`released_closed`](Self::released_closed).
     pub released_refcnt: u64,
+    /// Pages that came back after their pool was dropped or its device
+    /// unbound, and were released (unmapped and freed; after an unbind,
+    /// freed with no device call) instead of recycled.
+    pub released_closed: u64,
 }
 
 /// A point-in-time view of one pool's counters.
@@ -66,25 +92,42 @@ pub struct PoolStats {
     pub alloc: AllocStats,
     /// Recycling counters.
     pub recycle: RecycleStats,
-    /// Pages handed out and not yet given back.
-    pub pages_in_flight: u64,
-    /// `pages_in_flight` in bytes.
-    pub bytes_in_flight: u64,
+    /// Pages handed out (to the driver, and through it to the stack) and
+    /// not yet given back. Not Linux's `inflight`, which also counts the
+    /// pool's cache and ring: that is [`PoolInfo::inflight`].
+    pub pages_held: u64,
+    /// `pages_held` in bytes.
+    pub bytes_held: u64,
     /// Pages of this pool currently DMA-mapped (in cache, ring or held).
     pub pages_mapped: u64,
     /// `pages_mapped` in bytes.
     pub bytes_mapped: u64,
 }
 
-/// What netlink's `page-pool-get` reports for a pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What netlink's `page-pool-get` reports for a pool, with the pool's
+/// counters: readable from any thread through
+/// [`Device::pools`](crate::Device::pools).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolInfo {
     /// The pool's id, unique in the process.
     pub id: u32,
-    /// Pages handed out and not yet given back (`inflight`).
+    /// The pool's label, if its builder gave one
+    /// ([`PagePoolBuilder::label`](crate::PagePoolBuilder::label); Linux
+    /// names the netdev).
+    pub label: Option<Arc<str>>,
+    /// The queue the pool serves, if its builder said
+    /// ([`PagePoolBuilder::queue`](crate::PagePoolBuilder::queue); Linux's
+    /// `queue_idx`).
+    pub queue: Option<u32>,
+    /// Pages the pool took from memory and has not released (Linux's
+    /// `inflight`): handed out, in its cache, in its ring or kept back in a
+    /// thread's batch of remote returns. For a pool its owner dropped, the
+    /// pages still held outside.
     pub inflight: u64,
     /// `inflight` in bytes (`inflight-mem`).
     pub inflight_mem: u64,
+    /// The pool's counters.
+    pub stats: PoolStats,
     /// When the pool was dropped by its owner, if it was (`detach-time`).
     pub detach_time: Option<SystemTime>,
     /// A region-mapped pool's regions; `None` for a pool mapped page by
@@ -112,6 +155,129 @@ pub struct RegionInfo {
     pub bytes_pinned: u64,
     /// What backs the last region allocated (huge pages or not).
     pub backing: Option<RegionBacking>,
+}
+
+/// Field-wise sums, for totals over pools (a device's queues).
+macro_rules! field_sums {
+    ($type:ty { $($field:ident),* $(,)? } $( { $($nested:ident),* } )?) => {
+        impl AddAssign for $type {
+            fn add_assign(&mut self, other: Self) {
+                $(self.$field += other.$field;)*
+                $($(self.$nested += other.$nested;)*)?
+            }
+        }
+
+        impl Add for $type {
+            type Output = Self;
+
+            fn add(mut self, other: Self) -> Self {
+                self += other;
+                self
+            }
+        }
+
+        impl Sum for $type {
+            fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+                iter.fold(Self::default(), Add::add)
+            }
+        }
+
+        impl<'a> Sum<&'a $type> for $type {
+            fn sum<I: Iterator<Item = &'a Self>>(iter: I) -> Self {
+                iter.copied().sum()
+            }
+        }
+    };
+}
+
+field_sums!(AllocStats {
+    fast,
+    slow,
+    slow_high_order,
+    empty,
+    refill,
+    waive
+});
+field_sums!(RecycleStats {
+    cached,
+    cache_full,
+    ring,
+    ring_full,
+    released_refcnt,
+    released_closed
+});
+field_sums!(PoolStats {
+    alloc,
+    recycle,
+    pages_held,
+    bytes_held,
+    pages_mapped,
+    bytes_mapped
+});
+
+/// `ethtool -S` style: one `name: value` line per counter, Linux's eleven
+/// `rx_pp_*` counters first, under their ethtool names, then this crate's
+/// own (`pp_*`).
+///
+/// ```
+/// use pagepool::{AllocStats, PoolStats};
+///
+/// let stats = PoolStats {
+///     alloc: AllocStats { fast: 7, ..AllocStats::default() },
+///     ..PoolStats::default()
+/// };
+/// let text = stats.to_string();
+/// assert!(text.starts_with("rx_pp_alloc_fast: 7\n"));
+/// assert!(text.contains("rx_pp_recycle_released_ref: 0\n"));
+/// ```
+impl fmt::Display for PoolStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (a, r) = (&self.alloc, &self.recycle);
+        let lines: [(&str, u64); 16] = [
+            ("rx_pp_alloc_fast", a.fast),
+            ("rx_pp_alloc_slow", a.slow),
+            ("rx_pp_alloc_slow_ho", a.slow_high_order),
+            ("rx_pp_alloc_empty", a.empty),
+            ("rx_pp_alloc_refill", a.refill),
+            ("rx_pp_alloc_waive", a.waive),
+            ("rx_pp_recycle_cached", r.cached),
+            ("rx_pp_recycle_cache_full", r.cache_full),
+            ("rx_pp_recycle_ring", r.ring),
+            ("rx_pp_recycle_ring_full", r.ring_full),
+            ("rx_pp_recycle_released_ref", r.released_refcnt),
+            ("pp_recycle_released_closed", r.released_closed),
+            ("pp_pages_held", self.pages_held),
+            ("pp_bytes_held", self.bytes_held),
+            ("pp_pages_mapped", self.pages_mapped),
+            ("pp_bytes_mapped", self.bytes_mapped),
+        ];
+        for (name, value) in lines {
+            writeln!(f, "{name}: {value}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One line: id, label and queue where set, `inflight`, detach state.
+impl fmt::Display for PoolInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pool {}", self.id)?;
+        if let Some(label) = &self.label {
+            write!(f, " {label}")?;
+        }
+        if let Some(queue) = self.queue {
+            write!(f, " queue {queue}")?;
+        }
+        write!(
+            f,
+            ": inflight {} ({} bytes), held {}",
+            self.inflight, self.inflight_mem, self.stats.pages_held
+        )?;
+        if self.detach_time.is_some() {
+            f.write_str(", detached")?;
+        }
+        Ok(())
+    }
 }
 
 /// A counter with a single writer: bumped by load + store, never an atomic

@@ -148,7 +148,7 @@ fn alloc_pages_panic_mid_batch_leaks_nothing_and_the_pool_stays_usable() {
     let pages: Vec<Page> = (0..3).map(|_| pool.alloc().unwrap()).collect();
     assert_eq!(rig.checker.stats().maps, 5);
     let report = rig.device.unbind().unwrap();
-    assert_eq!(report.pages_in_flight, 5, "3 held + 2 cached");
+    assert_eq!(report.pages_held_or_cached, 5, "3 held + 2 cached");
     assert_eq!(rig.checker.live_mappings(), 0);
     drop(pages);
     drop(pool);
@@ -210,7 +210,7 @@ fn alloc_bulk_keeps_what_it_appended_when_the_page_source_returns_pages_or_panic
     addrs.dedup();
     assert_eq!(addrs.len(), 7, "no page handed out twice");
     let report = rig.device.unbind().unwrap();
-    assert_eq!(report.pages_in_flight, 10, "7 held + 3 cached");
+    assert_eq!(report.pages_held_or_cached, 10, "7 held + 3 cached");
     drop(pages);
     drop(pool);
     rig.assert_clean();
@@ -240,7 +240,7 @@ fn map_panic_mid_batch_returns_the_block_and_leaks_nothing() {
 
     let pages: Vec<Page> = (0..3).map(|_| pool.alloc().unwrap()).collect();
     let report = rig.device.unbind().unwrap();
-    assert_eq!(report.pages_in_flight, 5);
+    assert_eq!(report.pages_held_or_cached, 5);
     drop(pages);
     drop(pool);
     rig.assert_clean();
@@ -868,7 +868,7 @@ fn unbind_inside_map_is_refused_and_a_later_unbind_succeeds() {
         let page = pool.alloc().expect("the allocation goes on");
         refused(&slot);
         let report = rig.device.unbind().expect("unbind from outside");
-        assert_eq!(report.pages_in_flight, 1);
+        assert_eq!(report.pages_held_or_cached, 1);
         drop(page);
         drop(pool);
         rig.assert_clean();
@@ -889,7 +889,7 @@ fn unbind_inside_unmap_batch_is_refused_and_a_later_unbind_succeeds() {
         refused(&slot);
         assert_eq!(rig.faults.calls(Call::UnmapBatch), 1);
         let report = rig.device.unbind().expect("unbind from outside");
-        assert_eq!(report.pages_in_flight, 1);
+        assert_eq!(report.pages_held_or_cached, 1);
         drop(held);
         drop(pool);
         rig.assert_clean();
@@ -922,7 +922,7 @@ fn unbind_inside_on_unbind_is_refused_and_the_outer_unbind_completes() {
         let held = pool.alloc().unwrap();
         let slot = unbind_inside(&rig, Call::OnUnbind, When::After);
         let report = rig.device.unbind().expect("the outer unbind");
-        assert_eq!(report.pages_in_flight, 1);
+        assert_eq!(report.pages_held_or_cached, 1);
         let got = slot.lock().unwrap().take();
         assert_eq!(got, Some((Err(UnbindError::InsideCallback), false)));
         assert_eq!(rig.faults.calls(Call::OnUnbind), 1);
@@ -944,7 +944,7 @@ fn unbind_inside_free_pages_during_unbind_is_refused_and_the_outer_unbind_comple
         let slot = unbind_inside(&rig, Call::FreePages, When::Before);
         let report = rig.device.unbind().expect("the outer unbind");
         assert_eq!(report.pages_from_rings, 1);
-        assert_eq!(report.pages_in_flight, 1);
+        assert_eq!(report.pages_held_or_cached, 1);
         let got = slot.lock().unwrap().take();
         assert_eq!(got, Some((Err(UnbindError::InsideCallback), false)));
         drop(held);
@@ -964,7 +964,7 @@ fn unbind_inside_alloc_pages_proceeds_and_the_interrupted_alloc_fails_unbound() 
         let (result, bound) = slot.lock().unwrap().take().expect("the rule ran");
         let report = result.expect("no device call was in progress: unbind proceeds");
         assert!(!bound);
-        assert_eq!(report.pages_in_flight, 1);
+        assert_eq!(report.pages_held_or_cached, 1);
         assert_eq!(
             rig.checker.stats().maps,
             1,
@@ -1031,7 +1031,7 @@ fn unbind_does_not_wait_for_a_page_source_blocked_in_alloc_pages() {
             !owner.is_finished(),
             "alloc_pages is still blocked when unbind returns"
         );
-        assert_eq!(report.pages_in_flight, 4);
+        assert_eq!(report.pages_held_or_cached, 4);
         assert!(rig.checker.is_unbound());
         assert_eq!(rig.checker.live_mappings(), 0);
         release.send(()).unwrap();
@@ -1089,7 +1089,7 @@ fn unbind_waits_for_the_map_in_progress_not_for_the_refill_batch() {
             "unbind returned after {maps} maps of a 256-page refill: it must wait for the map \
              in progress only"
         );
-        assert_eq!(report.pages_in_flight, maps as usize);
+        assert_eq!(report.pages_held_or_cached, maps as usize);
         assert_eq!(rig.checker.live_mappings(), 0);
         let (result, pool) = owner.join().unwrap();
         assert_eq!(result, Err(AllocError::Unbound));

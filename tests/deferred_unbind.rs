@@ -148,7 +148,7 @@ fn assert_removed_at_once(seen: &Seen, held_pages: usize) {
     let (result, unbound) = seen.lock().unwrap().take().expect("the callback ran");
     if let Some(result) = result {
         let report = result.expect("another device's unbind is not refused");
-        assert_eq!(report.pages_in_flight, held_pages);
+        assert_eq!(report.pages_held_or_cached, held_pages);
     }
     assert!(unbound, "unbound before the callback returned");
 }
@@ -514,10 +514,12 @@ fn nested_unbinds_across_two_devices_refuse_the_outer_device_only() {
             Call::UnmapBatch,
             faults_b.next(Call::UnmapBatch),
             When::Before,
-            move || *out.lock().unwrap() = Some(a_inside.unbind().map(|r| r.pages_in_flight > 0)),
+            move || {
+                *out.lock().unwrap() = Some(a_inside.unbind().map(|r| r.pages_held_or_cached > 0))
+            },
         );
         let report = b.unbind().expect("the outer unbind");
-        assert!(report.pages_in_flight > 0);
+        assert!(report.pages_held_or_cached > 0);
         assert_eq!(
             *middle_a.lock().unwrap(),
             Some(Ok(true)),

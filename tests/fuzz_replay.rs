@@ -107,7 +107,7 @@ fn panic_config() -> Config {
 }
 
 /// A page released because its sync on recycle panicked is counted as
-/// returned (`released_refcnt`): `pages_in_flight` goes back to 0. (It
+/// returned (`released_closed`): `pages_held` goes back to 0. (It
 /// stayed 1 for good.)
 #[test]
 fn panicking_recycle_sync_counts_the_page_returned() {

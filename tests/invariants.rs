@@ -83,7 +83,7 @@ fn inv1_every_exit_unmaps_each_mapping_once() {
     // Unbind reached: A's ring (4), A's held (6), B's held (3), C's cache (7)
     // and C's held page (1).
     assert_eq!(report.pages_from_rings, 4);
-    assert_eq!(report.pages_in_flight, 6 + 3 + 7 + 1);
+    assert_eq!(report.pages_held_or_cached, 6 + 3 + 7 + 1);
     assert_eq!(report.bytes_unmapped, (21 * PAGE_SIZE) as u64);
     assert_eq!(report.mappings_left, 0);
     assert_unbound_clean(&rig.checker);
@@ -156,7 +156,7 @@ fn inv1_page_leaving_while_unbind_runs_is_unmapped_once() {
         }
         let report = rig.device.unbind().unwrap();
         dropper.join().unwrap();
-        assert!(report.pages_from_rings + report.pages_in_flight <= 8);
+        assert!(report.pages_from_rings + report.pages_held_or_cached <= 8);
         rig.finish(pool);
     }
 }
@@ -303,7 +303,7 @@ fn inv3_unbind_with_100k_pages_held_outside_returns() {
     assert_eq!(checker.live_mappings(), HELD + cached);
 
     let report = device.unbind().unwrap();
-    assert_eq!(report.pages_in_flight, HELD + cached);
+    assert_eq!(report.pages_held_or_cached, HELD + cached);
     assert_eq!(report.pages_from_rings, 0);
     assert_eq!(report.bytes_unmapped, ((HELD + cached) * PAGE_SIZE) as u64);
     assert_eq!(report.mappings_left, 0);
@@ -344,7 +344,7 @@ fn inv3_unbind_does_not_wait_for_page_holders() {
         .recv_timeout(Duration::from_secs(60))
         .expect("unbind blocked on pages held outside (invariant 3)");
     unbinder.join().unwrap();
-    assert_eq!(report.pages_in_flight, 200 + pool.cached());
+    assert_eq!(report.pages_held_or_cached, 200 + pool.cached());
     for _ in 0..4 {
         release_tx.send(()).unwrap();
     }
@@ -384,7 +384,7 @@ fn inv3_unbind_waits_only_for_a_call_in_progress() {
     let (pool, page) = owner.join().unwrap();
     assert_eq!(page.unwrap_err(), AllocError::Unbound);
     assert_eq!(
-        report.pages_in_flight, 1,
+        report.pages_held_or_cached, 1,
         "the one page mapped before unbind"
     );
     rig.finish(pool);
@@ -599,14 +599,14 @@ fn inv6_pool_accounting_is_zero_after_everything_returns() {
     let rig = Rig::new();
     let mut pool = rig.device.pool_builder().build().unwrap();
     let held: Vec<Page> = (0..5).map(|_| pool.alloc().unwrap()).collect();
-    assert_eq!(pool.stats().pages_in_flight, 5);
+    assert_eq!(pool.stats().pages_held, 5);
     rig.device.unbind().unwrap();
     let s = pool.stats();
     assert_eq!(s.pages_mapped, 0, "unbind unmapped everything");
-    assert_eq!(s.pages_in_flight, 5, "still held");
+    assert_eq!(s.pages_held, 5, "still held");
     drop(held);
     let s = pool.stats();
-    assert_eq!(s.pages_in_flight, 0);
-    assert_eq!(s.recycle.released_refcnt, 5);
+    assert_eq!(s.pages_held, 0);
+    assert_eq!(s.recycle.released_closed, 5);
     rig.finish(());
 }

@@ -123,7 +123,7 @@ fn ring_full_releases_unmap_and_free() {
     assert_eq!(rig.checker.stats().unmaps, 7);
     assert_eq!(rig.pages.counting.freed(), 7, "ring-full pages are freed");
     assert_eq!(s.pages_mapped, 3);
-    assert_eq!(s.pages_in_flight, 0);
+    assert_eq!(s.pages_held, 0);
     assert_eq!(rig.checker.live_mappings(), 3);
     assert_eq!(rig.device.tracked_mappings(), 3);
     drop(pool);
@@ -186,7 +186,7 @@ fn higher_order_pages_are_mapped_one_at_a_time_at_full_size() {
         page.as_mut_slice()[len - 1] = 1; // the whole block is usable
         let s = pool.stats();
         assert_eq!((s.alloc.slow, s.alloc.slow_high_order), (0, 1));
-        assert_eq!(s.bytes_in_flight, len as u64);
+        assert_eq!(s.bytes_held, len as u64);
         pool.recycle_direct(page);
         let again = pool.alloc().unwrap();
         assert_eq!(rig.checker.stats().maps, maps + 1, "recycled, not remapped");
@@ -238,7 +238,7 @@ fn fragments_are_carved_aligned_from_one_page() {
             ..
         })
     ));
-    assert_eq!(pool.stats().pages_in_flight, 2, "two pages carry fragments");
+    assert_eq!(pool.stats().pages_held, 2, "two pages carry fragments");
     drop((frags, fifth));
     rig.finish(pool);
 }
@@ -433,7 +433,7 @@ fn recycle_syncs_min_of_dirty_len_and_max_len_from_offset() {
     rig.device.unbind().unwrap();
     pool.recycle_direct(page);
     assert!(state.take_syncs().is_empty());
-    assert_eq!(pool.stats().recycle.released_refcnt, 1);
+    assert_eq!(pool.stats().recycle.released_closed, 1);
     drop(pool);
     // Not `Rig::finish`: the checker keeps the deliberate violation.
     assert_eq!(rig.checker.stats().violations, 1, "only the deliberate one");
@@ -517,8 +517,8 @@ fn stats_count_every_path_with_linux_names() {
     let d = pool.alloc().unwrap(); // fast
     let e = pool.alloc().unwrap(); // empty, slow (maps 2)
     let s = pool.stats();
-    assert_eq!(s.pages_in_flight, 5);
-    assert_eq!(s.bytes_in_flight, 5 * 4096);
+    assert_eq!(s.pages_held, 5);
+    assert_eq!(s.bytes_held, 5 * 4096);
     assert_eq!(s.pages_mapped, 6);
     pool.recycle_direct(a); // cached
     pool.recycle_direct(b); // cached
@@ -542,8 +542,8 @@ fn stats_count_every_path_with_linux_names() {
     assert_eq!(s.recycle.cache_full, 1);
     assert_eq!(s.recycle.ring, 2 + 2);
     assert_eq!(s.recycle.ring_full, 1);
-    assert_eq!(s.recycle.released_refcnt, 0);
-    assert_eq!(s.pages_in_flight, 4, "the four in `f`");
+    assert_eq!(s.recycle.released_closed, 0);
+    assert_eq!(s.pages_held, 4, "the four in `f`");
     assert_eq!(s.pages_mapped, 8 - 1);
     assert_eq!(s.bytes_mapped, 7 * 4096);
     assert_eq!(rig.checker.live_mappings(), 7);
@@ -551,8 +551,8 @@ fn stats_count_every_path_with_linux_names() {
     rig.device.unbind().unwrap();
     drop(f);
     let s = pool.stats();
-    assert_eq!(s.recycle.released_refcnt, 4, "came back after unbind");
-    assert_eq!(s.pages_in_flight, 0);
+    assert_eq!(s.recycle.released_closed, 4, "came back after unbind");
+    assert_eq!(s.pages_held, 0);
     assert_eq!(s.pages_mapped, 0);
     rig.finish(pool);
 }
@@ -567,9 +567,20 @@ fn pool_info_is_page_pool_get() {
     assert!(held.iter().all(|p| p.pool_id() == pool.id()));
     let info = pool.info();
     assert_eq!(info.id, pool.id());
+    // Higher-order pages are mapped one at a time: all three are held.
     assert_eq!(info.inflight, 3);
     assert_eq!(info.inflight_mem, 3 * 8192);
+    assert_eq!(info.stats.pages_held, 3);
     assert_eq!(info.detach_time, None);
+    // Linux's `inflight` counts every page taken from memory and not
+    // released: an order-0 pool's cached rest of the refill too.
+    let mut batched = rig.device.pool_builder().build().unwrap();
+    let one = batched.alloc().unwrap();
+    let info0 = batched.info();
+    assert_eq!(info0.inflight, pagepool::DEFAULT_REFILL_BATCH as u64);
+    assert_eq!(info0.stats.pages_held, 1);
+    drop(one);
+    drop(batched);
     let listed = rig.device.pools();
     assert_eq!(listed.len(), 2);
     assert!(listed.contains(&info));
@@ -597,7 +608,7 @@ fn dropped_pool_with_pages_in_flight_is_listed_with_detach_time() {
     assert!(rig.device.pools().is_empty(), "no pool is open");
     let detached = rig.device.detached_pools();
     assert_eq!(detached.len(), 1, "only the pool with pages in flight");
-    let info = detached[0];
+    let info = &detached[0];
     assert_eq!(info.id, id);
     assert_eq!(info.inflight, 2);
     assert_eq!(info.inflight_mem, 2 * 4096);
@@ -620,7 +631,7 @@ fn detached_pools_are_forgotten_at_unbind() {
     assert_eq!(rig.device.detached_pools().len(), 1);
     let report = rig.device.unbind().unwrap();
     assert_eq!(report.pools, 0, "no pool was open");
-    assert_eq!(report.pages_in_flight, 1);
+    assert_eq!(report.pages_held_or_cached, 1);
     assert!(rig.device.detached_pools().is_empty());
     rig.finish(held);
 }
@@ -655,7 +666,7 @@ fn dropped_pool_keeps_held_pages_mapped_and_tracked_until_they_return() {
     // The rest is unmapped by unbind, and freed when it comes back.
     let report = rig.device.unbind().unwrap();
     assert_eq!(report.pools, 0);
-    assert_eq!(report.pages_in_flight, 2);
+    assert_eq!(report.pages_held_or_cached, 2);
     assert_unbound_clean(&rig.checker);
     rig.finish(held);
 }
@@ -686,7 +697,7 @@ fn unbind_twice_is_already_unbound() {
     let _p = pool.alloc().unwrap();
     assert!(rig.device.is_bound());
     let first = rig.device.unbind().unwrap();
-    assert_eq!(first.pages_in_flight, 64);
+    assert_eq!(first.pages_held_or_cached, 64);
     assert_eq!(rig.device.unbind(), Err(UnbindError::AlreadyUnbound));
     assert_eq!(rig.device.unbind(), Err(UnbindError::AlreadyUnbound));
     assert!(UnbindError::AlreadyUnbound
@@ -721,7 +732,7 @@ fn concurrent_unbind_from_two_threads_unbinds_once() {
             .collect();
         let ok: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
         assert_eq!(ok.len(), 1, "exactly one unbind does the work: {results:?}");
-        assert_eq!(ok[0].pages_in_flight, 128);
+        assert_eq!(ok[0].pages_held_or_cached, 128);
         assert!(results.contains(&Err(UnbindError::AlreadyUnbound)));
         assert_unbound_clean(&rig.checker);
         rig.finish((held, pool));
@@ -998,7 +1009,7 @@ fn recycle_direct_sends_foreign_pages_home_and_releases_past_a_full_ring() {
     mine.recycle_direct(foreign);
     assert_eq!(mine.cached(), cached_before, "not into this pool's cache");
     assert_eq!(theirs.stats().recycle.ring, 1, "home, into its own ring");
-    assert_eq!(theirs.stats().pages_in_flight, 0);
+    assert_eq!(theirs.stats().pages_held, 0);
 
     let pages: Vec<Page> = (0..3).map(|_| mine.alloc().unwrap()).collect();
     for page in pages {
@@ -1007,8 +1018,8 @@ fn recycle_direct_sends_foreign_pages_home_and_releases_past_a_full_ring() {
     let s = mine.stats();
     assert_eq!((s.recycle.cached, s.recycle.cache_full), (1, 2));
     assert_eq!((s.recycle.ring, s.recycle.ring_full), (1, 1));
-    assert_eq!(s.recycle.released_refcnt, 0, "the pool is not closing");
-    assert_eq!(s.pages_in_flight, 0);
+    assert_eq!(s.recycle.released_closed, 0, "the pool is not closing");
+    assert_eq!(s.pages_held, 0);
     rig.finish((mine, theirs));
 }
 
@@ -1068,7 +1079,7 @@ fn map_failure_is_typed_and_leaks_nothing() {
         "the block that failed to map was freed"
     );
     assert_eq!(pool.stats().pages_mapped, 0);
-    assert_eq!(pool.stats().pages_in_flight, 0);
+    assert_eq!(pool.stats().pages_held, 0);
 
     // A failure in the middle of a batch keeps what was mapped.
     rig.checker.fail_maps_every(10);
@@ -1106,7 +1117,7 @@ fn alloc_bulk_gives_count_distinct_pages_across_refills() {
     assert_eq!(pool.cached(), 2);
     let s = pool.stats();
     assert_eq!((s.alloc.slow, s.alloc.fast, s.alloc.empty), (3, 7, 3));
-    assert_eq!(s.pages_in_flight, 10);
+    assert_eq!(s.pages_held, 10);
     assert_eq!(rig.checker.live_mappings(), 12);
     // Appends: what the vector held stays.
     for page in pages.drain(5..) {
@@ -1334,8 +1345,8 @@ fn put_bulk_returns_pages_of_several_pools_to_their_rings() {
     assert_eq!((sa.recycle.ring, sa.recycle.ring_full), (4, 7));
     assert_eq!((sb.recycle.ring, sb.recycle.ring_full), (6, 0));
     // A full ring is not a closing pool: nothing counted as released.
-    assert_eq!(sa.recycle.released_refcnt + sb.recycle.released_refcnt, 0);
-    assert_eq!(sa.pages_in_flight + sb.pages_in_flight, 0);
+    assert_eq!(sa.recycle.released_closed + sb.recycle.released_closed, 0);
+    assert_eq!(sa.pages_held + sb.pages_held, 0);
     assert_eq!(rig.checker.stats().unmaps, 7);
     put_bulk(Vec::<Page>::new());
 
@@ -1344,7 +1355,7 @@ fn put_bulk_returns_pages_of_several_pools_to_their_rings() {
     rig.device.unbind().unwrap();
     let frozen = rig.checker.stats();
     put_bulk(held);
-    assert_eq!(b.stats().recycle.released_refcnt, 3);
+    assert_eq!(b.stats().recycle.released_closed, 3);
     assert_eq!(rig.checker.stats(), frozen);
     rig.finish((a, b));
 }
@@ -1372,11 +1383,11 @@ fn put_bulk_whose_iterator_panics_releases_what_it_took() {
     }));
     assert!(unwound.is_err());
     assert_eq!(
-        pool.stats().recycle.released_refcnt,
+        pool.stats().recycle.released_closed,
         5,
         "all five came back"
     );
-    assert_eq!(pool.stats().pages_in_flight, 0);
+    assert_eq!(pool.stats().pages_held, 0);
     assert_eq!(rig.checker.stats(), frozen, "no device call after unbind");
     rig.finish(pool);
 }
@@ -1398,7 +1409,7 @@ fn put_bulk_of_more_pages_than_one_run_pushes_run_after_run() {
     thread::spawn(move || put_bulk(burst)).join().unwrap();
     let s = pool.stats();
     assert_eq!((s.recycle.ring, s.recycle.ring_full), (200, 0));
-    assert_eq!(s.pages_in_flight, 0);
+    assert_eq!(s.pages_held, 0);
     assert_eq!(rig.checker.stats().unmaps, 0, "nothing left the pool");
     rig.finish(pool);
 }
@@ -1443,7 +1454,7 @@ fn untracked_unbind_reports_mappings_left_and_leaks_held_pages() {
     assert_eq!(device.tracked_mappings(), 0, "nothing is tracked");
     let report = device.unbind().unwrap();
     assert_eq!(report.pages_from_rings, 2);
-    assert_eq!(report.pages_in_flight, 0);
+    assert_eq!(report.pages_held_or_cached, 0);
     assert_eq!(report.mappings_left, 5 + 1, "held pages and the cached one");
     // The checker sees what dma-debug would: mappings live at unbind.
     assert_eq!(checker.live_mappings(), 6);

@@ -309,7 +309,7 @@ fn ring_full_pages_wait_in_the_spare_list_and_come_back_without_a_map() {
         1,
         "every page came back from the pool"
     );
-    assert_eq!(pool.stats().pages_in_flight, PAGES_PER_REGION as u64);
+    assert_eq!(pool.stats().pages_held, PAGES_PER_REGION as u64);
     drop(again);
     drop(pool);
     regions.assert_all_freed_once();

@@ -232,9 +232,9 @@ mod driver {
             s.recycle.cached,
             s.recycle.ring,
             s.recycle.ring_full,
-            s.recycle.released_refcnt,
+            s.recycle.released_closed,
             s.pages_mapped,
-            s.pages_in_flight
+            s.pages_held
         );
     }
 
@@ -506,13 +506,13 @@ mod driver {
             );
         } else {
             checks.check(
-                unbind_unmapped == (report.pages_from_rings + report.pages_in_flight) as u64,
+                unbind_unmapped == (report.pages_from_rings + report.pages_held_or_cached) as u64,
                 format!(
                     "unbind unmapped every page once: {} from rings + {} in flight = \
                      {unbind_unmapped} mappings the kernel removed ({} UNMAP_DMA); DMA_AVAIL \
                      {avail_pools} with the pools",
                     report.pages_from_rings,
-                    report.pages_in_flight,
+                    report.pages_held_or_cached,
                     vfio_after_unbind.unmap_calls - vfio_before_unbind.unmap_calls
                 ),
             );
@@ -731,7 +731,7 @@ mod driver {
              no device call)",
             rx_pool_stats.recycle.ring,
             tx_pool_stats.recycle.cached,
-            rx_pool_stats.recycle.released_refcnt
+            rx_pool_stats.recycle.released_closed
         );
         println!(
             "e1000e: DMA_AVAIL {avail_start} before, {avail_rings} with the rings, {avail_pools} \

@@ -31,12 +31,14 @@ fn bytes_clones_dropped_while_unbinding() {
         });
         let report = h.device.unbind().unwrap();
         h.unbound(&report);
-        PAGE.saw(match (report.pages_from_rings, report.pages_in_flight) {
-            (1, 0) => "last clone recycled the page into the ring",
-            (0, 1) => "clones held during unbind",
-            (0, 0) => "last clone released the page after the pool closed",
-            other => panic!("unexpected report {other:?}"),
-        });
+        PAGE.saw(
+            match (report.pages_from_rings, report.pages_held_or_cached) {
+                (1, 0) => "last clone recycled the page into the ring",
+                (0, 1) => "clones held during unbind",
+                (0, 0) => "last clone released the page after the pool closed",
+                other => panic!("unexpected report {other:?}"),
+            },
+        );
         ta.join().unwrap();
         tb.join().unwrap();
         drop(pool);
@@ -63,7 +65,7 @@ fn fragment_bytes_clones_dropped_while_unbinding() {
         let tb = spawn(move || drop(clone));
         let report = h.device.unbind().unwrap();
         h.unbound(&report);
-        FRAG.saw(match report.pages_in_flight {
+        FRAG.saw(match report.pages_held_or_cached {
             1 => "unmapped by unbind",
             0 => "unmapped by the last clone's thread",
             n => panic!("{n} pages in flight"),

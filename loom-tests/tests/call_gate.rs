@@ -54,7 +54,7 @@ fn gate_racing_unbind(seen: Option<(&'static Outcomes, &'static Outcomes)>) {
     };
     let free = frees.of(dropped_block);
     assert_eq!(free.len(), 1, "the dropped page is freed exactly once");
-    let recorded_at_drain = match report.pages_in_flight {
+    let recorded_at_drain = match report.pages_held_or_cached {
         1 => false, // the synced page only
         2 => true,
         n => panic!("{n} pages in flight"),

@@ -23,12 +23,14 @@ fn fragments_dropped_while_unbinding() {
         let tb = spawn(move || drop(b));
         let report = h.device.unbind().unwrap();
         h.unbound(&report);
-        LIVE.saw(match (report.pages_from_rings, report.pages_in_flight) {
-            (1, 1) => "last fragment recycled page 1 into the ring first",
-            (0, 2) => "fragments still held during unbind",
-            (0, 1) => "last fragment released page 1 after the pool closed",
-            other => panic!("unexpected report {other:?}"),
-        });
+        LIVE.saw(
+            match (report.pages_from_rings, report.pages_held_or_cached) {
+                (1, 1) => "last fragment recycled page 1 into the ring first",
+                (0, 2) => "fragments still held during unbind",
+                (0, 1) => "last fragment released page 1 after the pool closed",
+                other => panic!("unexpected report {other:?}"),
+            },
+        );
         ta.join().unwrap();
         tb.join().unwrap();
         assert_eq!(
@@ -62,7 +64,7 @@ fn fragments_of_dropped_pool_while_unbinding() {
         let report = h.device.unbind().unwrap();
         h.unbound(&report);
         assert_eq!(report.pools, 0);
-        DROPPED.saw(match report.pages_in_flight {
+        DROPPED.saw(match report.pages_held_or_cached {
             1 => "unmapped by unbind through the tracker",
             0 => "unmapped by the last fragment's thread",
             n => panic!("{n} pages in flight"),

@@ -22,7 +22,7 @@ fn pages_of_one_block_freed_on_two_threads_racing_unbind() {
         let t = spawn(move || drop(first));
         let report = h.device.unbind().unwrap();
         h.unbound(&report);
-        SEEN.saw(match report.pages_in_flight {
+        SEEN.saw(match report.pages_held_or_cached {
             2 => "both held during unbind",
             1 => "one released before unbind",
             other => panic!("unexpected report {other:?}"),

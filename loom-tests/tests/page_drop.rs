@@ -16,13 +16,15 @@ fn page_dropped_while_unbinding() {
         let t = spawn(move || drop(page));
         let report = h.device.unbind().unwrap();
         h.unbound(&report);
-        SEEN.saw(match (report.pages_from_rings, report.pages_in_flight) {
-            (1, 0) => "dropped into the ring, drained by unbind",
-            (0, 1) => "held during unbind, unmapped through the tracker",
-            // After unbind closed the pool, before it closed the gate.
-            (0, 0) => "released and unmapped by the dropping thread",
-            other => panic!("unexpected report {other:?}"),
-        });
+        SEEN.saw(
+            match (report.pages_from_rings, report.pages_held_or_cached) {
+                (1, 0) => "dropped into the ring, drained by unbind",
+                (0, 1) => "held during unbind, unmapped through the tracker",
+                // After unbind closed the pool, before it closed the gate.
+                (0, 0) => "released and unmapped by the dropping thread",
+                other => panic!("unexpected report {other:?}"),
+            },
+        );
         t.join().unwrap();
         drop(pool);
         h.finish();
@@ -56,7 +58,7 @@ fn unbind_does_not_wait_for_page_holders() {
         });
         let report = h.device.unbind().unwrap();
         h.unbound(&report);
-        assert_eq!(report.pages_in_flight, 2, "both pages still held");
+        assert_eq!(report.pages_held_or_cached, 2, "both pages still held");
         done_tx.send(()).unwrap();
         holder.join().unwrap();
         drop(pool);

@@ -20,7 +20,7 @@ fn pool_drop_racing_return(seen: Option<&'static Outcomes>) {
     h.unbound(&report);
     assert_eq!(report.pools, 0, "the dropped pool left the registry");
     if let Some(seen) = seen {
-        seen.saw(match report.pages_in_flight {
+        seen.saw(match report.pages_held_or_cached {
             0 => "returned page released before unbind",
             1 => "returned page unmapped by unbind",
             n => panic!("{n} pages in flight"),
@@ -54,7 +54,7 @@ fn pool_dropped_on_one_thread_page_returned_on_another() {
         dropper.join().unwrap();
         let report = h.device.unbind().unwrap();
         h.unbound(&report);
-        THREADS.saw(match report.pages_in_flight {
+        THREADS.saw(match report.pages_held_or_cached {
             0 => "returned page released before unbind",
             1 => "returned page unmapped by unbind",
             n => panic!("{n} pages in flight"),

@@ -60,7 +60,7 @@ fn thread_exit_racing_unbind(seen: Option<&'static Outcomes>) {
     let t = spawn(move || drop(page));
     let report = h.device.unbind().unwrap();
     h.unbound(&report);
-    let outcome = match (report.pages_from_rings, report.pages_in_flight) {
+    let outcome = match (report.pages_from_rings, report.pages_held_or_cached) {
         (1, 0) => "handed back at thread exit before the drain",
         (0, 1) => "kept back during unbind, released at thread exit",
         // The batch went home after unbind closed the ring and before
@@ -103,7 +103,7 @@ fn a_full_batch_goes_home_while_the_pool_is_dropped() {
         let report = h.device.unbind().unwrap();
         h.unbound(&report);
         assert_eq!(report.pools, 0);
-        assert_eq!(report.pages_in_flight, 0, "both pages left the pool");
+        assert_eq!(report.pages_held_or_cached, 0, "both pages left the pool");
         let all = frees.all();
         assert_eq!(all.len(), 2, "both pages freed, once");
         FULL.saw(if all.iter().all(|f| f.thread == Some(main)) {

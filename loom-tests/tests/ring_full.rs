@@ -34,11 +34,13 @@ fn ring_full_racing_unbind(seen: Option<&'static Outcomes>, slow_source: bool) {
     let report = h.device.unbind().unwrap();
     h.unbound(&report);
     if let Some(seen) = seen {
-        seen.saw(match (report.pages_from_rings, report.pages_in_flight) {
-            (1, 0) => "second unmapped by its dropper (ring full or pool closing)",
-            (1, 1) => "second held during unbind",
-            other => panic!("unexpected report {other:?}"),
-        });
+        seen.saw(
+            match (report.pages_from_rings, report.pages_held_or_cached) {
+                (1, 0) => "second unmapped by its dropper (ring full or pool closing)",
+                (1, 1) => "second held during unbind",
+                other => panic!("unexpected report {other:?}"),
+            },
+        );
     }
     t.join().unwrap();
     drop(pool);
@@ -79,13 +81,15 @@ fn bulk_put_overflows_while_unbinding() {
         let t = spawn(move || pagepool::put_bulk(pages));
         let report = h.device.unbind().unwrap();
         h.unbound(&report);
-        BULK.saw(match (report.pages_from_rings, report.pages_in_flight) {
-            (1, 0) => "one into the ring, one out of the pool",
-            (1, 1) => "one into the ring, the other unmapped by unbind",
-            (0, 2) => "both held during unbind",
-            (0, 0) => "both released by the bulk put",
-            other => panic!("unexpected report {other:?}"),
-        });
+        BULK.saw(
+            match (report.pages_from_rings, report.pages_held_or_cached) {
+                (1, 0) => "one into the ring, one out of the pool",
+                (1, 1) => "one into the ring, the other unmapped by unbind",
+                (0, 2) => "both held during unbind",
+                (0, 0) => "both released by the bulk put",
+                other => panic!("unexpected report {other:?}"),
+            },
+        );
         t.join().unwrap();
         drop(pool);
         h.finish();

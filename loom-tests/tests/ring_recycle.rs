@@ -29,12 +29,14 @@ fn remote_recycle_into_ring_while_draining() {
         let t = spawn(move || drop(second));
         let report = h.device.unbind().unwrap();
         h.unbound(&report);
-        REMOTE.saw(match (report.pages_from_rings, report.pages_in_flight) {
-            (2, 0) => "both drained from the ring",
-            (1, 1) => "second held during unbind",
-            (1, 0) => "second refused by the closed pool, released by its dropper",
-            other => panic!("unexpected report {other:?}"),
-        });
+        REMOTE.saw(
+            match (report.pages_from_rings, report.pages_held_or_cached) {
+                (2, 0) => "both drained from the ring",
+                (1, 1) => "second held during unbind",
+                (1, 0) => "second refused by the closed pool, released by its dropper",
+                other => panic!("unexpected report {other:?}"),
+            },
+        );
         t.join().unwrap();
         drop(pool);
         h.finish();
@@ -69,18 +71,20 @@ fn direct_recycle_overflows_into_ring_while_draining() {
         });
         let report = h.device.unbind().unwrap();
         h.unbound(&report);
-        DIRECT.saw(match (report.pages_from_rings, report.pages_in_flight) {
-            (1, 1) => "pushed before the drain",
-            // Also when the closed ring refused it: the gate is closed by
-            // then, so the owner's release hands the page to unbind, which
-            // unmaps it through the tracker and frees it at its end.
-            (0, 2) => "still held (or cached) during unbind",
-            // The owner saw the pool closed and released the page itself,
-            // unmapping it through the still-open gate before unbind closed
-            // it (the tracker's remove-once rule keeps that to one unmap).
-            (0, 1) => "released by the owner before the gate closed",
-            other => panic!("unexpected report {other:?}"),
-        });
+        DIRECT.saw(
+            match (report.pages_from_rings, report.pages_held_or_cached) {
+                (1, 1) => "pushed before the drain",
+                // Also when the closed ring refused it: the gate is closed by
+                // then, so the owner's release hands the page to unbind, which
+                // unmaps it through the tracker and frees it at its end.
+                (0, 2) => "still held (or cached) during unbind",
+                // The owner saw the pool closed and released the page itself,
+                // unmapping it through the still-open gate before unbind closed
+                // it (the tracker's remove-once rule keeps that to one unmap).
+                (0, 1) => "released by the owner before the gate closed",
+                other => panic!("unexpected report {other:?}"),
+            },
+        );
         let mut pool = t.join().unwrap();
         assert_eq!(pool.alloc().unwrap_err(), pagepool::AllocError::Unbound);
         drop(pool);

@@ -46,7 +46,7 @@ fn slow_path_racing_unbind(seen: Option<&'static Outcomes>) {
         assert!(at_unbind.maps <= 1, "{}", h.checker.report());
         assert_eq!(report.pages_from_rings, 0);
         assert_eq!(
-            report.pages_in_flight as u64,
+            report.pages_held_or_cached as u64,
             at_unbind.maps,
             "{}",
             h.checker.report()
@@ -70,7 +70,7 @@ fn slow_path_racing_unbind(seen: Option<&'static Outcomes>) {
                 mapped,
                 at_unbind.maps,
                 report.pages_from_rings,
-                report.pages_in_flight,
+                report.pages_held_or_cached,
             ) {
                 (false, 0, 0, 0) => "never mapped: alloc failed with Unbound",
                 (false, 1, 0, 1) => {

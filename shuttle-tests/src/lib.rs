@@ -479,7 +479,7 @@ impl World {
         assert!(r.pools <= pools_built, "{r}, {pools_built} pools built");
         assert_eq!(
             unbound.unmaps,
-            (r.pages_from_rings + r.pages_in_flight) as u64,
+            (r.pages_from_rings + r.pages_held_or_cached) as u64,
             "unbind's own unmaps are the pages it drained and those in flight: {r}"
         );
         assert_eq!(
@@ -750,7 +750,7 @@ pub fn whole_pool(shape: Shape) {
     }
     let unbound = unbinding.join().expect("unbinding thread");
     let r = unbound.report;
-    if r.pages_in_flight > 0 {
+    if r.pages_held_or_cached > 0 {
         saw(HELD_THROUGH_UNBIND);
     }
     if r.pages_from_rings > 0 {

@@ -750,7 +750,7 @@ impl Harness {
             let got = ExpectedUnbind {
                 pools: report.pools,
                 pages_from_rings: report.pages_from_rings,
-                pages_in_flight: report.pages_in_flight,
+                pages_held_or_cached: report.pages_held_or_cached,
                 bytes_unmapped: report.bytes_unmapped,
             };
             assert_eq!(got, want, "{ctx}: unbind report {report}");
@@ -802,7 +802,7 @@ impl Harness {
             let p = &m.pools[*mi];
             let stats = pool.stats();
             assert_eq!(
-                stats.pages_in_flight, p.out as u64,
+                stats.pages_held, p.out as u64,
                 "{ctx}: pool {mi} pages in flight; stats {stats:#?}, model {p:#?}"
             );
             assert_eq!(

@@ -42,7 +42,7 @@ pub(super) struct PoolModel {
     pub(super) closed: bool,
     pub(super) cache: usize,
     pub(super) ring: usize,
-    /// Pages handed out and not given back (stats `pages_in_flight`): held,
+    /// Pages handed out and not given back (stats `pages_held`): held,
     /// the fragment page, and pages waiting in a thread's batch.
     pub(super) out: usize,
     /// Pages mapped (stats `pages_mapped`).
@@ -206,7 +206,7 @@ pub(super) struct Model {
 pub(super) struct ExpectedUnbind {
     pub(super) pools: usize,
     pub(super) pages_from_rings: usize,
-    pub(super) pages_in_flight: usize,
+    pub(super) pages_held_or_cached: usize,
     pub(super) bytes_unmapped: u64,
 }
 
@@ -738,7 +738,7 @@ impl Model {
         let mut e = ExpectedUnbind {
             pools: 0,
             pages_from_rings: 0,
-            pages_in_flight: 0,
+            pages_held_or_cached: 0,
             bytes_unmapped: 0,
         };
         // 1. and 2.: close every pool and its gate.
@@ -770,11 +770,11 @@ impl Model {
         }
         // 4. Every mapping still recorded, in batches.
         for p in self.pools.iter_mut() {
-            e.pages_in_flight += p.mapped;
+            e.pages_held_or_cached += p.mapped;
             e.bytes_unmapped += p.mapped as u64 * p.cfg.page_len() as u64;
             p.mapped = 0;
         }
-        for _ in 0..e.pages_in_flight.div_ceil(UNMAP_BATCH) {
+        for _ in 0..e.pages_held_or_cached.div_ceil(UNMAP_BATCH) {
             let u = self.hit(Callback::UnmapBatch);
             r = r.and(u);
         }

@@ -844,7 +844,7 @@ fn test_unbind_with_pages_held_by_threads(ctx: &Ctx) -> TestResult {
     check!(failures.is_empty(), "{failures:?}");
     check_eq!(after, start, "DMA_AVAIL when unbind returned");
     check_eq!(
-        report.pages_in_flight,
+        report.pages_held_or_cached,
         threads * per_thread,
         "pages unmapped in flight"
     );
@@ -1447,7 +1447,7 @@ fn per_page_at_limit(dma: &VfioDma) -> TestResult {
     let report = ok(device.unbind(), "unbind")?;
     check_eq!(
         (
-            report.pages_in_flight,
+            report.pages_held_or_cached,
             report.pages_from_rings,
             report.regions_unmapped
         ),
