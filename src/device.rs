@@ -45,6 +45,7 @@ use crate::pool::PagePoolBuilder;
 use crate::shared::{meta_ref, DeviceShared, PageMeta, PoolShared};
 use crate::stats::{PoolInfo, PoolStats};
 use crate::sync::{Arc, AtomicUsize, Ordering};
+use crate::trace;
 use crate::unwind::Panics;
 
 #[cfg(doc)]
@@ -338,6 +339,7 @@ fn unbind<M: TrackingMode>(shared: &DeviceShared<M>) -> Result<UnbindReport, Unb
         return Err(UnbindError::InsideCallback);
     }
     let started = Instant::now();
+    trace::event!(info, device = key, "unbind started");
     let one_at_a_time = shared.unbinding.lock();
     // From here on a callback that calls `unbind` is refused, not
     // deadlocked on `unbinding`.
@@ -359,6 +361,14 @@ fn unbind<M: TrackingMode>(shared: &DeviceShared<M>) -> Result<UnbindReport, Unb
     for pool in &pools {
         pool.closed.store(true, Ordering::Release);
         pool.gate.close();
+    }
+    for _zombie in &pools[open_pools..] {
+        trace::event!(
+            warn,
+            pool = _zombie.id,
+            pages = _zombie.pages_allocated.load(Ordering::Relaxed),
+            "a detached pool still holds pages at unbind: unmapping them"
+        );
     }
     // 2. Wait for the device calls already running; none starts now.
     held::wait_for_threads(key);
@@ -392,6 +402,7 @@ fn unbind<M: TrackingMode>(shared: &DeviceShared<M>) -> Result<UnbindReport, Unb
     panics.run(|| unsafe { free_regions(&handed_over.regions) });
     panics.run(|| drop(pools));
     report.duration = started.elapsed();
+    trace::event!(info, device = key, %report, "unbind finished");
     // Unlocked before a callback's panic is resumed: a guard dropped
     // while unwinding would poison a lock that poisons (loom's).
     drop(unbinding);

@@ -35,6 +35,7 @@ impl<M: TrackingMode> AsRef<[u8]> for FragOwner<M> {
     }
 }
 
+#[cfg_attr(docsrs, doc(cfg(feature = "bytes")))]
 impl<M: TrackingMode> Page<M> {
     /// Turns the page into `Bytes` over its whole length, without copying.
     /// Slice the result (`Bytes::slice`) for the received frame.
@@ -43,6 +44,7 @@ impl<M: TrackingMode> Page<M> {
     }
 }
 
+#[cfg_attr(docsrs, doc(cfg(feature = "bytes")))]
 impl<M: TrackingMode> Frag<M> {
     /// Turns the fragment into `Bytes`, without copying.
     pub fn into_bytes(self) -> Bytes {

@@ -40,6 +40,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![warn(missing_docs)]
+// docs.rs (`--cfg docsrs`): items behind a feature say which one.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod sync;
 
@@ -47,6 +49,7 @@ pub mod checking;
 pub mod design;
 pub mod dma;
 #[cfg(all(feature = "vfio", target_os = "linux"))]
+#[cfg_attr(docsrs, doc(cfg(all(feature = "vfio", target_os = "linux"))))]
 pub mod vfio;
 
 mod device;
@@ -65,6 +68,7 @@ mod remote;
 mod ring;
 mod shared;
 mod stats;
+mod trace;
 mod tracker;
 mod unwind;
 

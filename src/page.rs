@@ -34,6 +34,7 @@ use crate::remote;
 use crate::ring::PushRefused;
 use crate::shared::{meta_ref, PageMeta, PoolShared};
 use crate::sync::{Arc, Ordering};
+use crate::trace;
 
 /// An owned page on its way back to its pool. If it is dropped before
 /// [`into_raw`](Self::into_raw) (a sync on recycle panicked), the page is
@@ -164,6 +165,8 @@ pub(crate) unsafe fn push_run<M: TrackingMode>(pages: &[NonNull<PageMeta<M>>]) {
         if why == PushRefused::Closed {
             pool.released_closed
                 .fetch_add(rest.len() as u64, Ordering::Relaxed);
+        } else {
+            trace::event!(trace, pool = pool.id, pages = rest.len(), "ring full");
         }
         // SAFETY: owned, all of `pool`, not used afterwards.
         unsafe { release_pages(&pool, rest) };
@@ -181,6 +184,8 @@ fn recycle_refused<M: TrackingMode>(page: NonNull<PageMeta<M>>, why: PushRefused
     let pool = Arc::clone(&meta.pool);
     if why == PushRefused::Closed {
         pool.released_closed.fetch_add(1, Ordering::Relaxed);
+    } else {
+        trace::event!(trace, pool = pool.id, pages = 1, "ring full");
     }
     // SAFETY: owned, not used afterwards.
     unsafe { release_pages(&pool, &[page]) };

@@ -54,6 +54,7 @@ use crate::shared::{
 };
 use crate::stats::{OwnerCounters, PoolInfo, PoolStats};
 use crate::sync::{self, Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
+use crate::trace;
 use crate::unwind::Panics;
 
 /// Linux's `PP_ALLOC_CACHE_SIZE`.
@@ -417,6 +418,17 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
             regions,
         });
         device.register(Arc::clone(&shared))?;
+        trace::event!(
+            debug,
+            pool = shared.id,
+            label = shared.label.as_deref(),
+            queue = shared.queue,
+            page_len = config.page_len,
+            ring_size = config.ring_size,
+            cache_size = config.cache_size,
+            regions = config.region_len.is_some(),
+            "page pool created"
+        );
         Ok(PagePool {
             shared,
             cache: Vec::with_capacity(config.cache_size),
@@ -639,6 +651,8 @@ impl<M: TrackingMode> PagePool<M> {
         if let Err(why) = refused {
             if why == PushRefused::Closed {
                 self.shared.released_closed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                trace::event!(trace, pool = self.shared.id, pages = 1, "ring full");
             }
             // SAFETY: refused, so still owned.
             unsafe { release_pages(&self.shared, &[page]) };
@@ -662,7 +676,14 @@ impl<M: TrackingMode> PagePool<M> {
             self.shared.owner.refill.add(1);
         } else {
             self.shared.owner.empty.add(1);
-            self.map_fresh_pages()?;
+            self.map_fresh_pages().inspect_err(|_error| {
+                trace::event!(
+                    warn,
+                    pool = self.shared.id,
+                    error = %_error,
+                    "slow path could not make a page"
+                );
+            })?;
             if self.shared.config.order == 0 {
                 self.shared.owner.slow.add(1);
             } else {
@@ -787,6 +808,16 @@ impl<M: TrackingMode> Drop for PagePool<M> {
         panics.run(|| unsafe { release_pages(&self.shared, &pages) });
         *self.shared.detach_time.lock() = Some(SystemTime::now());
         self.shared.device.unregister(&self.shared);
+        let _still_out = self.shared.pages_allocated.load(Ordering::Relaxed);
+        trace::event!(debug, pool = self.shared.id, "page pool destroyed");
+        if _still_out > 0 && self.is_bound() {
+            trace::event!(
+                info,
+                pool = self.shared.id,
+                pages = _still_out,
+                "page pool detached with pages in flight: listed until they come back or the device unbinds"
+            );
+        }
         panics.resume();
     }
 }
