@@ -11,7 +11,7 @@ use pagepool::checking::{CheckMode, CheckingDevice};
 use pagepool::Device;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
-use tracing::{Event, Level, Metadata, Subscriber};
+use tracing::{Event, Metadata, Subscriber};
 
 /// Every event as `LEVEL target: message field=value ...`.
 #[derive(Clone, Default)]
