@@ -38,7 +38,27 @@ impl<M: TrackingMode> AsRef<[u8]> for FragOwner<M> {
 #[cfg_attr(docsrs, doc(cfg(feature = "bytes")))]
 impl<M: TrackingMode> Page<M> {
     /// Turns the page into `Bytes` over its whole length, without copying.
-    /// Slice the result (`Bytes::slice`) for the received frame.
+    /// Slice the result (`Bytes::slice`) for the received frame. The page
+    /// goes back to its pool when the last clone drops, on whichever
+    /// thread.
+    ///
+    /// ```
+    /// use pagepool::{Device, IdentityDma};
+    ///
+    /// let device = Device::new(IdentityDma::new());
+    /// let mut rx = device.pool_builder().build()?;
+    /// let mut page = rx.alloc()?;
+    /// page.as_mut_slice()[..5].copy_from_slice(b"frame");
+    /// let frame = page.into_bytes().slice(..5);
+    /// let shared = frame.clone(); // a second protocol layer keeps a view
+    /// assert_eq!(&shared[..], b"frame");
+    /// drop(frame);
+    /// assert_eq!(rx.stats().pages_held, 1, "still held by the clone");
+    /// drop(shared);
+    /// pagepool::flush_thread_returns();
+    /// assert_eq!(rx.stats().pages_held, 0);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn into_bytes(self) -> Bytes {
         Bytes::from_owner(PageOwner(self))
     }
@@ -46,7 +66,20 @@ impl<M: TrackingMode> Page<M> {
 
 #[cfg_attr(docsrs, doc(cfg(feature = "bytes")))]
 impl<M: TrackingMode> Frag<M> {
-    /// Turns the fragment into `Bytes`, without copying.
+    /// Turns the fragment into `Bytes`, without copying. The page goes back
+    /// to its pool when its last fragment (or clone of one) drops.
+    ///
+    /// ```
+    /// use pagepool::{Device, IdentityDma};
+    ///
+    /// let device = Device::new(IdentityDma::new());
+    /// let mut rx = device.pool_builder().build()?;
+    /// let a = rx.alloc_frag(1024)?.into_bytes();
+    /// let b = rx.alloc_frag(1024)?.into_bytes();
+    /// assert_eq!((a.len(), b.len()), (1024, 1024));
+    /// drop((a, b));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn into_bytes(self) -> Bytes {
         Bytes::from_owner(FragOwner(self))
     }

@@ -87,6 +87,31 @@ const _: () = assert!(
 /// Defaults: order 0 (4 KiB pages), ring of 1024, local cache of 128 with
 /// refills of 64, direction `FromDevice`, no sync on recycle, pages from
 /// [`GlobalPages`].
+///
+/// ```
+/// use pagepool::{BuildError, ConfigError, Device, DmaDirection, IdentityDma};
+///
+/// let device = Device::new(IdentityDma::new());
+/// // An RX queue's pool: 8 KiB pages, the device syncs the first 1536
+/// // bytes of a recycled page back to itself (when it needs syncs).
+/// let rx = device
+///     .pool_builder()
+///     .label("eth0-rx")
+///     .queue(0)
+///     .order(1)
+///     .direction(DmaDirection::FromDevice)
+///     .ring_size(2048)
+///     .sync_for_device(0, 1536)
+///     .build()?;
+/// assert_eq!(rx.page_len(), 8192);
+/// // A bad setting is named, with what it accepts.
+/// let err = device.pool_builder().ring_size(0).build().unwrap_err();
+/// assert!(matches!(
+///     err,
+///     BuildError::Config(ConfigError::OutOfRange { field: "ring_size", .. })
+/// ));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[must_use]
 pub struct PagePoolBuilder<'d, M: TrackingMode = Tracked> {
     device: &'d Arc<DeviceShared<M>>,
@@ -446,6 +471,25 @@ impl<'d, M: TrackingMode> PagePoolBuilder<'d, M> {
 /// out may be dropped on any thread. Dropping the pool releases its cached
 /// pages; pages still held stay mapped until they come back or the device
 /// unbinds.
+///
+/// ```
+/// use pagepool::{Device, IdentityDma};
+///
+/// let device = Device::new(IdentityDma::new());
+/// let mut rx = device.pool_builder().build()?;
+/// // The RX loop owns the pool: allocate, post to the NIC, hand the
+/// // filled page up the stack.
+/// let mut stack = Vec::new();
+/// for _ in 0..3 {
+///     let page = rx.alloc()?;
+///     stack.push(page);
+/// }
+/// // The stack lets go on another thread: the pages go home to `rx`.
+/// std::thread::spawn(move || drop(stack)).join().unwrap();
+/// pagepool::flush_thread_returns();
+/// assert_eq!(rx.stats().pages_held, 0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct PagePool<M: TrackingMode = Tracked> {
     pub(crate) shared: Arc<PoolShared<M>>,
     pub(crate) cache: Vec<NonNull<PageMeta<M>>>,
@@ -512,6 +556,26 @@ impl<M: TrackingMode> PagePool<M> {
 
     /// Allocates a mapped page: from the local cache (fast path), else by
     /// refilling from the shared ring, else by mapping fresh pages.
+    ///
+    /// # Errors
+    /// [`AllocError::Unbound`] once the device is unbound;
+    /// [`AllocError::Map`] if the device refused to map a fresh page;
+    /// [`AllocError::OutOfMemory`] if the page source had none. Nothing is
+    /// leaked in any case.
+    ///
+    /// ```
+    /// use pagepool::{AllocError, Device, IdentityDma};
+    ///
+    /// let device = Device::new(IdentityDma::new());
+    /// let mut pool = device.pool_builder().build()?;
+    /// let page = pool.alloc()?; // the slow path maps a batch of 64
+    /// assert_eq!(pool.cached(), 63);
+    /// assert_eq!(page.len(), 4096);
+    /// drop(page);
+    /// device.unbind()?;
+    /// assert_eq!(pool.alloc().unwrap_err(), AllocError::Unbound);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     #[inline]
     pub fn alloc(&mut self) -> Result<Page<M>, AllocError> {
         if self.shared.closed.load(Ordering::Acquire) {
@@ -537,6 +601,19 @@ impl<M: TrackingMode> PagePool<M> {
     /// device began to unbind) after it had appended at least one. Returns
     /// the error that stopped it if it could not append any; `Ok(0)` only
     /// for a `count` of 0.
+    ///
+    /// ```
+    /// use pagepool::{put_bulk, Device, IdentityDma};
+    ///
+    /// let device = Device::new(IdentityDma::new());
+    /// let mut rx = device.pool_builder().build()?;
+    /// // Refill 32 RX descriptors in one call.
+    /// let mut ring = Vec::new();
+    /// assert_eq!(rx.alloc_bulk(&mut ring, 32)?, 32);
+    /// // Completed frames go back in bulk, from any thread.
+    /// put_bulk(ring.drain(..));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn alloc_bulk(
         &mut self,
         pages: &mut Vec<Page<M>>,
@@ -584,6 +661,19 @@ impl<M: TrackingMode> PagePool<M> {
     /// Returns a page into the local cache, from the owning context (Linux's
     /// direct recycling). If the cache is full the page goes to the ring; a
     /// page of another pool goes back to its own pool.
+    ///
+    /// ```
+    /// use pagepool::{Device, IdentityDma};
+    ///
+    /// let device = Device::new(IdentityDma::new());
+    /// let mut rx = device.pool_builder().build()?;
+    /// let page = rx.alloc()?;
+    /// let addr = page.dma_addr();
+    /// // XDP_DROP: the frame is not needed; reuse the buffer at once.
+    /// rx.recycle_direct(page);
+    /// assert_eq!(rx.alloc()?.dma_addr(), addr, "no unmap, no map");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     #[inline]
     pub fn recycle_direct(&mut self, page: Page<M>) {
         let page = page.into_raw();

@@ -131,6 +131,30 @@ impl Default for CheckingDeviceBuilder {
 /// A cheap `Clone` handle: all clones share one device, so a test keeps a
 /// clone for inspection and playing the device while another serves as a
 /// pool's `DmaOps`.
+///
+/// ```
+/// use pagepool::checking::{CheckMode, CheckingDevice, Violation};
+/// use pagepool::{Device, DmaDirection};
+///
+/// // Record mode: violations are kept for the test to inspect.
+/// let checker = CheckingDevice::new(CheckMode::Record);
+/// let device = Device::new(checker.clone());
+/// let mut rx = device.pool_builder().direction(DmaDirection::FromDevice).build()?;
+/// let mut page = rx.alloc()?;
+/// // Play the NIC: DMA a frame into the page.
+/// checker.device_write(page.dma_addr(), b"hello")?;
+/// // A driver bug: reading before `sync_for_cpu`.
+/// let _ = page.as_slice()[0];
+/// assert!(matches!(checker.violations()[..], [Violation::CpuReadBeforeSync { .. }]));
+/// // The fix: sync first, then read what the device wrote.
+/// page.sync_for_cpu(0..5)?;
+/// assert_eq!(&page.as_slice()[..5], b"hello");
+/// drop(page);
+/// device.unbind()?;
+/// assert_eq!(checker.live_mappings(), 0);
+/// assert_eq!(checker.verdict().violations, 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone)]
 pub struct CheckingDevice {
     inner: Arc<Inner>,

@@ -53,6 +53,55 @@ impl std::error::Error for OutOfMemory {}
 /// `free_pages` that `unbind` itself runs it returns
 /// [`UnbindError::InsideCallback`](crate::UnbindError::InsideCallback).
 ///
+/// ```
+/// use std::alloc::{alloc_zeroed, dealloc, Layout};
+/// use std::ptr::NonNull;
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use pagepool::{Device, IdentityDma, OutOfMemory, PageSource, PAGE_SIZE};
+///
+/// /// Page memory with a budget: at most `limit` blocks out at a time.
+/// struct Budgeted {
+///     out: AtomicUsize,
+///     limit: usize,
+/// }
+///
+/// fn layout(order: u32) -> Layout {
+///     Layout::from_size_align(PAGE_SIZE << order, PAGE_SIZE).unwrap()
+/// }
+///
+/// // SAFETY: blocks come from the global allocator with the page layout,
+/// // each live until `free_pages` deallocates it with the same layout.
+/// unsafe impl PageSource for Budgeted {
+///     fn alloc_pages(&self, order: u32) -> Result<NonNull<u8>, OutOfMemory> {
+///         if self.out.fetch_add(1, Ordering::Relaxed) >= self.limit {
+///             self.out.fetch_sub(1, Ordering::Relaxed);
+///             return Err(OutOfMemory);
+///         }
+///         // SAFETY: the layout's size is not zero.
+///         NonNull::new(unsafe { alloc_zeroed(layout(order)) }).ok_or(OutOfMemory)
+///     }
+///
+///     unsafe fn free_pages(&self, block: NonNull<u8>, order: u32) {
+///         self.out.fetch_sub(1, Ordering::Relaxed);
+///         // SAFETY: from `alloc_pages(order)`, freed once (the caller's
+///         // contract).
+///         unsafe { dealloc(block.as_ptr(), layout(order)) }
+///     }
+/// }
+///
+/// let device = Device::new(IdentityDma::new());
+/// let mut pool = device
+///     .pool_builder()
+///     .page_source(Budgeted { out: AtomicUsize::new(0), limit: 4 })
+///     .refill_batch(4)
+///     .cache_size(4)
+///     .build()?;
+/// let pages: Vec<_> = (0..4).map(|_| pool.alloc()).collect::<Result<_, _>>()?;
+/// assert!(pool.alloc().is_err(), "over budget");
+/// drop(pages);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
 /// # Safety
 /// An implementation must return blocks that are valid for reads and writes
 /// of `PAGE_SIZE << order` bytes, aligned to [`PAGE_SIZE`], not aliased by
