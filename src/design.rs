@@ -12,7 +12,8 @@
 //!               region.rs (map_region, retire_pages), unmapper.rs (Unmapper)
 //!               (the one place a mapping begins and ends)
 //!  state        shared.rs: DeviceShared, PoolShared, PageMeta, Region   mode.rs
-//!  mechanisms   gate.rs (call gates, OpsCell)  ring.rs  remote.rs (per-thread batches)
+//!  mechanisms   gate.rs (call gates, OpsCell)  held.rs (calls in progress per thread)
+//!               ring.rs  remote.rs (per-thread batches)
 //!               tracker.rs  memory/  unwind.rs
 //!  seam         dma.rs (DmaOps)  stats.rs  error.rs               sync.rs (all primitives)
 //! ```
@@ -110,7 +111,7 @@
 //! any other device it unbinds that device.
 //!
 //! A thread knows which devices it is inside a call of, on both of the
-//! gate's paths (`gate.rs`): the announced calls are in its slots, the
+//! gate's paths (`gate.rs`, `held.rs`): the announced calls are in its slots, the
 //! counted ones (deep nesting, thread exit) in its private notes, so the
 //! refusal is for the same device only. Past `DEPTH + COUNTED_NAMED` nested
 //! calls on one thread the notes end and every device is refused ("maybe").

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use crate::checking::{self, CpuAccessCheck};
 use crate::dma::DmaOps;
 use crate::error::UnbindError;
-use crate::gate::held;
+use crate::held;
 use crate::mapping::{free_pages, free_regions, Unmapper};
 use crate::mode::{Tracked, TrackingMode, Untracked};
 use crate::pool::PagePoolBuilder;

@@ -56,6 +56,7 @@ mod device;
 mod error;
 mod frag;
 mod gate;
+mod held;
 mod identity;
 #[cfg(feature = "bytes")]
 mod into_bytes;

@@ -38,7 +38,7 @@
 use core::cell::Cell;
 use core::ptr::{self, NonNull};
 
-use crate::gate::held;
+use crate::held;
 use crate::unwind::Panics;
 
 /// The most pages of one pool a thread keeps back before handing them to
@@ -249,14 +249,8 @@ impl Drop for Batches {
     }
 }
 
-#[cfg(not(any(loom, shuttle)))]
-std::thread_local! {
+crate::sync::per_thread! {
     static BATCHES: Batches = const { Batches::new() };
-}
-
-#[cfg(any(loom, shuttle))]
-crate::sync::thread_local! {
-    static BATCHES: Batches = Batches::new();
 }
 
 /// Keeps `page` of `pool` back in this thread's batch. Returns `false` if

@@ -11,8 +11,12 @@
 //!
 //! Invariants:
 //! - No other module names `std::sync`, `parking_lot`, `loom` or `shuttle`
-//!   directly, outside their `cfg` switches; a primitive used elsewhere
-//!   would be invisible to the model checker and the scheduler.
+//!   directly, or switches on `cfg(loom)` / `cfg(shuttle)` (but to leave
+//!   its unit tests out of the checkers' builds): thread-locals
+//!   ([`per_thread!`], [`thread_state!`]) and per-process statics
+//!   ([`per_execution_static!`]) are declared through this module's macros,
+//!   which pick the checker's version. A primitive declared elsewhere would
+//!   be invisible to the model checker and the scheduler.
 //! - Page memory comes from [`alloc_zeroed`] / [`dealloc`], which are loom's
 //!   tracked allocator under loom, so a leaked page fails the model. Shuttle
 //!   tracks no allocation: its scenarios count what their page sources give
@@ -198,21 +202,153 @@ pub(crate) use imp::*;
 /// `thread_local!` for the build: `std`'s, loom's or shuttle's, so that each
 /// model thread gets its own value and it starts afresh in every execution.
 /// Use it, not `std::thread_local!`, for any thread-local that holds pool
-/// state. Portable form: a non-`const` initialiser (loom has no `const`
-/// one). Under loom and shuttle a thread's values are destroyed at its exit
-/// oldest first, and a value already destroyed cannot be read again (its
-/// `with` panics, `try_with` fails); a destructor that may make a device
-/// call (which reads the call gates' thread-local) must cope with that.
-#[allow(unused_imports)]
-pub(crate) use tls::thread_local;
+/// state. The initialiser is written `const { .. }`: `std` builds use it as
+/// a `const` initialiser (no lazy-init check on access), loom and shuttle,
+/// which have none, as a plain one. Under loom and shuttle a thread's
+/// values are destroyed at its exit oldest first, and a value already
+/// destroyed cannot be read again (its `with` panics, `try_with` fails); a
+/// destructor that may make a device call must cope with that, or keep its
+/// state in a [`thread_state!`].
+macro_rules! per_thread {
+    ($(#[$attr:meta])* static $name:ident: $t:ty = const { $init:expr };) => {
+        #[cfg(not(any(loom, shuttle)))]
+        std::thread_local! { $(#[$attr])* static $name: $t = const { $init }; }
+        #[cfg(loom)]
+        loom::thread_local! { $(#[$attr])* static $name: $t = $init; }
+        #[cfg(all(shuttle, not(loom)))]
+        shuttle::thread_local! { $(#[$attr])* static $name: $t = $init; }
+    };
+    ($(#[$attr:meta])* static $name:ident: $t:ty = $init:expr;) => {
+        #[cfg(not(any(loom, shuttle)))]
+        std::thread_local! { $(#[$attr])* static $name: $t = $init; }
+        #[cfg(loom)]
+        loom::thread_local! { $(#[$attr])* static $name: $t = $init; }
+        #[cfg(all(shuttle, not(loom)))]
+        shuttle::thread_local! { $(#[$attr])* static $name: $t = $init; }
+    };
+}
+pub(crate) use per_thread;
 
-mod tls {
-    #[cfg(loom)]
-    pub(crate) use loom::thread_local;
-    #[cfg(all(shuttle, not(loom)))]
-    pub(crate) use shuttle::thread_local;
-    #[cfg(not(any(loom, shuttle)))]
-    pub(crate) use std::thread_local;
+/// Per-thread state that every code path of the thread can reach, its
+/// thread-local destructors included: declared as
+/// `static NAME: T = const { init }; after exit: exiting; access: with_name;`
+/// it defines `fn with_name<R>(f: impl FnOnce(&T) -> R) -> R`. `T` must not
+/// need dropping.
+///
+/// - `std`: a `const`-initialised thread-local without `Drop`, which stays
+///   readable while the thread's other thread-locals are destroyed.
+/// - shuttle: the value lives in a per-execution map keyed by the thread
+///   and the static ([`ShuttleThreadState`]), dropped with the execution's
+///   statics after every thread-local, for the same reach.
+/// - loom: a loom thread-local (fresh in every execution), destroyed at
+///   thread exit with the others; a call after that gets a fresh value
+///   built by `exiting`, for that call only.
+macro_rules! thread_state {
+    (
+        $(#[$attr:meta])* static $name:ident: $t:ty = const { $init:expr };
+        after exit: $exiting:expr;
+        access: $with:ident;
+    ) => {
+        #[cfg(not(any(loom, shuttle)))]
+        std::thread_local! { $(#[$attr])* static $name: $t = const { $init }; }
+        #[cfg(loom)]
+        loom::thread_local! { $(#[$attr])* static $name: $t = $init; }
+        #[cfg(all(shuttle, not(loom)))]
+        $(#[$attr])*
+        static $name: $crate::sync::ShuttleThreadState<$t> =
+            $crate::sync::ShuttleThreadState::new(|| $init);
+
+        /// Runs `f` on the calling thread's value (see `sync::thread_state!`).
+        #[inline(always)]
+        fn $with<R>(f: impl FnOnce(&$t) -> R) -> R {
+            #[cfg(not(loom))]
+            {
+                $name.with(f)
+            }
+            #[cfg(loom)]
+            {
+                let mut f = Some(f);
+                if let Ok(r) = $name.try_with(|state| f.take().expect("runs once")(state)) {
+                    return r;
+                }
+                let exiting: $t = $exiting;
+                f.take().expect("runs once")(&exiting)
+            }
+        }
+    };
+}
+pub(crate) use thread_state;
+
+/// A static built on first use and, under loom and shuttle, again in every
+/// execution (a static holding their primitives must not outlive the
+/// execution that built them): `std::sync::LazyLock`, or the checker's
+/// `lazy_static!`. Declared as `static ref NAME: T = init;`; read through
+/// `&*NAME`.
+macro_rules! per_execution_static {
+    ($(#[$attr:meta])* static ref $name:ident: $t:ty = $init:expr;) => {
+        #[cfg(not(any(loom, shuttle)))]
+        $(#[$attr])*
+        static $name: std::sync::LazyLock<$t> = std::sync::LazyLock::new(|| $init);
+        #[cfg(loom)]
+        loom::lazy_static! { $(#[$attr])* static ref $name: $t = $init; }
+        #[cfg(all(shuttle, not(loom)))]
+        shuttle::lazy_static! { $(#[$attr])* static ref $name: $t = $init; }
+    };
+}
+pub(crate) use per_execution_static;
+
+#[cfg(all(shuttle, not(loom)))]
+pub(crate) use shuttle_state::ShuttleThreadState;
+
+/// [`thread_state!`] under shuttle.
+#[cfg(all(shuttle, not(loom)))]
+mod shuttle_state {
+    use core::any::Any;
+    use core::cell::RefCell;
+    use std::collections::HashMap;
+
+    /// Every shuttle thread's value of every [`ShuttleThreadState`] static,
+    /// boxed so that a value stays where it is while the map grows; entries
+    /// are never removed before the execution ends.
+    struct States(RefCell<HashMap<(shuttle::thread::ThreadId, usize), Box<dyn Any>>>);
+
+    // SAFETY: shuttle runs every thread of an execution on one OS thread,
+    // one at a time, switching only at its own scheduling points; the map
+    // is borrowed only inside `ShuttleThreadState::with`, across no
+    // scheduling point, so no two borrows overlap.
+    unsafe impl Sync for States {}
+
+    shuttle::lazy_static! {
+        static ref STATES: States = States(RefCell::new(HashMap::new()));
+    }
+
+    /// A per-thread value under shuttle, reachable for as long as the
+    /// thread runs, its thread-local destructors included.
+    pub(crate) struct ShuttleThreadState<T: 'static> {
+        init: fn() -> T,
+    }
+
+    impl<T: 'static> ShuttleThreadState<T> {
+        pub(crate) const fn new(init: fn() -> T) -> Self {
+            Self { init }
+        }
+
+        pub(crate) fn with<R>(&'static self, f: impl FnOnce(&T) -> R) -> R {
+            let key = (
+                shuttle::thread::current().id(),
+                core::ptr::from_ref(self).addr(),
+            );
+            let value: *const T = {
+                let mut states = STATES.0.borrow_mut();
+                let value = states.entry(key).or_insert_with(|| Box::new((self.init)()));
+                value.downcast_ref::<T>().expect("one type per static")
+            };
+            // SAFETY: the box is never removed from the map nor moved
+            // before the execution ends, which outlives this call; the
+            // map's borrow ended above, so `f` may call `with` again.
+            f(unsafe { &*value })
+        }
+    }
 }
 
 /// An `UnsafeCell` that loom checks: every access goes through
@@ -381,33 +517,14 @@ pub(crate) mod asymmetric {
 }
 
 /// A process-unique pool id. The counter is a plain `std` atomic: it hands
-/// out names, it orders nothing, so there is nothing to model.
-#[cfg(not(any(loom, shuttle)))]
+/// out names, it orders nothing, so there is nothing to model. Under loom
+/// and shuttle, ids restart at 1 in every execution: the id picks the
+/// pool's tracker shard, hence which shard lock the slow path takes, and a
+/// process-wide counter would make every execution take a different lock
+/// (loom fails a model that is not deterministic, "Reached unexpected
+/// exploration state"; shuttle could not replay a schedule from its seed).
 pub(crate) fn next_pool_id() -> u32 {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
-    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Under loom, ids restart at 1 in every execution. The id picks the
-/// pool's tracker shard, hence which shard lock the slow path takes; a
-/// process-wide counter would make every loom execution take a different
-/// lock, and loom fails a model that is not deterministic ("Reached
-/// unexpected exploration state"). Still a plain `std` atomic inside: loom's
-/// `lazy_static` resets it per execution without adding a schedule point.
-#[cfg(loom)]
-pub(crate) fn next_pool_id() -> u32 {
-    loom::lazy_static! {
-        static ref NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
-    }
-    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Under shuttle, ids restart at 1 in every execution too (shuttle's
-/// `lazy_static` is reset per execution), so an execution's schedule, which
-/// depends on the shard locks it takes, replays the same from its seed.
-#[cfg(all(shuttle, not(loom)))]
-pub(crate) fn next_pool_id() -> u32 {
-    shuttle::lazy_static! {
+    per_execution_static! {
         static ref NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
     }
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
