@@ -79,7 +79,7 @@ mod imp {
 }
 
 #[cfg(loom)]
-mod imp {
+mod loom_imp {
     pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
     pub(crate) use loom::sync::Arc;
 
@@ -138,7 +138,7 @@ mod imp {
 }
 
 #[cfg(all(shuttle, not(loom)))]
-mod imp {
+mod shuttle_imp {
     pub(crate) use shuttle::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
     // `std`'s `Arc`: shuttle's is the same type (it schedules nothing).
     pub(crate) use shuttle::sync::Arc;
@@ -197,7 +197,12 @@ mod imp {
     pub(crate) use core::cell::UnsafeCell as RawUnsafeCell;
 }
 
+#[cfg(not(any(loom, shuttle)))]
 pub(crate) use imp::*;
+#[cfg(loom)]
+pub(crate) use loom_imp::*;
+#[cfg(all(shuttle, not(loom)))]
+pub(crate) use shuttle_imp::*;
 
 /// `thread_local!` for the build: `std`'s, loom's or shuttle's, so that each
 /// model thread gets its own value and it starts afresh in every execution.
@@ -494,7 +499,7 @@ pub(crate) mod asymmetric {
     // runs every atomic access sequentially consistent, so its fence is a
     // no-op); neither has `membarrier`.
     #[cfg(not(all(target_os = "linux", not(miri), not(loom), not(shuttle))))]
-    mod imp {
+    mod portable {
         use super::super::{fence, Ordering};
 
         pub(crate) fn prepare() {}
@@ -513,7 +518,10 @@ pub(crate) mod asymmetric {
         }
     }
 
+    #[cfg(all(target_os = "linux", not(miri), not(loom), not(shuttle)))]
     pub(crate) use imp::{heavy, light_for, prepare, uses_membarrier};
+    #[cfg(not(all(target_os = "linux", not(miri), not(loom), not(shuttle))))]
+    pub(crate) use portable::{heavy, light_for, prepare, uses_membarrier};
 }
 
 /// A process-unique pool id. The counter is a plain `std` atomic: it hands

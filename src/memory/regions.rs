@@ -246,7 +246,12 @@ mod os {
 }
 
 #[cfg(not(all(target_os = "linux", not(miri), not(loom), not(shuttle))))]
-mod os {
+use os_heap as os;
+
+/// Region memory from the heap where `mmap` is not used (other targets,
+/// Miri, the model checkers).
+#[cfg(not(all(target_os = "linux", not(miri), not(loom), not(shuttle))))]
+mod os_heap {
     use core::alloc::Layout;
     use core::ptr::NonNull;
 
