@@ -23,7 +23,7 @@ fi
 # the last full run took them.
 CORE=(
     src/ring.rs src/remote.rs src/tracker.rs src/mapping/unmapper.rs
-    src/mapping/page.rs src/mapping/meta_block.rs src/gate.rs src/device.rs
+    src/mapping/page.rs src/mapping/meta_block.rs src/gate.rs src/held.rs src/device.rs
     src/mapping/region.rs
     src/page.rs src/pool.rs src/shared.rs src/frag.rs src/sync.rs
     src/unwind.rs src/memory/regions.rs src/memory/mod.rs src/dma.rs
@@ -36,7 +36,7 @@ SAMPLE=(
     'src/ring\.rs:.*replace Ring<T>::close -> Vec<NonNull<T>> with vec!\[\]$'
     'src/tracker\.rs:.*replace InFlightTracker<T>::remove -> bool with true$'
     'src/remote\.rs:.*replace <impl Drop for Batches>::drop with \(\)$'
-    'src/gate\.rs:.*replace held::wait_for_threads with \(\)$'
+    'src/held\.rs:.*replace wait_for_threads with \(\)$'
     'src/mapping/unmapper\.rs:.*replace == with != in Unmapper::push_mapping$'
     'src/device\.rs:.*replace unmap_everything with \(\)$'
 )
@@ -50,7 +50,7 @@ if [[ ${1:-} == --sample ]]; then
     for re in "${SAMPLE[@]}"; do
         args+=(--re "$re")
     done
-    files=(src/ring.rs src/tracker.rs src/remote.rs src/gate.rs src/mapping/unmapper.rs src/device.rs)
+    files=(src/ring.rs src/tracker.rs src/remote.rs src/held.rs src/mapping/unmapper.rs src/device.rs)
 elif [[ $# -gt 0 ]]; then
     files=("$@")
 else
