@@ -61,7 +61,7 @@ use noop::NoopOps;
 use pagepool::{
     put_bulk, Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, OutOfMemory, Page,
     PagePool, PageSource, RegionBacking, RegionBlock, RegionSource, Tracked, TrackingMode,
-    Untracked, DEFAULT_REGION_SIZE, PAGE_SIZE,
+    UnmapError, Untracked, DEFAULT_REGION_SIZE, PAGE_SIZE,
 };
 
 type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>;
@@ -92,7 +92,9 @@ impl DmaOps for CoherentOps {
         // SAFETY: forwarded contract.
         unsafe { NoopOps.map(cpu, len, direction) }
     }
-    unsafe fn unmap(&self, _mapping: DmaMapping) {}
+    unsafe fn unmap(&self, _mapping: DmaMapping) -> Result<(), UnmapError> {
+        Ok(())
+    }
     unsafe fn sync_for_device(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
     unsafe fn sync_for_cpu(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
     fn needs_sync(&self) -> bool {
@@ -121,7 +123,9 @@ impl DmaOps for SlowMapOps {
         // SAFETY: forwarded contract.
         unsafe { NoopOps.map(cpu, len, direction) }
     }
-    unsafe fn unmap(&self, _mapping: DmaMapping) {}
+    unsafe fn unmap(&self, _mapping: DmaMapping) -> Result<(), UnmapError> {
+        Ok(())
+    }
     unsafe fn sync_for_device(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
     unsafe fn sync_for_cpu(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
 }
@@ -278,7 +282,9 @@ impl DmaOps for SpinMapOps {
         // SAFETY: forwarded contract.
         unsafe { NoopOps.map(cpu, len, direction) }
     }
-    unsafe fn unmap(&self, _mapping: DmaMapping) {}
+    unsafe fn unmap(&self, _mapping: DmaMapping) -> Result<(), UnmapError> {
+        Ok(())
+    }
     unsafe fn sync_for_device(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
     unsafe fn sync_for_cpu(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
 }

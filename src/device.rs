@@ -75,6 +75,11 @@ pub struct UnbindReport {
     /// Mappings `unbind` could not reach: always 0 on a tracked device; on
     /// an [`Untracked`] one, the pages held outside.
     pub mappings_left: usize,
+    /// Mappings `unbind` handed to the backend whose unmap the backend
+    /// reported as failed (see [`DmaOps::unmap`]). Their memory is kept,
+    /// never freed or reused, since the device may still reach it; they
+    /// are counted in `pages_*`/`regions_unmapped` too.
+    pub unmap_failures: usize,
     /// Wall time `unbind` took.
     pub duration: Duration,
 }
@@ -83,13 +88,14 @@ impl fmt::Display for UnbindReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "unbind: {} pools, {} pages from rings + {} held or cached + {} regions unmapped ({} bytes), {} mappings left, in {:?}",
+            "unbind: {} pools, {} pages from rings + {} held or cached + {} regions unmapped ({} bytes), {} mappings left, {} unmaps failed, in {:?}",
             self.pools,
             self.pages_from_rings,
             self.pages_held_or_cached,
             self.regions_unmapped,
             self.bytes_unmapped,
             self.mappings_left,
+            self.unmap_failures,
             self.duration
         )
     }
@@ -150,7 +156,7 @@ impl Device<Tracked> {
     /// ```
     /// use core::ptr::NonNull;
     /// use pagepool::checking::{CheckMode, CheckingDevice, Violation};
-    /// use pagepool::{Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
+    /// use pagepool::{Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, UnmapError};
     ///
     /// /// A test backend: the checking device with syncs counted.
     /// struct CountingSyncs {
@@ -168,7 +174,7 @@ impl Device<Tracked> {
     ///         // SAFETY: the caller's contract, forwarded.
     ///         unsafe { self.inner.map(cpu, len, direction) }
     ///     }
-    ///     unsafe fn unmap(&self, mapping: DmaMapping) {
+    ///     unsafe fn unmap(&self, mapping: DmaMapping) -> Result<(), UnmapError> {
     ///         // SAFETY: the caller's contract, forwarded.
     ///         unsafe { self.inner.unmap(mapping) }
     ///     }
@@ -249,6 +255,19 @@ impl<M: TrackingMode> Device<M> {
     /// came back still mapped after unbind.
     pub fn leaked_pages(&self) -> usize {
         self.shared.leaked_pages.load(Ordering::Relaxed)
+    }
+
+    /// Mappings of this device whose unmap the backend reported as failed
+    /// (see [`DmaOps::unmap`]), and their bytes: memory the pool keeps for
+    /// good, since the device may still reach it.
+    pub fn unmap_failures(&self) -> (u64, u64) {
+        let kept = self.shared.kept.total();
+        (kept.mappings, kept.bytes)
+    }
+
+    /// The last unmap failure the backend reported, if any.
+    pub fn last_unmap_error(&self) -> Option<crate::UnmapError> {
+        self.shared.kept.last_error()
     }
 
     /// A `page-pool-get` snapshot of every pool still open on the device,
@@ -385,7 +404,10 @@ fn unbind<M: TrackingMode>(shared: &DeviceShared<M>) -> Result<UnbindReport, Unb
     };
     if let Some(ops) = ops {
         // 3. and 4.
+        let failed_before = shared.kept.total().mappings;
         unmap_everything(shared, ops, &pools, &mut report, &mut panics);
+        // Only `unbind` makes device calls now: every new failure is its.
+        report.unmap_failures = (shared.kept.total().mappings - failed_before) as usize;
         // 5. The last call the device gets.
         panics.run(|| ops.on_unbind());
     }
@@ -453,7 +475,7 @@ fn unmap_everything<M: TrackingMode>(
         if unmapper.push(meta) {
             // SAFETY: every mapping pushed had its record removed by this
             // unbind (or, untracked, sat in a closed ring): unmapped once.
-            panics.run(|| unsafe { unmapper.flush(ops) });
+            panics.run(|| unsafe { unmapper.flush(ops, &shared.kept) });
         }
     };
 
@@ -475,7 +497,7 @@ fn unmap_everything<M: TrackingMode>(
             }
         }
         // SAFETY: as in `unmap`.
-        panics.run(|| unsafe { unmapper.flush(ops) });
+        panics.run(|| unsafe { unmapper.flush(ops, &shared.kept) });
         report.pages_from_rings += pages.len();
         // SAFETY: unmapped above (their records were ours), owned.
         panics.run(|| unsafe { free_pages(&pages) });
@@ -499,11 +521,11 @@ fn unmap_everything<M: TrackingMode>(
             if unmapper.push_region(region) {
                 // SAFETY: as in `unmap`: each region's record was removed by
                 // this unbind.
-                panics.run(|| unsafe { unmapper.flush(ops) });
+                panics.run(|| unsafe { unmapper.flush(ops, &shared.kept) });
             }
         });
         // SAFETY: as in `unmap`.
-        panics.run(|| unsafe { unmapper.flush(ops) });
+        panics.run(|| unsafe { unmapper.flush(ops, &shared.kept) });
     } else {
         report.mappings_left = pools
             .iter()
@@ -610,12 +632,13 @@ mod tests {
             regions_unmapped: 5,
             bytes_unmapped: 6,
             mappings_left: 7,
+            unmap_failures: 9,
             duration: Duration::from_millis(8),
         };
         assert_eq!(
             report.to_string(),
             "unbind: 2 pools, 3 pages from rings + 4 held or cached + 5 regions unmapped \
-             (6 bytes), 7 mappings left, in 8ms"
+             (6 bytes), 7 mappings left, 9 unmaps failed, in 8ms"
         );
     }
 

@@ -15,6 +15,17 @@
 //!   write CPU memory (pages held outside the pool may be read by their
 //!   holders while the device unbinds; only `sync_for_cpu` may copy into
 //!   CPU memory).
+//! - An unmap that did not happen, or may not have happened completely
+//!   (the system call failed, or removed less than asked), is reported:
+//!   `unmap` returns an [`UnmapError`], `unmap_batch` an
+//!   [`UnmapBatchError`] naming every mapping of the batch that may still
+//!   be mapped. When in doubt, report: a mapping wrongly reported as failed
+//!   only keeps its memory allocated, one wrongly reported as done lets the
+//!   pool free memory the device can still reach.
+//! - `map` is given memory aligned to [`min_page_size`](DmaOps::min_page_size)
+//!   and a whole number of such pages; a backend that cannot map exactly
+//!   `len` bytes refuses anything else ([`DmaError::Unaligned`]) rather
+//!   than map more than it was given.
 //! - Every method may be called from any thread, concurrently with any
 //!   other method, for different mappings.
 //! - `on_unbind` is the last call the pool ever makes; after it returns the
@@ -62,6 +73,19 @@
 //!   in one `unmap_batch`) with the same address, length and direction,
 //!   before `on_unbind` (invariant 1). Nothing is called after `on_unbind`
 //!   (invariant 2).
+//! - A mapping whose unmap the backend reported as failed is never handed
+//!   to the backend again, and its memory is kept: never freed, never
+//!   reused, for the life of the process (invariant 4 does not rest on
+//!   unmaps that cannot fail). The pool counts such mappings in
+//!   [`PoolStats::unmap_failures`](crate::PoolStats::unmap_failures), in
+//!   [`UnbindReport::unmap_failures`](crate::UnbindReport::unmap_failures)
+//!   and in [`Device::unmap_failures`](crate::Device::unmap_failures).
+//! - Memory passed to `map` is aligned to `min_page_size` and a whole
+//!   number of such pages long: the pool's own page and region memory is
+//!   allocated that way, and memory from a page or region source of the
+//!   user's that is not is refused
+//!   ([`AllocError::Misaligned`](crate::AllocError::Misaligned)) before any
+//!   device call.
 //! - `sync_for_cpu` and `sync_for_device` are only called on a live mapping,
 //!   inside it, while no CPU reference to that range exists, and only in the
 //!   directions the DMA API allows.
@@ -171,6 +195,13 @@ pub enum DmaError {
     Overlap,
     /// The backend rejected the arguments (alignment, size, direction).
     InvalidArgument,
+    /// The memory is not aligned to the device's IOMMU page, or its length
+    /// is not a whole number of them: mapping it would expose neighbouring
+    /// memory to the device.
+    Unaligned {
+        /// The IOMMU page the memory must be aligned to, in bytes.
+        iommu_page: usize,
+    },
     /// A failure injected on purpose by a test backend.
     Injected,
     /// The device is no longer bound.
@@ -202,6 +233,10 @@ impl fmt::Display for DmaError {
             }
             Self::Overlap => f.write_str("range overlaps an existing mapping"),
             Self::InvalidArgument => f.write_str("backend rejected the mapping arguments"),
+            Self::Unaligned { iommu_page } => write!(
+                f,
+                "memory not aligned to the {iommu_page}-byte IOMMU page (or not a whole number of them)"
+            ),
             Self::Injected => f.write_str("injected mapping failure"),
             Self::Unbound => f.write_str("device is unbound"),
             Self::ErrorAddress => {
@@ -213,6 +248,103 @@ impl fmt::Display for DmaError {
 }
 
 impl std::error::Error for DmaError {}
+
+/// Why a backend could not unmap a mapping (or cannot say that it did).
+///
+/// A mapping reported this way may still be reachable by the device: the
+/// pool never frees or reuses its memory (see the
+/// [module documentation](self)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UnmapError {
+    /// The operating system refused the unmap.
+    Os {
+        /// The operation that failed (for example `"VFIO_IOMMU_UNMAP_DMA"`).
+        op: &'static str,
+        /// The raw `errno`.
+        errno: i32,
+    },
+    /// The backend removed a different number of bytes than the mappings
+    /// it was asked to remove hold (VFIO answers a process that does not
+    /// own the mappings, such as a forked child, with success and 0 bytes).
+    Incomplete {
+        /// Bytes asked for.
+        expected: u64,
+        /// Bytes the backend reported removed.
+        unmapped: u64,
+    },
+    /// A failure injected on purpose by a test backend.
+    Injected,
+}
+
+impl fmt::Display for UnmapError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Os { op, errno } => write!(f, "{op} failed with errno {errno}"),
+            Self::Incomplete { expected, unmapped } => write!(
+                f,
+                "unmap removed {unmapped:#x} bytes, expected {expected:#x}"
+            ),
+            Self::Injected => f.write_str("injected unmap failure"),
+        }
+    }
+}
+
+impl std::error::Error for UnmapError {}
+
+/// The mappings of one [`DmaOps::unmap_batch`] call that were not (or not
+/// surely) unmapped, each with its index in the batch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnmapBatchError {
+    failed: Vec<(usize, UnmapError)>,
+}
+
+impl UnmapBatchError {
+    /// No failure yet.
+    pub const fn new() -> Self {
+        Self { failed: Vec::new() }
+    }
+
+    /// Records that the mapping at `index` in the batch may still be mapped.
+    pub fn push(&mut self, index: usize, error: UnmapError) {
+        self.failed.push((index, error));
+    }
+
+    /// The failed mappings, as `(index in the batch, why)`.
+    pub fn failed(&self) -> &[(usize, UnmapError)] {
+        &self.failed
+    }
+
+    /// Whether no failure was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.failed.is_empty()
+    }
+
+    /// `Ok(())` if nothing was recorded, else `Err(self)`.
+    pub fn into_result(self) -> Result<(), Self> {
+        if self.is_empty() {
+            Ok(())
+        } else {
+            Err(self)
+        }
+    }
+}
+
+impl fmt::Display for UnmapBatchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} mappings of the batch not unmapped",
+            self.failed.len()
+        )?;
+        if let Some((index, error)) = self.failed.first() {
+            write!(f, " (first: #{index}: {error})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for UnmapBatchError {}
 
 /// DMA operations of one device: the pool's only way to reach hardware.
 ///
@@ -234,24 +366,32 @@ pub trait DmaOps: Send + Sync + 'static {
         direction: DmaDirection,
     ) -> Result<DmaAddr, DmaError>;
 
-    /// Unmaps one mapping.
+    /// Unmaps one mapping. An `Err` says the mapping may still be mapped:
+    /// the pool then keeps its memory for good and never passes the mapping
+    /// again.
     ///
     /// # Safety
     /// `mapping` is exactly what a successful `map` on this backend
     /// returned (address, length, direction), and it is unmapped once.
-    unsafe fn unmap(&self, mapping: DmaMapping);
+    unsafe fn unmap(&self, mapping: DmaMapping) -> Result<(), UnmapError>;
 
-    /// Unmaps several mappings. The default loops over [`unmap`](Self::unmap);
-    /// a backend whose unmap is a system call may merge neighbours.
+    /// Unmaps several mappings. The default loops over [`unmap`](Self::unmap)
+    /// and collects its failures; a backend whose unmap is a system call may
+    /// merge neighbours. The error names every mapping that may still be
+    /// mapped (by its index in `mappings`); the others are unmapped.
     ///
     /// # Safety
     /// As for [`unmap`](Self::unmap), for every element; no element appears
     /// twice.
-    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) {
-        for mapping in mappings {
+    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) -> Result<(), UnmapBatchError> {
+        let mut failed = UnmapBatchError::new();
+        for (index, mapping) in mappings.iter().enumerate() {
             // SAFETY: the caller's contract covers every element.
-            unsafe { self.unmap(*mapping) };
+            if let Err(error) = unsafe { self.unmap(*mapping) } {
+                failed.push(index, error);
+            }
         }
+        failed.into_result()
     }
 
     /// Gives `len` bytes from `offset` inside `mapping` to the device.
@@ -279,11 +419,15 @@ pub trait DmaOps: Send + Sync + 'static {
     }
 
     /// The smallest block the device's IOMMU can map, in bytes (VFIO: the
-    /// lowest bit of `iova_pgsizes`), or `None` if any page-aligned length
-    /// maps exactly. Read once, when the device is bound. A pool that maps
-    /// page by page refuses pages smaller than this, because mapping one
-    /// would expose its neighbours to the device; a region-mapped pool needs
-    /// regions that are a multiple of it. The default is `None`.
+    /// lowest bit of `iova_pgsizes`), a power of two, or `None` if any
+    /// page-aligned length maps exactly. Read once, when the device is
+    /// bound. A pool that maps page by page refuses pages smaller than this,
+    /// because mapping one would expose its neighbours to the device; a
+    /// region-mapped pool needs regions that are a multiple of it. Every
+    /// block the pool maps is aligned to it (memory from a source that is
+    /// not is refused with
+    /// [`AllocError::Misaligned`](crate::AllocError::Misaligned)). The
+    /// default is `None`.
     fn min_page_size(&self) -> Option<usize> {
         None
     }
@@ -307,11 +451,14 @@ macro_rules! forward_dma_ops {
                 // SAFETY: the caller's contract, forwarded.
                 unsafe { (**self).map(cpu, len, direction) }
             }
-            unsafe fn unmap(&self, mapping: DmaMapping) {
+            unsafe fn unmap(&self, mapping: DmaMapping) -> Result<(), UnmapError> {
                 // SAFETY: the caller's contract, forwarded.
                 unsafe { (**self).unmap(mapping) }
             }
-            unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) {
+            unsafe fn unmap_batch(
+                &self,
+                mappings: &[DmaMapping],
+            ) -> Result<(), UnmapBatchError> {
                 // SAFETY: the caller's contract, forwarded.
                 unsafe { (**self).unmap_batch(mappings) }
             }

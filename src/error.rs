@@ -163,6 +163,15 @@ pub enum AllocError {
         /// Size of the page that could not be allocated.
         bytes: usize,
     },
+    /// The page (or region) source returned memory not aligned to the
+    /// device's IOMMU page: mapping it would expose the memory around it to
+    /// the device, so it went back to its source unmapped. Align the
+    /// source's blocks to their size (see [`PageSource`](crate::PageSource)
+    /// and [`RegionSource`](crate::RegionSource)).
+    Misaligned {
+        /// The alignment needed: the IOMMU's smallest page.
+        align: usize,
+    },
     /// A fragment of this size does not fit in one page of the pool.
     FragmentSize {
         /// The size asked for.
@@ -180,6 +189,11 @@ impl fmt::Display for AllocError {
             Self::OutOfMemory { bytes } => {
                 write!(f, "page pool allocation failed: out of memory for a {bytes}-byte page")
             }
+            Self::Misaligned { align } => write!(
+                f,
+                "page pool allocation failed: the page source's memory is not aligned to the \
+                 {align}-byte IOMMU page"
+            ),
             Self::FragmentSize { requested, page_len } => write!(
                 f,
                 "fragment of {requested} bytes does not fit a {page_len}-byte page (must be 1..={page_len})"

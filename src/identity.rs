@@ -17,7 +17,9 @@
 
 use core::ptr::NonNull;
 
-use crate::dma::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
+use crate::dma::{
+    DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, UnmapBatchError, UnmapError,
+};
 use crate::sync::{AtomicUsize, Ordering};
 
 /// A coherent [`DmaOps`] backend whose device address is the CPU address:
@@ -77,12 +79,14 @@ impl DmaOps for IdentityDma {
         Ok(addr)
     }
 
-    unsafe fn unmap(&self, _mapping: DmaMapping) {
+    unsafe fn unmap(&self, _mapping: DmaMapping) -> Result<(), UnmapError> {
         self.live.fetch_sub(1, Ordering::AcqRel);
+        Ok(())
     }
 
-    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) {
+    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) -> Result<(), UnmapBatchError> {
         self.live.fetch_sub(mappings.len(), Ordering::AcqRel);
+        Ok(())
     }
 
     unsafe fn sync_for_device(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}

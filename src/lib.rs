@@ -74,7 +74,7 @@ mod tracker;
 mod unwind;
 
 pub use device::{Device, UnbindReport};
-pub use dma::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
+pub use dma::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, UnmapBatchError, UnmapError};
 pub use error::{AllocError, BuildError, ConfigError, SyncError, UnbindError};
 pub use frag::{Frag, FRAG_ALIGN};
 pub use identity::IdentityDma;

@@ -32,6 +32,7 @@ use crate::checking::CpuAccessCheck;
 use crate::dma::{DmaAddr, DmaDirection, DmaMapping, DmaOps};
 use crate::error::BuildError;
 use crate::gate::{CallGate, DeviceCall, OpsCell};
+use crate::mapping::KeptMappings;
 use crate::memory::{PageSource, RegionBacking, RegionSource};
 use crate::mode::TrackingMode;
 use crate::ring::Ring;
@@ -96,6 +97,8 @@ pub(crate) struct DeviceShared<M: TrackingMode> {
     /// Untracked builds: pages whose memory had to be leaked (see
     /// [`Untracked`](crate::Untracked)).
     pub(crate) leaked_pages: AtomicUsize,
+    /// Mappings whose unmap failed: their memory is never freed.
+    pub(crate) kept: KeptMappings,
     pub(crate) registry: Mutex<Registry<M>>,
     /// Held for the whole of `unbind`, so a second caller waits for the
     /// first to finish.
@@ -126,6 +129,7 @@ impl<M: TrackingMode> DeviceShared<M> {
             min_page_size,
             cpu_access_check,
             leaked_pages: AtomicUsize::new(0),
+            kept: KeptMappings::default(),
             registry: Mutex::new(Registry {
                 bound: true,
                 pools: Vec::new(),
@@ -310,6 +314,7 @@ impl<M: TrackingMode> PoolShared<M> {
         let held = handed_out.saturating_sub(returned);
         let mapped = self.pages_mapped.load(Ordering::Relaxed) as u64;
         let page_len = self.config.page_len as u64;
+        let kept = self.device.kept.pool(self.id);
         PoolStats {
             alloc: AllocStats {
                 fast: o.fast.get(),
@@ -324,6 +329,8 @@ impl<M: TrackingMode> PoolShared<M> {
             bytes_held: held * page_len,
             pages_mapped: mapped,
             bytes_mapped: mapped * page_len,
+            unmap_failures: kept.mappings,
+            bytes_kept: kept.bytes,
         }
     }
 

@@ -102,6 +102,13 @@ pub struct PoolStats {
     pub pages_mapped: u64,
     /// `pages_mapped` in bytes.
     pub bytes_mapped: u64,
+    /// Mappings of this pool (pages, or regions of a region-mapped pool)
+    /// whose unmap the backend reported as failed. They are no longer
+    /// counted in `pages_mapped`, but their memory is kept: never freed,
+    /// never reused, since the device may still reach it.
+    pub unmap_failures: u64,
+    /// Bytes of those mappings.
+    pub bytes_kept: u64,
 }
 
 /// What netlink's `page-pool-get` reports for a pool, with the pool's

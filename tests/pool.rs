@@ -757,7 +757,7 @@ impl pagepool::DmaOps for OddIommuPage {
         // SAFETY: forwarded caller contract.
         unsafe { self.0.map(cpu, len, direction) }
     }
-    unsafe fn unmap(&self, mapping: pagepool::DmaMapping) {
+    unsafe fn unmap(&self, mapping: pagepool::DmaMapping) -> Result<(), pagepool::UnmapError> {
         // SAFETY: forwarded caller contract.
         unsafe { self.0.unmap(mapping) }
     }
@@ -812,7 +812,7 @@ impl pagepool::DmaOps for AnswersErrorAddress {
     ) -> Result<pagepool::DmaAddr, DmaError> {
         Ok(pagepool::DmaAddr::ERROR)
     }
-    unsafe fn unmap(&self, mapping: pagepool::DmaMapping) {
+    unsafe fn unmap(&self, mapping: pagepool::DmaMapping) -> Result<(), pagepool::UnmapError> {
         panic!("{mapping:?} was never mapped");
     }
     unsafe fn sync_for_device(&self, mapping: pagepool::DmaMapping, _: usize, _: usize) {

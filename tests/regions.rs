@@ -13,7 +13,7 @@ use pagepool::checking::{CheckMode, CheckingDevice, Violation};
 use pagepool::{
     AllocError, BuildError, ConfigError, Device, DmaAddr, DmaDirection, DmaError, DmaMapping,
     DmaOps, OutOfMemory, PagePool, RegionBacking, RegionBlock, RegionSource, SystemRegions,
-    DEFAULT_REGION_SIZE,
+    UnmapError, DEFAULT_REGION_SIZE,
 };
 
 const REGION: usize = DEFAULT_REGION_SIZE;
@@ -434,7 +434,7 @@ impl DmaOps for LargeIommuPage {
         // SAFETY: forwarded caller contract.
         unsafe { self.0.map(cpu, len, direction) }
     }
-    unsafe fn unmap(&self, mapping: DmaMapping) {
+    unsafe fn unmap(&self, mapping: DmaMapping) -> Result<(), UnmapError> {
         // SAFETY: forwarded caller contract.
         unsafe { self.0.unmap(mapping) }
     }
@@ -821,7 +821,7 @@ fn pages_dropped_inside_a_region_map_are_taken_back_and_nothing_leaks() {
             // SAFETY: forwarded caller contract.
             unsafe { self.inner.map(cpu, len, direction) }
         }
-        unsafe fn unmap(&self, mapping: DmaMapping) {
+        unsafe fn unmap(&self, mapping: DmaMapping) -> Result<(), UnmapError> {
             // SAFETY: forwarded caller contract.
             unsafe { self.inner.unmap(mapping) }
         }

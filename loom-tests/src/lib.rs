@@ -35,7 +35,8 @@ use loom::thread::ThreadId;
 use pagepool::checking::{CheckMode, CheckingDevice, CheckingStats};
 use pagepool::{
     Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, GlobalPages, OutOfMemory, Page,
-    PagePool, PageSource, RegionBlock, RegionSource, SystemRegions, UnbindReport,
+    PagePool, PageSource, RegionBlock, RegionSource, SystemRegions, UnbindReport, UnmapBatchError,
+    UnmapError,
 };
 
 /// Preemption bound used when `LOOM_MAX_PREEMPTIONS` is not set (see
@@ -620,12 +621,12 @@ impl DmaOps for HookedOps {
         unsafe { self.inner.map(cpu, len, direction) }
     }
 
-    unsafe fn unmap(&self, mapping: DmaMapping) {
+    unsafe fn unmap(&self, mapping: DmaMapping) -> Result<(), UnmapError> {
         // SAFETY: forwarded contract.
         unsafe { self.inner.unmap(mapping) }
     }
 
-    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) {
+    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) -> Result<(), UnmapBatchError> {
         let fire = self.hooks.fire();
         if fire && self.hooks.hook == UnmapHook::DropPageThenUnmap {
             let page = self.hooks.page.lock().unwrap().take();
@@ -636,10 +637,11 @@ impl DmaOps for HookedOps {
             drop(device);
         }
         // SAFETY: forwarded contract.
-        unsafe { self.inner.unmap_batch(mappings) };
+        let result = unsafe { self.inner.unmap_batch(mappings) };
         if fire && self.hooks.hook == UnmapHook::PanicAfterUnmap {
             std::panic::panic_any(HookPanic);
         }
+        result
     }
 
     unsafe fn sync_for_device(&self, mapping: DmaMapping, offset: usize, len: usize) {

@@ -35,7 +35,8 @@ use bytes::Bytes;
 use pagepool::checking::{CheckMode, CheckingDevice, CheckingStats};
 use pagepool::{
     AllocError, BuildError, Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, Frag,
-    GlobalPages, OutOfMemory, Page, PagePool, PageSource, UnbindError, UnbindReport, PAGE_SIZE,
+    GlobalPages, OutOfMemory, Page, PagePool, PageSource, UnbindError, UnbindReport,
+    UnmapBatchError, UnmapError, PAGE_SIZE,
 };
 use shuttle::rand::{thread_rng, Rng};
 use shuttle::scheduler::{PctScheduler, RandomScheduler};
@@ -330,12 +331,12 @@ impl DmaOps for CountingOps {
         unsafe { self.checker(0).map(cpu, len, direction) }
     }
 
-    unsafe fn unmap(&self, mapping: DmaMapping) {
+    unsafe fn unmap(&self, mapping: DmaMapping) -> Result<(), UnmapError> {
         // SAFETY: forwarded contract.
         unsafe { self.checker(1).unmap(mapping) }
     }
 
-    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) {
+    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) -> Result<(), UnmapBatchError> {
         // SAFETY: forwarded contract.
         unsafe { self.checker(mappings.len()).unmap_batch(mappings) }
     }

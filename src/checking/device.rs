@@ -28,7 +28,9 @@ use super::cpu_access::{CpuAccess, CpuAccessCheck};
 use super::model::{State, DEFAULT_RETIRED_CAPACITY};
 use super::report::{self, CheckingStats, LiveMapping, Verdict};
 use super::violation::{CheckMode, Op, Violation};
-use crate::dma::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
+use crate::dma::{
+    DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, UnmapBatchError, UnmapError,
+};
 use crate::sync::{pause, Arc, Mutex};
 
 #[cfg(doc)]
@@ -45,9 +47,21 @@ pub struct CheckingDeviceBuilder {
     fail_every: u64,
     strict_sync_directions: bool,
     retired_capacity: usize,
+    iommu_page: Option<usize>,
 }
 
 impl CheckingDeviceBuilder {
+    /// Acts as a device behind an IOMMU whose smallest page is `bytes` (a
+    /// power of two, at least 4096): reports it as
+    /// [`DmaOps::min_page_size`], and refuses a `map` of memory not
+    /// aligned to it or not a whole number of such pages with
+    /// [`DmaError::Unaligned`], recording [`Violation::MapUnaligned`].
+    /// Default: none (any page-aligned memory maps exactly).
+    pub fn iommu_page(mut self, bytes: usize) -> Self {
+        self.iommu_page = Some(bytes);
+        self
+    }
+
     /// What to do on a violation (default [`CheckMode::Panic`]).
     pub fn mode(mut self, mode: CheckMode) -> Self {
         self.mode = mode;
@@ -104,6 +118,8 @@ impl CheckingDeviceBuilder {
             self.strict_sync_directions,
             self.retired_capacity,
         );
+        let mut state = state;
+        state.iommu_page = self.iommu_page;
         CheckingDevice {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
@@ -121,6 +137,7 @@ impl Default for CheckingDeviceBuilder {
             fail_every: 0,
             strict_sync_directions: false,
             retired_capacity: DEFAULT_RETIRED_CAPACITY,
+            iommu_page: None,
         }
     }
 }
@@ -210,6 +227,14 @@ impl CheckingDevice {
     /// nothing (replaces any earlier count).
     pub fn fail_next_maps(&self, n: u64) {
         self.inner.state.lock().fail_next = n;
+    }
+
+    /// Makes the next `n` unmapped mappings fail with
+    /// [`UnmapError::Injected`]: they stay mapped (the device can still
+    /// reach them, and `on_unbind` reports them as leaked), as after a
+    /// failed `VFIO_IOMMU_UNMAP_DMA`. Replaces any earlier count.
+    pub fn fail_next_unmaps(&self, n: u64) {
+        self.inner.state.lock().fail_next_unmaps = n;
     }
 
     /// Makes every `k`-th map attempt from now on fail with
@@ -375,23 +400,37 @@ impl DmaOps for CheckingDevice {
         })
     }
 
-    unsafe fn unmap(&self, mapping: DmaMapping) {
+    unsafe fn unmap(&self, mapping: DmaMapping) -> Result<(), UnmapError> {
         self.call(true, |st| {
             if !st.dead(Op::Unmap) {
+                if st.fail_next_unmaps > 0 {
+                    st.fail_next_unmaps -= 1;
+                    st.stats.injected_unmap_failures += 1;
+                    return Err(UnmapError::Injected);
+                }
                 st.unmap_one(mapping);
             }
-        });
+            Ok(())
+        })
     }
 
-    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) {
+    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) -> Result<(), UnmapBatchError> {
         self.call(true, |st| {
+            let mut failed = UnmapBatchError::new();
             if !st.dead(Op::UnmapBatch) {
                 st.stats.batch_unmaps += 1;
-                for m in mappings {
+                for (index, m) in mappings.iter().enumerate() {
+                    if st.fail_next_unmaps > 0 {
+                        st.fail_next_unmaps -= 1;
+                        st.stats.injected_unmap_failures += 1;
+                        failed.push(index, UnmapError::Injected);
+                        continue;
+                    }
                     st.unmap_one(*m);
                 }
             }
-        });
+            failed.into_result()
+        })
     }
 
     unsafe fn sync_for_device(&self, mapping: DmaMapping, offset: usize, len: usize) {
@@ -420,6 +459,11 @@ impl DmaOps for CheckingDevice {
                 st.on_unbind();
             }
         });
+    }
+
+    /// The IOMMU page set with [`CheckingDeviceBuilder::iommu_page`].
+    fn min_page_size(&self) -> Option<usize> {
+        self.inner.state.lock().iommu_page
     }
 }
 

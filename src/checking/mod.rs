@@ -37,7 +37,7 @@
 //!
 //! | Call | Violation |
 //! |---|---|
-//! | `map` | [`InvalidMap`](Violation::InvalidMap) (zero or wrapping length), [`MapOverlap`](Violation::MapOverlap) (CPU memory overlaps a live mapping) |
+//! | `map` | [`InvalidMap`](Violation::InvalidMap) (zero or wrapping length), [`MapUnaligned`](Violation::MapUnaligned) (not aligned to the IOMMU page set with [`CheckingDeviceBuilder::iommu_page`]), [`MapOverlap`](Violation::MapOverlap) (CPU memory overlaps a live mapping) |
 //! | `unmap`, `unmap_batch` | [`UnmapInvalidAddress`](Violation::UnmapInvalidAddress), [`UnmapNotMapped`](Violation::UnmapNotMapped), [`DoubleUnmap`](Violation::DoubleUnmap), [`UnmapSizeMismatch`](Violation::UnmapSizeMismatch), [`UnmapDirectionMismatch`](Violation::UnmapDirectionMismatch) |
 //! | `sync_for_cpu`, `sync_for_device`, `cpu_access` | [`NotMapped`](Violation::NotMapped), [`OutOfRange`](Violation::OutOfRange), [`MappingLenMismatch`](Violation::MappingLenMismatch), [`MappingDirectionMismatch`](Violation::MappingDirectionMismatch) |
 //! | `sync_for_cpu`, `sync_for_device` | [`SyncDirectionNotAllowed`](Violation::SyncDirectionNotAllowed) (for-CPU sync of a `ToDevice` mapping, for-device sync of a `FromDevice` mapping; opt-in with [`CheckingDeviceBuilder::strict_sync_directions`]) |

@@ -188,6 +188,10 @@ pub(super) struct State {
     pub(super) fail_every: u64,
     /// Map attempts that reached failure injection.
     pub(super) map_attempts: u64,
+    /// Unmaps still to fail (`fail_next_unmaps`): the mapping stays live.
+    pub(super) fail_next_unmaps: u64,
+    /// The smallest IOMMU page this device reports (`iommu_page`), if any.
+    pub(super) iommu_page: Option<usize>,
     strict_sync_directions: bool,
     retired_capacity: usize,
     next_iova: u64,
@@ -223,6 +227,8 @@ impl State {
             fail_next: 0,
             fail_every,
             map_attempts: 0,
+            fail_next_unmaps: 0,
+            iommu_page: None,
             strict_sync_directions,
             retired_capacity,
             next_iova: IOVA_BASE,
@@ -288,6 +294,16 @@ impl State {
             self.report(Violation::InvalidMap { cpu_addr, len });
             return Err(DmaError::InvalidArgument);
         };
+        if let Some(iommu_page) = self.iommu_page {
+            if cpu_addr % iommu_page != 0 || len % iommu_page != 0 {
+                self.report(Violation::MapUnaligned {
+                    cpu_addr,
+                    len,
+                    iommu_page,
+                });
+                return Err(DmaError::Unaligned { iommu_page });
+            }
+        }
         // Live CPU ranges are disjoint and sorted, so their ends are sorted
         // too: only the last one starting before `cpu_end` can overlap.
         if let Some((&start, &iova)) = self.by_cpu.range(..cpu_end).next_back() {

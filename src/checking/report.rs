@@ -30,6 +30,10 @@ pub struct CheckingStats {
     pub map_failures: u64,
     /// Of `map_failures`, those injected on purpose.
     pub injected_failures: u64,
+    /// Unmaps failed on purpose
+    /// ([`CheckingDevice::fail_next_unmaps`](super::CheckingDevice::fail_next_unmaps)):
+    /// those mappings stayed live.
+    pub injected_unmap_failures: u64,
     /// Mappings named for unmapping while bound (each `unmap` call and each
     /// element of an `unmap_batch`), including bad ones.
     pub unmaps: u64,

@@ -12,7 +12,7 @@ use core::ptr::NonNull;
 use std::time::Duration;
 
 use super::*;
-use crate::dma::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
+use crate::dma::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, UnmapError};
 use DmaDirection::{Bidirectional, FromDevice, ToDevice};
 
 /// CPU memory for tests: a heap buffer reached only through its raw
@@ -99,7 +99,8 @@ fn map(dev: &CheckingDevice, buf: &Buf, dir: DmaDirection) -> DmaMapping {
 
 fn unmap(dev: &CheckingDevice, m: DmaMapping) {
     // SAFETY: the checker touches no memory on unmap.
-    unsafe { dev.unmap(m) }
+    let result = unsafe { dev.unmap(m) };
+    assert_eq!(result, Ok(()), "only an injected unmap failure fails");
 }
 
 fn sync_cpu(dev: &CheckingDevice, m: DmaMapping, offset: usize, len: usize) {
@@ -157,7 +158,7 @@ fn correct_sequence_has_no_violations() {
 
     unmap(&dev, rx_m);
     // SAFETY: the checker touches no memory on unmap.
-    unsafe { dev.unmap_batch(&[tx_m, bi_m]) };
+    unsafe { dev.unmap_batch(&[tx_m, bi_m]) }.unwrap();
     dev.on_unbind();
 
     assert!(dev.violations().is_empty());
@@ -375,7 +376,7 @@ fn double_unmap() {
     // Within one batch too.
     let m2 = map(&dev, &buf, FromDevice);
     // SAFETY: the checker touches no memory on unmap.
-    unsafe { dev.unmap_batch(&[m2, m2]) };
+    unsafe { dev.unmap_batch(&[m2, m2]) }.unwrap();
     expect(
         &dev,
         &[Violation::DoubleUnmap {
@@ -690,7 +691,7 @@ fn every_call_after_unbind_is_reported() {
     );
     unmap(&dev, m);
     // SAFETY: the checker touches no memory on unmap.
-    unsafe { dev.unmap_batch(&[m]) };
+    unsafe { dev.unmap_batch(&[m]) }.unwrap();
     sync_dev(&dev, m, 0, 8);
     sync_cpu(&dev, m, 0, 8);
     dev.cpu_access(m, 0, 8, CpuAccess::Read);
@@ -1086,7 +1087,8 @@ fn clones_share_one_device() {
             len: 8,
             direction: FromDevice,
         })
-    };
+    }
+    .unwrap();
     ops.on_unbind();
     drop(ops);
     assert!(dev.is_unbound());
@@ -1291,7 +1293,7 @@ impl DmaOps for Wrapped {
         // SAFETY: forwarded `DmaOps::map` contract.
         unsafe { self.0.map(cpu, len, direction) }
     }
-    unsafe fn unmap(&self, mapping: DmaMapping) {
+    unsafe fn unmap(&self, mapping: DmaMapping) -> Result<(), UnmapError> {
         // SAFETY: forwarded `DmaOps::unmap` contract.
         unsafe { self.0.unmap(mapping) }
     }

@@ -139,6 +139,18 @@ pub enum Violation {
         /// Its length.
         len: usize,
     },
+    /// `map` of CPU memory not aligned to the device's IOMMU page (see
+    /// [`CheckingDeviceBuilder::iommu_page`](super::CheckingDeviceBuilder::iommu_page)),
+    /// or not a whole number of them: a real IOMMU would map the whole
+    /// pages around it, exposing the neighbouring memory to the device.
+    MapUnaligned {
+        /// CPU address of the range.
+        cpu_addr: usize,
+        /// Its length.
+        len: usize,
+        /// The IOMMU page.
+        iommu_page: usize,
+    },
     /// `map` of CPU memory overlapping the CPU memory of a live mapping.
     MapOverlap {
         /// CPU address of the new range.
@@ -314,6 +326,15 @@ impl fmt::Display for Violation {
             Self::InvalidMap { cpu_addr, len } => write!(
                 f,
                 "device driver maps an invalid CPU range [cpu address={cpu_addr:#x}] [size={len} bytes]"
+            ),
+            Self::MapUnaligned {
+                cpu_addr,
+                len,
+                iommu_page,
+            } => write!(
+                f,
+                "device driver maps CPU memory not aligned to the {iommu_page}-byte IOMMU page \
+                 [cpu address={cpu_addr:#x}] [size={len} bytes]"
             ),
             Self::MapOverlap {
                 cpu_addr,

@@ -57,4 +57,4 @@ pub(crate) mod unmapper;
 pub(crate) use meta_block::MetaFiller;
 pub(crate) use page::{free_pages, map_page, release_pages};
 pub(crate) use region::{free_regions, map_region};
-pub(crate) use unmapper::Unmapper;
+pub(crate) use unmapper::{KeptMappings, Unmapper};

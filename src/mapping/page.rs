@@ -70,6 +70,12 @@ pub(crate) fn map_page<M: TrackingMode>(
     // Declared before the call, so on every exit (and unwind) the call ends
     // first and the block goes back to its source outside the gate.
     let block = FreshBlock { pool, cpu };
+    if let Some(align) = pool.device.min_page_size {
+        if cpu.as_ptr().addr() % align != 0 {
+            // Mapping it would widen the mapping over its neighbours.
+            return Err(AllocError::Misaligned { align });
+        }
+    }
     let Some(call) = pool.device_call() else {
         return Err(AllocError::Unbound);
     };
@@ -112,7 +118,7 @@ pub(crate) fn map_page<M: TrackingMode>(
                 // SAFETY: the meta is live and ours.
                 unmapper.push(unsafe { meta_ref(meta) });
                 // SAFETY: mapped above, never recorded.
-                unsafe { unmapper.flush(&*call) };
+                unsafe { unmapper.flush(&*call, &pool.device.kept) };
                 drop(call);
                 // SAFETY: unmapped, ours alone.
                 unsafe { free_pages(&[meta]) };
@@ -169,9 +175,15 @@ pub(crate) unsafe fn free_pages<M: TrackingMode>(pages: &[NonNull<PageMeta<M>>])
 /// As for [`free_pages`].
 unsafe fn free_page<M: TrackingMode>(meta: NonNull<PageMeta<M>>) {
     // SAFETY: live until freed here (caller contract).
-    if unsafe { meta_ref(meta) }.region().is_some() {
+    let live = unsafe { meta_ref(meta) };
+    if live.region().is_some() {
         // SAFETY: owned by the caller, leaving the pool for good.
         return unsafe { retire_pages(&[meta]) };
+    }
+    if live.pool.device.kept.is_kept(meta.as_ptr()) {
+        // Its unmap failed: the device may still reach the memory, so it
+        // is kept, with its meta, for good (invariant 4).
+        return;
     }
     // SAFETY: metas of pages mapped one by one are placed by `map_page`
     // and freed only here, once (caller contract). The slot is given up
@@ -276,7 +288,7 @@ pub(crate) unsafe fn release_pages<M: TrackingMode>(
         rest.unmapped = start + chunk.len();
         // SAFETY: each mapping came from `map` on this device and its record
         // was removed just above; unmapped once, here.
-        unsafe { unmapper.flush(&*call) };
+        unsafe { unmapper.flush(&*call, &pool.device.kept) };
         drop(call);
         rest.freed = rest.unmapped;
         // SAFETY: unmapped; owned.

@@ -141,6 +141,12 @@ pub(crate) fn map_region<M: TrackingMode>(
     // Declared before the call: on every exit (and unwind) the call ends
     // first and the region goes back to its source outside the gate.
     let fresh = FreshRegion { pool, region };
+    if let Some(align) = pool.device.min_page_size {
+        if block.ptr.as_ptr().addr() % align != 0 {
+            // Mapping it would widen the mapping over its neighbours.
+            return Err(AllocError::Misaligned { align });
+        }
+    }
     let Some(call) = pool.device_call() else {
         return Err(AllocError::Unbound);
     };
@@ -182,11 +188,16 @@ pub(crate) fn map_region<M: TrackingMode>(
                 // SAFETY: the region is live and ours.
                 unmapper.push_region(unsafe { region.as_ref() });
                 // SAFETY: mapped above, never recorded.
-                unsafe { unmapper.flush(&*call) };
+                unsafe { unmapper.flush(&*call, &pool.device.kept) };
                 drop(call);
-                pool.pages_allocated.fetch_sub(count, Ordering::Relaxed);
-                regions.live.fetch_sub(1, Ordering::Relaxed);
-                drop(fresh);
+                if pool.device.kept.is_kept(region.as_ptr()) {
+                    // The unmap failed: keep the memory for good.
+                    core::mem::forget(fresh);
+                } else {
+                    pool.pages_allocated.fetch_sub(count, Ordering::Relaxed);
+                    regions.live.fetch_sub(1, Ordering::Relaxed);
+                    drop(fresh);
+                }
                 return Err(match why {
                     InsertError::Closed => AllocError::Unbound,
                     InsertError::Full => {
@@ -330,7 +341,7 @@ unsafe fn release_region<M: TrackingMode>(region: NonNull<Region<M>>) {
         let free_after = FreeAfter(region);
         // SAFETY: mapped by `map_region` on this device, record removed just
         // above: unmapped once, here.
-        unsafe { unmapper.flush(&*call) };
+        unsafe { unmapper.flush(&*call, &pool.device.kept) };
         drop(call);
         drop(free_after);
     }
@@ -346,6 +357,18 @@ unsafe fn release_region<M: TrackingMode>(region: NonNull<Region<M>>) {
 pub(crate) unsafe fn free_regions<M: TrackingMode>(regions: &[NonNull<Region<M>>]) {
     let mut panics = Panics::new();
     for &region in regions {
+        // SAFETY: owned by the caller, live until taken below.
+        if unsafe { region.as_ref() }
+            .pool
+            .device
+            .kept
+            .is_kept(region.as_ptr())
+        {
+            // Its unmap failed: the device may still reach the memory, so
+            // the region is kept, with its pages' metas, for good
+            // (invariant 4).
+            continue;
+        }
         // SAFETY: forwarded caller contract, each once.
         let (region, pages) = unsafe { take_region(region) };
         let count = pages.len();

@@ -53,6 +53,13 @@ impl std::error::Error for OutOfMemory {}
 /// `free_pages` that `unbind` itself runs it returns
 /// [`UnbindError::InsideCallback`](crate::UnbindError::InsideCallback).
 ///
+/// The pool refuses a block not aligned to the device's IOMMU page
+/// ([`DmaOps::min_page_size`](crate::DmaOps::min_page_size), when the
+/// backend reports one) with
+/// [`AllocError::Misaligned`](crate::AllocError::Misaligned), giving it
+/// back, since mapping it would expose its neighbours to the device: align
+/// blocks to their size, as [`GlobalPages`] does.
+///
 /// ```
 /// use std::alloc::{alloc_zeroed, dealloc, Layout};
 /// use std::ptr::NonNull;
@@ -120,14 +127,16 @@ pub unsafe trait PageSource: Send + Sync + 'static {
     unsafe fn free_pages(&self, block: NonNull<u8>, order: u32);
 }
 
-/// Page memory from the global allocator, zeroed, aligned to [`PAGE_SIZE`].
+/// Page memory from the global allocator, zeroed, aligned to its own size
+/// (as the kernel's buddy allocator aligns an order-n block), so a page is
+/// aligned to any IOMMU page that is not larger than it.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GlobalPages;
 
 pub(crate) fn layout_for(order: u32) -> Layout {
     // PAGE_SIZE is a power of two and order <= MAX_ORDER keeps the size far
     // below isize::MAX, so this cannot fail.
-    Layout::from_size_align(PAGE_SIZE << order, PAGE_SIZE).expect("page layout")
+    Layout::from_size_align(PAGE_SIZE << order, PAGE_SIZE << order).expect("page layout")
 }
 
 // SAFETY: blocks come from the global allocator with a layout of the exact
@@ -153,9 +162,13 @@ mod tests {
 
     #[test]
     fn global_pages_are_aligned_zeroed_and_sized() {
-        for order in [0, 1, 3] {
+        for order in [0, 1, 3, 4] {
             let block = GlobalPages.alloc_pages(order).unwrap();
-            assert_eq!(block.as_ptr() as usize % PAGE_SIZE, 0);
+            assert_eq!(
+                block.as_ptr() as usize % (PAGE_SIZE << order),
+                0,
+                "aligned to its own size"
+            );
             let len = PAGE_SIZE << order;
             // SAFETY: the block is valid for `len` bytes until freed below.
             let bytes = unsafe { core::slice::from_raw_parts(block.as_ptr(), len) };

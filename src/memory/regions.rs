@@ -25,8 +25,12 @@
 //! # Invariants
 //!
 //! - Every block is zeroed, valid for reads and writes of its whole length,
-//!   aligned to at least [`PAGE_SIZE`], and returned exactly once, after its
-//!   mapping is gone.
+//!   aligned to at least [`PAGE_SIZE`] (and, from [`SystemRegions`], to
+//!   `min(len, 2 MiB)`, so to any IOMMU page the region is a multiple of,
+//!   up to 2 MiB), and returned exactly once, after its mapping is gone.
+//! - A [`SystemRegions`] block is populated (faulted in as if written)
+//!   before it is handed out: no page of it is the shared zero page when a
+//!   device-reads mapping pins it.
 //!
 //! [`PagePoolBuilder::regions`]: crate::PagePoolBuilder::regions
 
@@ -82,6 +86,14 @@ pub struct RegionBlock {
 /// [`PageSource`](crate::PageSource), so it may block or panic (an
 /// `alloc_region` that panics allocated nothing; a `free_region` that panics
 /// is not repeated).
+///
+/// The pool refuses a block not aligned to the device's IOMMU page
+/// ([`DmaOps::min_page_size`](crate::DmaOps::min_page_size)) with
+/// [`AllocError::Misaligned`](crate::AllocError::Misaligned), giving it
+/// back: align blocks to their length (or at least to that page). Memory a
+/// device only reads should be populated (written, or faulted in with
+/// `MADV_POPULATE_WRITE`) before it is mapped, as [`SystemRegions`] does:
+/// Linux before 6.2 may pin the shared zero page for untouched memory.
 ///
 /// # Safety
 /// `alloc_region(len)` returns a block valid for reads and writes of `len`
@@ -166,9 +178,18 @@ mod os {
     /// The x86-64 (and arm64 4K-granule) huge page size.
     const HUGE_PAGE: usize = 2 << 20;
 
+    /// `MADV_POPULATE_WRITE` (Linux 5.14), not in `libc` yet.
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+
     pub(super) fn alloc(len: usize, huge_tlb: bool) -> Result<RegionBlock, OutOfMemory> {
         if huge_tlb && len % HUGE_PAGE == 0 {
-            if let Some(ptr) = mmap(len, libc::MAP_HUGETLB) {
+            // 2 MiB pages named explicitly: where the default huge page is
+            // 1 GiB, a bare MAP_HUGETLB would take one per region. Populated
+            // at once (reserved pages, nothing to wait for).
+            if let Some(ptr) = mmap(
+                len,
+                libc::MAP_HUGETLB | libc::MAP_HUGE_2MB | libc::MAP_POPULATE,
+            ) {
                 return Ok(RegionBlock {
                     ptr,
                     backing: RegionBacking::HugeTlb,
@@ -176,6 +197,24 @@ mod os {
             }
         }
         transparent_huge(len)
+    }
+
+    /// Faults the block in as if written, so every page is a private page
+    /// of its own: a device-reads mapping pinned later then pins the pages
+    /// the CPU writes, never the (huge) zero page that a read fault maps.
+    /// Falls back to writing one byte per page where the advice is unknown.
+    fn populate(block: NonNull<u8>, len: usize) {
+        // SAFETY: the block is a fresh private anonymous mapping of `len`
+        // bytes; the advice only faults it in, keeping its (zero) contents.
+        if unsafe { libc::madvise(block.as_ptr().cast(), len, MADV_POPULATE_WRITE) } == 0 {
+            return;
+        }
+        for offset in (0..len).step_by(super::PAGE_SIZE) {
+            let byte = block.as_ptr().wrapping_add(offset);
+            // SAFETY: inside the fresh mapping, writable, not yet shared:
+            // writing the zero it holds changes nothing but the backing.
+            unsafe { byte.write_volatile(0) };
+        }
     }
 
     /// Maps `len + align` bytes, trims them to `len` bytes aligned to
@@ -202,6 +241,7 @@ mod os {
         // SAFETY: the block is a live private anonymous mapping of `len`
         // bytes; the advice only changes how it is backed.
         unsafe { libc::madvise(block.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
+        populate(block, len);
         Ok(RegionBlock {
             ptr: block,
             backing: RegionBacking::TransparentHuge,
@@ -241,7 +281,9 @@ mod os {
         // SAFETY: the block is exactly a mapping (or the trimmed middle of
         // one) of `len` bytes that `alloc` made; nothing uses it afterwards
         // (caller).
-        unsafe { libc::munmap(block.ptr.as_ptr().cast(), len) };
+        let result = unsafe { libc::munmap(block.ptr.as_ptr().cast(), len) };
+        // Only a bad address or length fails, which `alloc` never hands out.
+        debug_assert_eq!(result, 0, "munmap of a region failed");
     }
 }
 

@@ -6,27 +6,49 @@
 //! - **Setup.** A `VfioDma` exists only for a viable group attached to a
 //!   container with a type1 IOMMU (TYPE1v2 selected here unless the group
 //!   was already attached), whose page size and valid IOVA ranges were read
-//!   once at setup (below the MSI window when the kernel reports none).
+//!   once at setup (below the MSI window when the kernel reports none;
+//!   sorted and merged when they overlap).
+//! - **One allocator per container.** No two `VfioDma`s of the process
+//!   (clones aside) share a container: setup refuses, with
+//!   [`VfioError::ContainerShared`], a group whose container already has an
+//!   IOMMU (another group is in it), and an already attached group whose
+//!   container or group a live `VfioDma` has (the container compared with
+//!   `kcmp`, where the kernel offers it).
+//! - **Alignment.** `map` maps exactly the memory it is given: memory not
+//!   aligned to the IOMMU page, or not a whole number of them, is refused
+//!   ([`VfioError::Unaligned`]), never widened.
+//! - **Read-only pins.** Memory the device only reads is faulted in for
+//!   writing (`MADV_POPULATE_WRITE`) before `MAP_DMA`, so the kernel never
+//!   pins the shared zero page (or a copy-on-write page the CPU's next
+//!   write replaces); where the kernel lacks that advice, such mappings
+//!   are made readable and writable, which makes the pin break
+//!   copy-on-write itself.
 //! - **IOVA records.** Every mapping gets its own block of whole IOMMU
 //!   pages from the allocator; the block is freed only when the kernel
 //!   confirms the unmap with the exact size (or when `MAP_DMA` failed and
 //!   nothing was mapped). A mismatched unmap leaves the block reserved, so
-//!   an IOVA still in the container is never handed out again.
-//! - **Drop.** The group fd closes before the container fd (field order),
-//!   and closing them makes the kernel remove every mapping still there.
+//!   an IOVA still in the container is never handed out again, and is
+//!   reported to the pool as failed, which then keeps the memory.
+//! - **Drop.** The last handle's drop removes every mapping still in the
+//!   container with `VFIO_DMA_UNMAP_FLAG_ALL` (Linux 5.13 and later), so
+//!   no mapping outlives the handles even while something else (an
+//!   [`MmioRegion`](super::MmioRegion), a duplicated fd, a forked child)
+//!   keeps the files open; then the group fd closes before the container
+//!   fd (field order).
 
 use core::ptr::NonNull;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex as StdMutex;
 
 use super::error::VfioError;
 use super::info::{get_info, IommuInfo};
 use super::ioctl::{ioctl_ptr, ioctl_val, open_node, Counters};
-use super::iova::{IovaAllocator, IovaRange};
+use super::iova::{normalize_ranges, IovaAllocator, IovaRange};
 use super::sys;
 use super::sysfs::{self, entry_limit_param, group_devices, group_id_of, memlock_limit};
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
-use crate::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
+use crate::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, UnmapBatchError, UnmapError};
 
 /// The VFIO container node.
 pub const CONTAINER_PATH: &str = "/dev/vfio/vfio";
@@ -45,7 +67,8 @@ pub struct VfioStats {
     pub unmap_calls: u64,
     /// Mappings torn down (a merged `UNMAP_DMA` counts each of its mappings).
     pub unmapped: u64,
-    /// Unmaps the kernel refused or answered with a different size.
+    /// Unmaps the kernel refused or answered with a different size (each
+    /// reported to the pool as failed: it keeps their memory).
     pub unmap_errors: u64,
     /// Mappings made through this backend and not yet unmapped.
     pub live_mappings: u64,
@@ -65,9 +88,50 @@ struct Inner {
     entry_limit: Option<u64>,
     info_len: AtomicUsize,
     write_only_refused: AtomicBool,
+    /// `MADV_POPULATE_WRITE` works on this kernel (5.14 and later).
+    populate_write: bool,
+    /// The kernel supports `VFIO_DMA_UNMAP_FLAG_ALL`.
+    unmap_all: bool,
+    /// `VFIO_DMA_CC_IOMMU`: the IOMMU enforces cache coherency.
+    cache_coherent: bool,
+    /// `DMA_AVAIL` reads `u32::MAX`: iommufd's type1 compatibility layer,
+    /// which has no entry limit and no meaningful count.
+    iommufd_compat: bool,
     iova: Mutex<IovaAllocator>,
     counters: Counters,
     last_error: Mutex<Option<VfioError>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if self.unmap_all {
+            // Whatever still holds the container or group files (an
+            // `MmioRegion`, a duplicated fd, a forked child), no mapping
+            // outlives the last handle.
+            let mut unmap = sys::DmaUnmap {
+                argsz: sys::argsz::<sys::DmaUnmap>(),
+                flags: sys::DMA_UNMAP_FLAG_ALL,
+                iova: 0,
+                size: 0,
+            };
+            // SAFETY: `unmap` is a writable `vfio_iommu_type1_dma_unmap` with
+            // `argsz` set; the kernel writes the unmapped size back into it.
+            let _ = unsafe {
+                ioctl_ptr(
+                    &self.counters,
+                    self.container.as_fd(),
+                    sys::IOMMU_UNMAP_DMA,
+                    &mut unmap,
+                )
+            };
+        }
+        // Unregistered before the fds close (after this body).
+        let key = core::ptr::from_ref(self).addr();
+        CONTAINERS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|&(k, _, _)| k != key);
+    }
 }
 
 /// A VFIO type1 container holding one IOMMU group: the [`DmaOps`] of the
@@ -89,6 +153,51 @@ impl core::fmt::Debug for VfioDma {
             .field("stats", &self.stats())
             .finish()
     }
+}
+
+/// Containers of the live `VfioDma`s: (key, container fd, group id).
+/// An entry is removed before its fds close, so every fd here is open.
+static CONTAINERS: StdMutex<Vec<(usize, RawFd, Option<u32>)>> = StdMutex::new(Vec::new());
+
+/// Whether two fds of this process refer to the same open file (the same
+/// container): `kcmp(KCMP_FILE)`. `None` where the kernel does not say.
+fn same_file(a: RawFd, b: RawFd) -> Option<bool> {
+    const KCMP_FILE: libc::c_int = 0;
+    // SAFETY: getpid cannot fail and touches no memory.
+    let pid = unsafe { libc::getpid() };
+    // SAFETY: kcmp only compares kernel objects named by pid and fd
+    // numbers; it reads and writes no user memory.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) };
+    match r {
+        0 => Some(true),
+        1..=3 => Some(false),
+        _ => None,
+    }
+}
+
+/// Whether `MADV_POPULATE_WRITE` is known to this kernel: tried once on a
+/// page of our own.
+fn probe_populate_write() -> bool {
+    // SAFETY: a fresh anonymous private page at an address of the kernel's
+    // choosing touches no existing memory.
+    let page = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if page == libc::MAP_FAILED {
+        return false;
+    }
+    // SAFETY: the advice only faults in the page just mapped.
+    let ok = unsafe { libc::madvise(page, 4096, sys::MADV_POPULATE_WRITE) } == 0;
+    // SAFETY: the page mapped above, nothing refers to it.
+    unsafe { libc::munmap(page, 4096) };
+    ok
 }
 
 /// Where the fallback IOVA window ends when the kernel reports no ranges
@@ -168,8 +277,21 @@ impl VfioDma {
             });
         }
 
+        // Held until this handle is registered: two setups on one
+        // container cannot both pass the check below.
+        let mut registry = CONTAINERS.lock().unwrap_or_else(|e| e.into_inner());
         let mut set_iommu_here = false;
-        if status.flags & sys::GROUP_FLAGS_CONTAINER_SET == 0 {
+        if status.flags & sys::GROUP_FLAGS_CONTAINER_SET != 0 {
+            // Already attached: refuse a container (or group) another
+            // handle of this process already allocates IOVAs in.
+            let shared = registry.iter().any(|&(_, fd, group)| {
+                (group.is_some() && group == group_id)
+                    || same_file(fd, container.as_raw_fd()) == Some(true)
+            });
+            if shared {
+                return Err(VfioError::ContainerShared { group: group_id });
+            }
+        } else {
             let mut container_fd: RawFd = container.as_raw_fd();
             // SAFETY: GROUP_SET_CONTAINER reads one `int` (the container fd)
             // from the pointer; `container_fd` lives across the call.
@@ -187,14 +309,20 @@ impl VfioDma {
             })?;
             match ioctl_val(&counters, c, sys::SET_IOMMU, sys::TYPE1V2_IOMMU) {
                 Ok(_) => set_iommu_here = true,
-                // The container already had an IOMMU (another group); the
-                // GET_INFO below proves it is usable.
-                Err(libc::EINVAL | libc::EBUSY) => {}
                 Err(errno) => {
-                    return Err(VfioError::Os {
-                        op: "VFIO_SET_IOMMU",
-                        errno,
-                    })
+                    // Leave the group as we found it.
+                    let _ = ioctl_val(&counters, group.as_fd(), sys::GROUP_UNSET_CONTAINER, 0);
+                    return Err(match errno {
+                        // The container already has an IOMMU, so another
+                        // group is in it, with IOVAs someone else picks.
+                        libc::EINVAL | libc::EBUSY => {
+                            VfioError::ContainerShared { group: group_id }
+                        }
+                        errno => VfioError::Os {
+                            op: "VFIO_SET_IOMMU",
+                            errno,
+                        },
+                    });
                 }
             }
         }
@@ -209,7 +337,8 @@ impl VfioDma {
         let page_size = 1u64 << page_sizes.trailing_zeros();
         let iova_ranges = info
             .iova_ranges
-            .clone()
+            .as_deref()
+            .map(normalize_ranges)
             .filter(|r| !r.is_empty())
             .unwrap_or_else(|| {
                 vec![IovaRange {
@@ -217,14 +346,21 @@ impl VfioDma {
                     end: FALLBACK_IOVA_END,
                 }]
             });
+        let iommufd_compat = info.dma_avail == Some(u32::MAX);
         // Right after SET_IOMMU the container is empty, so DMA_AVAIL is the
-        // limit itself; otherwise trust the module parameter.
+        // limit itself; otherwise trust the module parameter. iommufd's
+        // compatibility layer has neither.
         let entry_limit = match (set_iommu_here, info.dma_avail) {
+            _ if iommufd_compat => None,
             (true, Some(avail)) => Some(u64::from(avail)),
             _ => entry_limit_param(),
         };
+        let extension =
+            |ext| matches!(ioctl_val(&counters, c, sys::CHECK_EXTENSION, ext), Ok(n) if n > 0);
+        let cache_coherent = extension(sys::DMA_CC_IOMMU);
+        let unmap_all = extension(sys::UNMAP_ALL);
         let iova = Mutex::new(IovaAllocator::new(&iova_ranges, page_size));
-        Ok(Self {
+        let this = Self {
             inner: Arc::new(Inner {
                 group,
                 container,
@@ -235,11 +371,18 @@ impl VfioDma {
                 entry_limit,
                 info_len,
                 write_only_refused: AtomicBool::new(false),
+                populate_write: probe_populate_write(),
+                unmap_all,
+                cache_coherent,
+                iommufd_compat,
                 iova,
                 counters,
                 last_error: Mutex::new(None),
             }),
-        })
+        };
+        let key = Arc::as_ptr(&this.inner).addr();
+        registry.push((key, this.inner.container.as_raw_fd(), group_id));
+        Ok(this)
     }
 
     /// The container fd, for calls this backend does not wrap. Mapping or
@@ -296,11 +439,39 @@ impl VfioDma {
 
     /// The number of mapping entries the container has left (`DMA_AVAIL`):
     /// the kernel's exact count, so `limit - dma_avail()` is the number of
-    /// live mappings in the container, whoever made them.
+    /// live mappings in the container, whoever made them. Under iommufd's
+    /// type1 compatibility layer (`/dev/vfio/vfio` served by iommufd) the
+    /// count means nothing (it reads `u32::MAX`, and there is no
+    /// `dma_entry_limit`): then this fails with
+    /// [`VfioError::Unsupported`] (see [`is_iommufd_compat`](Self::is_iommufd_compat)).
     pub fn dma_avail(&self) -> Result<u32, VfioError> {
+        if self.inner.iommufd_compat {
+            return Err(VfioError::Unsupported {
+                what: "a meaningful DMA_AVAIL (iommufd's type1 compatibility layer reports \
+                       u32::MAX and has no dma_entry_limit)",
+            });
+        }
         self.iommu_info()?.dma_avail.ok_or(VfioError::Unsupported {
             what: "the DMA_AVAIL capability of VFIO_IOMMU_GET_INFO",
         })
+    }
+
+    /// Whether the container is served by iommufd's type1 compatibility
+    /// layer (detected by its `DMA_AVAIL` of `u32::MAX`): mappings are not
+    /// limited by `dma_entry_limit` there, and [`dma_avail`](Self::dma_avail)
+    /// has no count to give.
+    pub fn is_iommufd_compat(&self) -> bool {
+        self.inner.iommufd_compat
+    }
+
+    /// Whether the IOMMU enforces cache-coherent DMA (`VFIO_DMA_CC_IOMMU`):
+    /// it then snoops even requests a device marks No Snoop. Where it does
+    /// not (Intel's emulated VT-d, some real ones), a device must not use No
+    /// Snoop, since the pool does no cache maintenance (see
+    /// [`DmaOps::needs_sync`]): [`VfioDevice::set_bus_master`](super::VfioDevice::set_bus_master)
+    /// clears its Enable No Snoop bit.
+    pub fn cache_coherent(&self) -> bool {
+        self.inner.cache_coherent
     }
 
     /// A snapshot of the call counters.
@@ -319,8 +490,8 @@ impl VfioDma {
         }
     }
 
-    /// The last unmap failure, if any: [`DmaOps::unmap`] cannot return one,
-    /// so it is kept here (and counted in [`VfioStats::unmap_errors`]).
+    /// The last unmap failure, if any (also reported to the caller of
+    /// [`DmaOps::unmap`], and counted in [`VfioStats::unmap_errors`]).
     pub fn last_unmap_error(&self) -> Option<VfioError> {
         self.inner.last_error.lock().clone()
     }
@@ -337,8 +508,12 @@ impl VfioDma {
     /// and returns the device address; the richer-error form of
     /// [`DmaOps::map`].
     ///
-    /// The whole IOMMU pages holding the range are mapped (as Linux's DMA
-    /// API does); the returned address keeps `cpu`'s offset in its page.
+    /// `cpu` must be aligned to [`page_size`](Self::page_size) and `len` a
+    /// multiple of it ([`VfioError::Unaligned`] otherwise): the IOMMU maps
+    /// whole pages, and widening the mapping to them would let the device
+    /// reach the memory around the buffer. Memory the device only reads
+    /// (`ToDevice`) is faulted in for writing first, so the kernel pins the
+    /// pages the CPU writes, never the shared zero page.
     ///
     /// # Safety
     /// As for [`DmaOps::map`]: the memory stays allocated and unused by
@@ -359,17 +534,8 @@ impl VfioDma {
             });
         }
         let page = inner.page_size;
-        let base = vaddr & !(page - 1);
-        let offset = vaddr - base;
-        let Some(size) = offset
-            .checked_add(len as u64)
-            .and_then(|end| end.checked_next_multiple_of(page))
-        else {
-            return Err(VfioError::InvalidArgument {
-                op: "VFIO_IOMMU_MAP_DMA",
-                detail: format!("a mapping of {len:#x} bytes"),
-            });
-        };
+        check_aligned(vaddr, len as u64, page)?;
+        let (base, size) = (vaddr, len as u64);
         let iova = inner
             .iova
             .lock()
@@ -386,6 +552,24 @@ impl VfioDma {
         if flags == sys::DMA_MAP_FLAG_WRITE && inner.write_only_refused.load(Ordering::Relaxed) {
             flags |= sys::DMA_MAP_FLAG_READ;
         }
+        if flags == sys::DMA_MAP_FLAG_READ {
+            // The kernel pins a read-only mapping without write access:
+            // memory never written would pin the shared zero page (before
+            // Linux 6.2, also a copy-on-write page), and the CPU's later
+            // writes would go to a copy the device never sees.
+            if inner.populate_write {
+                // SAFETY: the caller's range (valid memory it owns);
+                // faulting it in for writing keeps its contents. A failure
+                // (memory the CPU cannot write, device memory) leaves
+                // nothing a later CPU write could replace: ignored.
+                let _ =
+                    unsafe { libc::madvise(cpu.as_ptr().cast(), len, sys::MADV_POPULATE_WRITE) };
+            } else {
+                // No populate on this kernel: a writable pin breaks
+                // copy-on-write itself.
+                flags |= sys::DMA_MAP_FLAG_WRITE;
+            }
+        }
         let mut result = self.map_dma(base, iova, size, flags);
         if result == Err(libc::EINVAL) && flags == sys::DMA_MAP_FLAG_WRITE {
             // Some IOMMUs cannot express write-only; read+write is what
@@ -399,7 +583,7 @@ impl VfioDma {
             Ok(()) => {
                 inner.counters.live_mappings.fetch_add(1, Ordering::Relaxed);
                 inner.counters.live_bytes.fetch_add(size, Ordering::Relaxed);
-                Ok(DmaAddr(iova + offset))
+                Ok(DmaAddr(iova))
             }
             Err(errno) => {
                 // Nothing was mapped: the IOVA block is free again.
@@ -530,44 +714,60 @@ impl VfioDma {
     /// # Safety
     /// As for [`DmaOps::unmap_batch`].
     pub unsafe fn try_unmap_batch(&self, mappings: &[DmaMapping]) -> Result<u64, VfioError> {
-        let mut spans: Vec<(u64, u64)> = mappings
+        let (calls, failed) = self.unmap_runs(mappings);
+        match failed.into_iter().next() {
+            Some((_, error)) => Err(error),
+            None => Ok(calls),
+        }
+    }
+
+    /// The work of [`try_unmap_batch`](Self::try_unmap_batch): the calls
+    /// made, and every mapping (by index) that may still be mapped. A
+    /// merged call the kernel answered with another size fails every
+    /// mapping it covered: which of them went is unknown.
+    fn unmap_runs(&self, mappings: &[DmaMapping]) -> (u64, Vec<(usize, VfioError)>) {
+        let mut spans: Vec<(u64, u64, usize)> = mappings
             .iter()
-            .map(|m| self.span(m.addr.0, m.len))
+            .enumerate()
+            .map(|(i, m)| {
+                let (iova, size) = self.span(m.addr.0, m.len);
+                (iova, size, i)
+            })
             .collect();
         spans.sort_unstable();
         let mut calls = 0;
-        let mut first_error = None;
+        let mut failed = Vec::new();
         let mut run_start = 0;
         while run_start < spans.len() {
-            let (iova, mut size) = spans[run_start];
+            let (iova, mut size, _) = spans[run_start];
             let mut run_end = run_start + 1;
             while run_end < spans.len() && iova.checked_add(size) == Some(spans[run_end].0) {
                 size += spans[run_end].1;
                 run_end += 1;
             }
-            let count = (run_end - run_start) as u64;
+            let run = &spans[run_start..run_end];
             calls += 1;
-            let mut result = self.unmap_span(iova, size, count);
-            if count > 1 && matches!(result, Err(VfioError::InvalidArgument { .. })) {
-                // The kernel refused the merged range before touching it:
-                // fall back to one call per mapping.
-                result = Ok(());
-                for &(iova, size) in &spans[run_start..run_end] {
-                    calls += 1;
-                    if let Err(e) = self.unmap_span(iova, size, 1) {
-                        self.record(&e);
-                        result = result.and(Err(e));
+            match self.unmap_span(iova, size, run.len() as u64) {
+                Ok(()) => {}
+                Err(VfioError::InvalidArgument { .. }) if run.len() > 1 => {
+                    // The kernel refused the merged range before touching
+                    // it: fall back to one call per mapping.
+                    for &(iova, size, index) in run {
+                        calls += 1;
+                        if let Err(e) = self.unmap_span(iova, size, 1) {
+                            self.record(&e);
+                            failed.push((index, e));
+                        }
                     }
                 }
-            } else if let Err(e) = &result {
-                self.record(e);
-            }
-            if let Err(e) = result {
-                first_error.get_or_insert(e);
+                Err(e) => {
+                    self.record(&e);
+                    failed.extend(run.iter().map(|&(_, _, index)| (index, e.clone())));
+                }
             }
             run_start = run_end;
         }
-        first_error.map_or(Ok(calls), Err)
+        (calls, failed)
     }
 }
 
@@ -582,15 +782,22 @@ impl DmaOps for VfioDma {
         unsafe { self.try_map(cpu, len, direction) }.map_err(DmaError::from)
     }
 
-    unsafe fn unmap(&self, mapping: DmaMapping) {
-        // SAFETY: forwarded caller contract. A failure is recorded by
-        // `try_unmap` (the trait's unmap cannot fail).
-        let _ = unsafe { self.try_unmap(mapping) };
+    /// A refused or short `UNMAP_DMA` is reported (the pool then keeps the
+    /// memory), and also counted in [`VfioStats::unmap_errors`].
+    unsafe fn unmap(&self, mapping: DmaMapping) -> Result<(), UnmapError> {
+        // SAFETY: forwarded caller contract.
+        unsafe { self.try_unmap(mapping) }.map_err(UnmapError::from)
     }
 
-    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) {
-        // SAFETY: forwarded caller contract; failures are recorded.
-        let _ = unsafe { self.try_unmap_batch(mappings) };
+    /// As [`unmap`](Self::unmap), merging touching IOVA blocks; every
+    /// mapping of a refused or short call is reported.
+    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) -> Result<(), UnmapBatchError> {
+        let (_, failed) = self.unmap_runs(mappings);
+        let mut error = UnmapBatchError::new();
+        for (index, e) in failed {
+            error.push(index, UnmapError::from(e));
+        }
+        error.into_result()
     }
 
     /// Nothing to do: VFIO devices do cache-coherent DMA straight into the
@@ -604,7 +811,12 @@ impl DmaOps for VfioDma {
     /// `false`: VFIO type1 gives userspace no cache maintenance and no
     /// bounce buffers, so both syncs are no-ops and the pool skips them (and
     /// their call gate) entirely, as Linux skips syncs when
-    /// `dma_need_sync()` is false.
+    /// `dma_need_sync()` is false. That is right where DMA snoops the CPU
+    /// caches: always on x86 unless the device sets No Snoop in its
+    /// requests, which the IOMMU overrides only where
+    /// [`cache_coherent`](VfioDma::cache_coherent) is true; elsewhere keep
+    /// Enable No Snoop clear ([`VfioDevice::set_bus_master`](super::VfioDevice::set_bus_master)
+    /// does).
     fn needs_sync(&self) -> bool {
         false
     }
@@ -617,9 +829,48 @@ impl DmaOps for VfioDma {
     }
 }
 
+/// Refuses memory the IOMMU cannot map exactly: `vaddr` and `len` must be
+/// multiples of `page` (a power of two).
+fn check_aligned(vaddr: u64, len: u64, page: u64) -> Result<(), VfioError> {
+    if (vaddr | len) & (page - 1) != 0 {
+        return Err(VfioError::Unaligned {
+            vaddr,
+            len,
+            iommu_page: page,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a host with 64 KiB IOMMU pages sees: a 4 KiB-aligned page (15
+    /// of every 16 such pages) is refused, never widened; aligned whole
+    /// pages pass.
+    #[test]
+    fn memory_not_aligned_to_a_64k_iommu_page_is_refused() {
+        const P64: u64 = 64 << 10;
+        for (vaddr, len) in [(0x1_1000, P64), (0x1_0000, 4096), (0x1_0000, P64 + 4096)] {
+            assert_eq!(
+                check_aligned(vaddr, len, P64),
+                Err(VfioError::Unaligned {
+                    vaddr,
+                    len,
+                    iommu_page: P64
+                })
+            );
+        }
+        assert_eq!(check_aligned(0x2_0000, 2 * P64, P64), Ok(()));
+        assert_eq!(check_aligned(0x1000, 4096, 4096), Ok(()));
+    }
+
+    #[test]
+    fn populate_write_is_probed_without_harm() {
+        // Linux 5.14 and later know it; either answer must leave no trace.
+        let _ = probe_populate_write();
+    }
 
     #[test]
     fn missing_device_gives_a_typed_error() {

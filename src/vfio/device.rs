@@ -1,16 +1,25 @@
 //! [`VfioDevice`]: one PCI function's VFIO device fd, for BARs and config
 //! space. Small on purpose: what a userspace NIC driver needs to reach its
 //! registers and turn on bus mastering.
+//!
+//! Invariants: an [`MmioRegion`] holds the device fd it was mapped from, so
+//! the mapping is valid for as long as the region lives, however the
+//! `VfioDevice` is dropped; it does not hold the container, so the DMA side
+//! is released (every mapping removed) when the last [`VfioDma`] handle
+//! goes, even while a region lives. MMIO accesses are single volatile
+//! accesses, ordered as Linux's `writel`/`readl` on x86-64 and arm64.
 
 use core::ptr::NonNull;
 use std::ffi::CString;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
 
 use super::container::VfioDma;
 use super::error::VfioError;
 use super::ioctl::{errno, ioctl_ptr, ioctl_val};
 use super::sys;
 use super::sysfs::normalize_bdf;
+#[cfg_attr(target_arch = "aarch64", allow(unused_imports))]
 use crate::sync::{fence, Ordering};
 
 /// VFIO region index of BAR 0 (`VFIO_PCI_BAR0_REGION_INDEX`); BAR n is n.
@@ -21,6 +30,15 @@ pub const CONFIG_REGION_INDEX: u32 = 7;
 /// PCI command register offset and its bus-master bit.
 const PCI_COMMAND: u64 = 0x04;
 const PCI_COMMAND_MASTER: u16 = 1 << 2;
+/// PCI status register, its capability-list bit, and the list's head.
+const PCI_STATUS: u64 = 0x06;
+const PCI_STATUS_CAP_LIST: u16 = 1 << 4;
+const PCI_CAPABILITY_LIST: u64 = 0x34;
+/// The PCI Express capability, its Device Control register and the Enable
+/// No Snoop bit in it.
+const PCI_CAP_ID_EXP: u8 = 0x10;
+const PCI_EXP_DEVCTL: u64 = 0x08;
+const PCI_EXP_DEVCTL_NOSNOOP_EN: u16 = 1 << 11;
 
 /// What `VFIO_DEVICE_GET_REGION_INFO` says about one region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,10 +69,13 @@ impl VfioDma {
 }
 
 /// The VFIO device fd of one PCI function, opened from a [`VfioDma`]'s
-/// group. It keeps the group (and so the container) open while it lives.
+/// group. It keeps the group (and so the container) open while it lives;
+/// its [`MmioRegion`]s keep the device fd (not the container) open while
+/// they live.
 pub struct VfioDevice {
-    // Field order is drop order: the device fd closes before the group.
-    fd: OwnedFd,
+    // Field order is drop order: the device fd closes (unless a region
+    // still holds it) before the group.
+    fd: Arc<OwnedFd>,
     dma: VfioDma,
     bdf: String,
     config: Option<RegionInfo>,
@@ -97,7 +118,7 @@ impl VfioDevice {
             },
         })?;
         // SAFETY: the ioctl returned a new fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
         let mut device = Self {
             fd,
             dma,
@@ -274,9 +295,75 @@ impl VfioDevice {
         self.write_config(offset, &value.to_le_bytes())
     }
 
+    /// The offset of the PCI Express capability in config space, if the
+    /// device has one.
+    fn pcie_capability(&self) -> Result<Option<u64>, VfioError> {
+        if self.config_read_u16(PCI_STATUS)? & PCI_STATUS_CAP_LIST == 0 {
+            return Ok(None);
+        }
+        let mut byte = [0u8; 2];
+        self.read_config(PCI_CAPABILITY_LIST, &mut byte[..1])?;
+        let mut at = u64::from(byte[0] & !3);
+        // At most 48 capabilities fit in the 256 bytes: a loop is malformed.
+        for _ in 0..48 {
+            if at < 0x40 {
+                return Ok(None);
+            }
+            self.read_config(at, &mut byte)?;
+            if byte[0] == PCI_CAP_ID_EXP {
+                return Ok(Some(at));
+            }
+            at = u64::from(byte[1] & !3);
+        }
+        Ok(None)
+    }
+
+    /// Whether the device may mark its requests No Snoop (Enable No Snoop
+    /// in the PCI Express Device Control register); `None` for a device
+    /// without the PCI Express capability.
+    pub fn no_snoop_enabled(&self) -> Result<Option<bool>, VfioError> {
+        let Some(cap) = self.pcie_capability()? else {
+            return Ok(None);
+        };
+        let devctl = self.config_read_u16(cap + PCI_EXP_DEVCTL)?;
+        Ok(Some(devctl & PCI_EXP_DEVCTL_NOSNOOP_EN != 0))
+    }
+
+    /// Sets or clears Enable No Snoop. A request marked No Snoop skips the
+    /// CPU caches unless the IOMMU enforces coherency
+    /// ([`VfioDma::cache_coherent`]); the pool does no cache maintenance
+    /// (VFIO gives user space none), so a device must not use it there.
+    /// Clearing it on a device without the PCI Express capability does
+    /// nothing.
+    pub fn set_no_snoop(&self, enable: bool) -> Result<(), VfioError> {
+        let Some(cap) = self.pcie_capability()? else {
+            return if enable {
+                Err(VfioError::Unsupported {
+                    what: "a PCI Express capability (No Snoop) on this device",
+                })
+            } else {
+                Ok(())
+            };
+        };
+        let devctl = self.config_read_u16(cap + PCI_EXP_DEVCTL)?;
+        let devctl = if enable {
+            devctl | PCI_EXP_DEVCTL_NOSNOOP_EN
+        } else {
+            devctl & !PCI_EXP_DEVCTL_NOSNOOP_EN
+        };
+        self.config_write_u16(cap + PCI_EXP_DEVCTL, devctl)
+    }
+
     /// Sets or clears Bus Master Enable (bit 2 of the command register):
-    /// without it the device cannot DMA at all.
+    /// without it the device cannot DMA at all. Enabling it on a container
+    /// whose IOMMU does not enforce coherency ([`VfioDma::cache_coherent`]
+    /// false) first clears the device's Enable No Snoop
+    /// ([`set_no_snoop`](Self::set_no_snoop)), since the pool's syncs do
+    /// nothing.
     pub fn set_bus_master(&self, enable: bool) -> Result<(), VfioError> {
+        if enable && !self.dma.cache_coherent() {
+            self.set_no_snoop(false)?;
+        }
         let command = self.config_read_u16(PCI_COMMAND)?;
         let command = if enable {
             command | PCI_COMMAND_MASTER
@@ -333,7 +420,12 @@ impl VfioDevice {
             op: "mmap(VFIO region)",
             errno: libc::EFAULT,
         })?;
-        Ok(MmioRegion { ptr, len, index })
+        Ok(MmioRegion {
+            ptr,
+            len,
+            index,
+            _fd: Arc::clone(&self.fd),
+        })
     }
 }
 
@@ -350,10 +442,51 @@ impl AsFd for VfioDevice {
 /// panics. Like Linux's `writel`, a write is ordered after all earlier
 /// memory writes of this thread (descriptors filled before a doorbell reach
 /// memory first); like `readl`, a read is ordered before later memory reads.
+/// The barriers are Linux's own on x86-64 (none needed beyond the compiler's)
+/// and arm64 (`dmb oshst` before a write, `dmb oshld` after a read); other
+/// architectures get sequentially consistent fences, which may not order
+/// device memory there.
+///
+/// The region holds its device's fd: it stays valid however the
+/// [`VfioDevice`] is dropped, and the device stays open (its group busy)
+/// until the region is dropped too. DMA mappings do not wait for it: the
+/// last [`VfioDma`] handle removes them.
 pub struct MmioRegion {
     ptr: NonNull<u8>,
     len: usize,
     index: u32,
+    /// The device fd the mapping came from.
+    _fd: Arc<OwnedFd>,
+}
+
+/// The barrier before an MMIO write: every earlier memory write of this
+/// thread is visible to the device before the write (Linux's `__iowmb`).
+#[inline]
+fn io_write_barrier() {
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: a barrier instruction: no memory access, no register changed.
+    unsafe {
+        core::arch::asm!("dmb oshst", options(nostack, preserves_flags))
+    };
+    #[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
+    fence(Ordering::Release);
+    #[cfg(not(any(target_arch = "aarch64", target_arch = "x86_64", target_arch = "x86")))]
+    fence(Ordering::SeqCst);
+}
+
+/// The barrier after an MMIO read: later memory reads of this thread see
+/// what the device wrote before the value read (Linux's `__iormb`).
+#[inline]
+fn io_read_barrier() {
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: a barrier instruction: no memory access, no register changed.
+    unsafe {
+        core::arch::asm!("dmb oshld", options(nostack, preserves_flags))
+    };
+    #[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
+    fence(Ordering::Acquire);
+    #[cfg(not(any(target_arch = "aarch64", target_arch = "x86_64", target_arch = "x86")))]
+    fence(Ordering::SeqCst);
 }
 
 // SAFETY: the region is device memory shared by every thread of the
@@ -380,14 +513,14 @@ macro_rules! mmio_access {
             // SAFETY: `at` checked that `offset` is aligned and the access
             // lies inside the live mapping.
             let value = unsafe { p.read_volatile() };
-            fence(Ordering::Acquire);
+            io_read_barrier();
             value
         }
 
         #[doc = concat!("Volatile write of a `", stringify!($t), "` register at byte `offset`.")]
         pub fn $write(&self, offset: usize, value: $t) {
             let p = self.at::<$t>(offset);
-            fence(Ordering::Release);
+            io_write_barrier();
             // SAFETY: `at` checked that `offset` is aligned and the access
             // lies inside the live mapping.
             unsafe { p.write_volatile(value) }

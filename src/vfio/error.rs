@@ -3,7 +3,7 @@
 use core::fmt;
 use std::path::PathBuf;
 
-use crate::DmaError;
+use crate::{DmaError, UnmapError};
 
 /// The default of the `vfio_iommu_type1` module parameter `dma_entry_limit`.
 pub const DEFAULT_DMA_ENTRY_LIMIT: u64 = 65535;
@@ -115,6 +115,26 @@ pub enum VfioError {
         expected: u64,
         /// Bytes the kernel reported.
         unmapped: u64,
+    },
+    /// Memory handed to `map` is not aligned to the IOMMU page, or its
+    /// length is not a whole number of them: the IOMMU would map the whole
+    /// pages around it and expose the neighbouring memory to the device.
+    Unaligned {
+        /// The CPU address.
+        vaddr: u64,
+        /// The length asked for.
+        len: u64,
+        /// The IOMMU's smallest page.
+        iommu_page: u64,
+    },
+    /// The container already serves another `VfioDma` of this process, or
+    /// already holds another group with its IOMMU set: two handles would
+    /// pick IOVAs from two allocators in one IOVA space and collide. One
+    /// `VfioDma` per container: clone the existing handle, or give the
+    /// other group a container of its own.
+    ContainerShared {
+        /// The group this handle was being set up for, where known.
+        group: Option<u32>,
     },
     /// The device has no such region, or it is empty.
     NoSuchRegion {
@@ -300,6 +320,28 @@ impl fmt::Display for VfioError {
                  {expected:#x}: the container's mappings differ from this backend's records \
                  (was it shared, or a mapping unmapped twice?)"
             ),
+            Self::Unaligned {
+                vaddr,
+                len,
+                iommu_page,
+            } => write!(
+                f,
+                "refusing to map {len:#x} bytes at {vaddr:#x}: not aligned to the IOMMU's \
+                 {iommu_page:#x}-byte page (or not a whole number of them), so the device would \
+                 reach the memory around it; allocate buffers aligned to VfioDma::page_size"
+            ),
+            Self::ContainerShared { group } => {
+                f.write_str("the VFIO container")?;
+                if let Some(group) = group {
+                    write!(f, " of group {group}")?;
+                }
+                f.write_str(
+                    " is already in use by another VfioDma of this process (or holds another \
+                     group with its IOMMU set): one IOVA space needs one allocator, so clone \
+                     the existing VfioDma instead, or open the other group in a container of \
+                     its own",
+                )
+            }
             Self::NoSuchRegion { index } => {
                 write!(f, "the device has no region {index} (or it is empty)")
             }
@@ -327,6 +369,25 @@ impl fmt::Display for VfioError {
 
 impl std::error::Error for VfioError {}
 
+impl From<VfioError> for UnmapError {
+    fn from(error: VfioError) -> Self {
+        match error {
+            VfioError::UnmapMismatch {
+                expected, unmapped, ..
+            } => UnmapError::Incomplete { expected, unmapped },
+            VfioError::Os { op, errno } => UnmapError::Os { op, errno },
+            VfioError::InvalidArgument { op, .. } => UnmapError::Os {
+                op,
+                errno: libc::EINVAL,
+            },
+            other => UnmapError::Os {
+                op: "VFIO_IOMMU_UNMAP_DMA",
+                errno: other.errno().unwrap_or(libc::EIO),
+            },
+        }
+    }
+}
+
 impl From<VfioError> for DmaError {
     fn from(error: VfioError) -> Self {
         match error {
@@ -335,6 +396,9 @@ impl From<VfioError> for DmaError {
             VfioError::Overlap { .. } => DmaError::Overlap,
             VfioError::InvalidArgument { .. } => DmaError::InvalidArgument,
             VfioError::AddressSpaceExhausted { .. } => DmaError::AddressSpaceExhausted,
+            VfioError::Unaligned { iommu_page, .. } => DmaError::Unaligned {
+                iommu_page: usize::try_from(iommu_page).unwrap_or(usize::MAX),
+            },
             VfioError::Os { op, errno } => DmaError::Os { op, errno },
             other => DmaError::Os {
                 op: "VFIO",
@@ -370,6 +434,49 @@ mod tests {
             devices: vec!["0000:01:00.1".into()],
         };
         assert!(e.to_string().contains("0000:01:00.1"));
+    }
+
+    #[test]
+    fn unaligned_and_shared_say_what_to_do() {
+        let e = VfioError::Unaligned {
+            vaddr: 0x1000,
+            len: 0x1000,
+            iommu_page: 0x10000,
+        };
+        assert!(e.to_string().contains("page_size"), "{e}");
+        assert_eq!(
+            DmaError::from(e),
+            DmaError::Unaligned {
+                iommu_page: 0x10000
+            }
+        );
+        let e = VfioError::ContainerShared { group: Some(3) };
+        assert!(e.to_string().contains("clone"), "{e}");
+    }
+
+    #[test]
+    fn a_short_unmap_converts_to_incomplete() {
+        assert_eq!(
+            UnmapError::from(VfioError::UnmapMismatch {
+                iova: 0x1000,
+                expected: 0x1000,
+                unmapped: 0
+            }),
+            UnmapError::Incomplete {
+                expected: 0x1000,
+                unmapped: 0
+            }
+        );
+        assert_eq!(
+            UnmapError::from(VfioError::InvalidArgument {
+                op: "VFIO_IOMMU_UNMAP_DMA",
+                detail: String::new()
+            }),
+            UnmapError::Os {
+                op: "VFIO_IOMMU_UNMAP_DMA",
+                errno: libc::EINVAL
+            }
+        );
     }
 
     #[test]

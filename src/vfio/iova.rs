@@ -28,6 +28,28 @@ pub struct IovaRange {
     pub end: u64,
 }
 
+/// The kernel's ranges made safe to allocate from: inverted ones dropped,
+/// the rest sorted and overlapping or touching ones merged, so blocks
+/// carved from them can never overlap.
+pub(crate) fn normalize_ranges(ranges: &[IovaRange]) -> Vec<IovaRange> {
+    let mut sorted: Vec<IovaRange> = ranges
+        .iter()
+        .copied()
+        .filter(|r| r.start <= r.end)
+        .collect();
+    sorted.sort_unstable_by_key(|r| r.start);
+    let mut out: Vec<IovaRange> = Vec::with_capacity(sorted.len());
+    for range in sorted {
+        match out.last_mut() {
+            Some(last) if range.start <= last.end.saturating_add(1) => {
+                last.end = last.end.max(range.end);
+            }
+            _ => out.push(range),
+        }
+    }
+    out
+}
+
 /// Free IOVA extents, `start -> last` (inclusive), disjoint and coalesced.
 #[derive(Debug)]
 pub(crate) struct IovaAllocator {
@@ -47,7 +69,7 @@ impl IovaAllocator {
             free: BTreeMap::new(),
             page,
         };
-        for range in ranges {
+        for range in &normalize_ranges(ranges) {
             // Never page 0; never a block touching u64::MAX (DmaAddr::ERROR).
             let Some(start) = align_up(range.start.max(page), page) else {
                 continue;
@@ -227,6 +249,42 @@ mod tests {
         assert_eq!(a.alloc(2 * PAGE), Some(8 * PAGE));
         assert_eq!(a.alloc(2 * PAGE), Some(10 * PAGE));
         assert_eq!(a.alloc(PAGE), None);
+    }
+
+    /// Overlapping, unsorted or inverted ranges from the kernel never make
+    /// overlapping blocks.
+    #[test]
+    fn overlapping_ranges_are_merged_before_use() {
+        let ranges = [
+            IovaRange {
+                start: 8 * PAGE,
+                end: 12 * PAGE - 1,
+            },
+            IovaRange {
+                start: 0,
+                end: 10 * PAGE - 1,
+            },
+            IovaRange {
+                start: 5 * PAGE,
+                end: PAGE,
+            },
+        ];
+        assert_eq!(
+            normalize_ranges(&ranges),
+            [IovaRange {
+                start: 0,
+                end: 12 * PAGE - 1
+            }]
+        );
+        let mut a = IovaAllocator::new(&ranges, PAGE);
+        assert_eq!(a.free_bytes(), 11 * PAGE, "page 0 excluded, nothing twice");
+        let mut got = Vec::new();
+        while let Some(x) = a.alloc(PAGE) {
+            got.push(x);
+        }
+        got.sort_unstable();
+        got.dedup();
+        assert_eq!(got.len(), 11, "every block distinct");
     }
 
     #[test]

@@ -14,6 +14,11 @@
 pub(crate) const API_VERSION: i32 = 0;
 /// `VFIO_TYPE1v2_IOMMU` (extension and `SET_IOMMU` argument).
 pub(crate) const TYPE1V2_IOMMU: libc::c_ulong = 3;
+/// `VFIO_DMA_CC_IOMMU`: the extension that says the IOMMU enforces
+/// cache-coherent DMA (no-snoop requests are snooped anyway).
+pub(crate) const DMA_CC_IOMMU: libc::c_ulong = 4;
+/// `VFIO_UNMAP_ALL`: `VFIO_DMA_UNMAP_FLAG_ALL` is supported (Linux 5.13).
+pub(crate) const UNMAP_ALL: libc::c_ulong = 9;
 
 const VFIO_TYPE: u32 = b';' as u32;
 const VFIO_BASE: u32 = 100;
@@ -28,6 +33,7 @@ pub(crate) const CHECK_EXTENSION: u32 = io(1);
 pub(crate) const SET_IOMMU: u32 = io(2);
 pub(crate) const GROUP_GET_STATUS: u32 = io(3);
 pub(crate) const GROUP_SET_CONTAINER: u32 = io(4);
+pub(crate) const GROUP_UNSET_CONTAINER: u32 = io(5);
 pub(crate) const GROUP_GET_DEVICE_FD: u32 = io(6);
 pub(crate) const DEVICE_GET_REGION_INFO: u32 = io(8);
 pub(crate) const DEVICE_RESET: u32 = io(11);
@@ -53,6 +59,13 @@ pub(crate) const CAP_DMA_AVAIL: u16 = 3;
 pub(crate) const DMA_MAP_FLAG_READ: u32 = 1 << 0;
 /// `VFIO_DMA_MAP_FLAG_WRITE`: the device may write the memory.
 pub(crate) const DMA_MAP_FLAG_WRITE: u32 = 1 << 1;
+
+/// `VFIO_DMA_UNMAP_FLAG_ALL`: unmap every mapping (`iova` and `size` 0).
+pub(crate) const DMA_UNMAP_FLAG_ALL: u32 = 1 << 1;
+
+/// `MADV_POPULATE_WRITE` (Linux 5.14): fault the range in as if written,
+/// breaking copy-on-write and zero-page sharing; not in `libc` yet.
+pub(crate) const MADV_POPULATE_WRITE: libc::c_int = 23;
 
 /// `VFIO_REGION_INFO_FLAG_MMAP`.
 pub(crate) const REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
@@ -137,5 +150,6 @@ mod tests {
         assert_eq!(IOMMU_GET_INFO, 0x3b70);
         assert_eq!(IOMMU_MAP_DMA, 0x3b71);
         assert_eq!(IOMMU_UNMAP_DMA, 0x3b72);
+        assert_eq!(GROUP_UNSET_CONTAINER, 0x3b69);
     }
 }

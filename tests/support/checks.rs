@@ -13,7 +13,8 @@ use pagepool::checking::{
     CheckMode, CheckingDevice, CheckingStats, CpuAccess, CpuAccessCheck, Violation,
 };
 use pagepool::{
-    Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, OutOfMemory, PageSource, PAGE_SIZE,
+    Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, OutOfMemory, PageSource,
+    UnmapBatchError, UnmapError, PAGE_SIZE,
 };
 
 use super::counting::CountingPages;
@@ -325,21 +326,32 @@ impl DmaOps for SpyOps {
         result
     }
 
-    unsafe fn unmap(&self, mapping: DmaMapping) {
+    unsafe fn unmap(&self, mapping: DmaMapping) -> Result<(), UnmapError> {
         let _g = self.enter();
         // SAFETY: forwarded contract.
-        unsafe { self.inner.unmap(mapping) };
-        self.state.live.lock().unwrap().remove(mapping.addr);
+        let result = unsafe { self.inner.unmap(mapping) };
+        if result.is_ok() {
+            self.state.live.lock().unwrap().remove(mapping.addr);
+        }
+        result
     }
 
-    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) {
+    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) -> Result<(), UnmapBatchError> {
         let _g = self.enter();
         // SAFETY: forwarded contract.
-        unsafe { self.inner.unmap_batch(mappings) };
+        let result = unsafe { self.inner.unmap_batch(mappings) };
+        let failed: Vec<usize> = match &result {
+            Ok(()) => Vec::new(),
+            Err(e) => e.failed().iter().map(|&(i, _)| i).collect(),
+        };
         let mut live = self.state.live.lock().unwrap();
-        for m in mappings {
-            live.remove(m.addr);
+        for (i, m) in mappings.iter().enumerate() {
+            // A mapping whose unmap failed stays mapped.
+            if !failed.contains(&i) {
+                live.remove(m.addr);
+            }
         }
+        result
     }
 
     unsafe fn sync_for_device(&self, mapping: DmaMapping, offset: usize, len: usize) {
@@ -391,8 +403,9 @@ impl DmaOps for CountingOps {
             0x1000_0000 + self.next.fetch_add(len as u64, Ordering::SeqCst),
         ))
     }
-    unsafe fn unmap(&self, _: DmaMapping) {
+    unsafe fn unmap(&self, _: DmaMapping) -> Result<(), UnmapError> {
         self.unmaps.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
     unsafe fn sync_for_device(&self, _: DmaMapping, _: usize, _: usize) {
         self.syncs.fetch_add(1, Ordering::SeqCst);

@@ -21,7 +21,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use pagepool::checking::{CheckingDevice, CpuAccess, CpuAccessCheck};
-use pagepool::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, OutOfMemory, PageSource};
+use pagepool::{
+    DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, OutOfMemory, PageSource, UnmapBatchError,
+    UnmapError,
+};
 
 use super::checks::GuardedPages;
 
@@ -302,14 +305,14 @@ impl DmaOps for FaultyOps {
         })
     }
 
-    unsafe fn unmap(&self, mapping: DmaMapping) {
+    unsafe fn unmap(&self, mapping: DmaMapping) -> Result<(), UnmapError> {
         self.faults.around(Call::Unmap, || {
             // SAFETY: forwarded contract.
             unsafe { self.inner.unmap(mapping) }
         })
     }
 
-    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) {
+    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) -> Result<(), UnmapBatchError> {
         self.faults.around(Call::UnmapBatch, || {
             // SAFETY: forwarded contract.
             unsafe { self.inner.unmap_batch(mappings) }

@@ -7,7 +7,7 @@
 
 use std::ptr::NonNull;
 
-use pagepool::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps};
+use pagepool::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, UnmapError};
 
 /// A device whose DMA costs nothing: the CPU address is the device address.
 pub struct NoopOps;
@@ -21,7 +21,9 @@ impl DmaOps for NoopOps {
     ) -> Result<DmaAddr, DmaError> {
         Ok(DmaAddr(cpu.as_ptr() as u64))
     }
-    unsafe fn unmap(&self, _mapping: DmaMapping) {}
+    unsafe fn unmap(&self, _mapping: DmaMapping) -> Result<(), UnmapError> {
+        Ok(())
+    }
     unsafe fn sync_for_device(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
     unsafe fn sync_for_cpu(&self, _mapping: DmaMapping, _offset: usize, _len: usize) {}
 }

@@ -17,7 +17,10 @@ use std::sync::{Arc, Mutex, Once, PoisonError};
 use std::thread;
 
 use pagepool::checking::CheckingDevice;
-use pagepool::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, OutOfMemory, PageSource};
+use pagepool::{
+    DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, OutOfMemory, PageSource, UnmapBatchError,
+    UnmapError,
+};
 
 use super::counting::CountingPages;
 use super::ops::Callback;
@@ -180,15 +183,16 @@ impl DmaOps for FaultyOps {
         unsafe { self.inner.map(cpu, len, direction) }
     }
 
-    unsafe fn unmap(&self, mapping: DmaMapping) {
+    unsafe fn unmap(&self, mapping: DmaMapping) -> Result<(), UnmapError> {
         // SAFETY: forwarded `DmaOps::unmap` contract.
         unsafe { self.inner.unmap(mapping) }
     }
 
-    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) {
+    unsafe fn unmap_batch(&self, mappings: &[DmaMapping]) -> Result<(), UnmapBatchError> {
         // SAFETY: forwarded `DmaOps::unmap_batch` contract.
-        unsafe { self.inner.unmap_batch(mappings) };
+        let result = unsafe { self.inner.unmap_batch(mappings) };
         self.faults.fire(Callback::UnmapBatch);
+        result
     }
 
     unsafe fn sync_for_device(&self, mapping: DmaMapping, offset: usize, len: usize) {
