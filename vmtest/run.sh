@@ -84,7 +84,9 @@ busybox=/bin/busybox
 [ -x "$busybox" ] || die "busybox-static did not install $busybox"
 
 # --- 2. Guest kernel: a Debian linux-image package, cached. ----------------
-kernel_dir=$cache/kernel
+# A pinned package gets a cache of its own, so pinning one never reuses
+# another's kernel.
+kernel_dir=$cache/kernel${VMTEST_KERNEL_PKG:+-$VMTEST_KERNEL_PKG}
 if ! ls "$kernel_dir"/boot/vmlinuz-* >/dev/null 2>&1; then
     pkg=${VMTEST_KERNEL_PKG:-}
     pick_kernel() {
@@ -112,7 +114,7 @@ if ! ls "$kernel_dir"/boot/vmlinuz-* >/dev/null 2>&1; then
     dpkg -x "$cache"/deb/*.deb "$kernel_dir.tmp"
     rm -rf "$cache/deb"
     mv "$kernel_dir.tmp" "$kernel_dir"
-    echo "$pkg" > "$cache/kernel.pkg"
+    echo "$pkg" > "$kernel_dir.pkg"
 fi
 vmlinuz=$(ls "$kernel_dir"/boot/vmlinuz-* | head -n 1)
 kver=${vmlinuz##*/vmlinuz-}
@@ -122,7 +124,7 @@ if [ ! -f "$moddir/modules.dep" ]; then
     depmod -b "$kernel_dir" "$kver"
 fi
 [ -f "$moddir/modules.dep" ] || die "$moddir/modules.dep missing"
-say "kernel $kver ($(cat "$cache/kernel.pkg" 2>/dev/null || echo cached))"
+say "kernel $kver ($(cat "$kernel_dir.pkg" 2>/dev/null || echo cached))"
 
 # --- 3. Guest test binary, static if the toolchain allows. ------------------
 host_target=x86_64-unknown-linux-gnu
@@ -306,21 +308,26 @@ echo "PAGEPOOL-VMTEST: guest up, kernel \$(uname -r)"
 for m in \$(cat /etc/modules.order); do
     insmod /lib/modules/\$m.ko || echo "PAGEPOOL-VMTEST: insmod \$m failed"
 done
+# Two e1000e, each in its own IOMMU group: the tests use the first, and the
+# second only to try a second group in the first one's container.
 bdf=
+bdf2=
 for d in /sys/bus/pci/devices/*; do
     if [ "\$(cat \$d/vendor)" = 0x8086 ] && [ "\$(cat \$d/device)" = 0x10d3 ]; then
-        bdf=\${d##*/}
+        if [ -z "\$bdf" ]; then bdf=\${d##*/}; else bdf2=\${d##*/}; fi
     fi
 done
 rc=1
 if [ -z "\$bdf" ]; then
     echo "PAGEPOOL-VMTEST: no e1000e (8086:10d3) found"
 else
-    echo vfio-pci > /sys/bus/pci/devices/\$bdf/driver_override
-    echo \$bdf > /sys/bus/pci/drivers_probe
-    echo "PAGEPOOL-VMTEST: \$bdf bound to \$(basename \$(readlink /sys/bus/pci/devices/\$bdf/driver)), group \$(basename \$(readlink /sys/bus/pci/devices/\$bdf/iommu_group))"
+    for b in \$bdf \$bdf2; do
+        echo vfio-pci > /sys/bus/pci/devices/\$b/driver_override
+        echo \$b > /sys/bus/pci/drivers_probe
+        echo "PAGEPOOL-VMTEST: \$b bound to \$(basename \$(readlink /sys/bus/pci/devices/\$b/driver)), group \$(basename \$(readlink /sys/bus/pci/devices/\$b/iommu_group))"
+    done
     ls /dev/vfio
-    /bin/pagepool-vmtest \$bdf ${VMTEST_ARGS:-}
+    PAGEPOOL_VMTEST_SECOND_BDF=\$bdf2 /bin/pagepool-vmtest \$bdf ${VMTEST_ARGS:-}
     rc=\$?
 fi
 echo "----- guest dmesg -----"
@@ -352,7 +359,8 @@ if [ "$mode" = e1000e ]; then
     mem_mib=1024
     hugepages=16
 else
-    nics=(-device e1000e,netdev=n0 -netdev user,id=n0,restrict=on)
+    nics=(-device e1000e,netdev=n0 -netdev user,id=n0,restrict=on
+          -device e1000e,netdev=n1 -netdev user,id=n1,restrict=on)
     mem_mib=1536
     hugepages=80
 fi

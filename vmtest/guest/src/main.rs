@@ -164,6 +164,29 @@ fn test_device_access(ctx: &Ctx) -> TestResult {
     );
     ok(dev.set_bus_master(false), "clear bus master")?;
     let dma = dev.dma();
+    // No Snoop: writable through vfio-pci, and cleared by set_bus_master
+    // where the IOMMU does not enforce coherency.
+    ok(dev.set_no_snoop(true), "set No Snoop")?;
+    check_eq!(
+        ok(dev.no_snoop_enabled(), "read No Snoop")?,
+        Some(true),
+        "Enable No Snoop writable"
+    );
+    ok(dev.set_bus_master(true), "set bus master")?;
+    let no_snoop = ok(dev.no_snoop_enabled(), "read No Snoop")?;
+    if !dma.cache_coherent() {
+        check_eq!(
+            no_snoop,
+            Some(false),
+            "No Snoop cleared on a non-coherent IOMMU"
+        );
+    }
+    ok(dev.set_bus_master(false), "clear bus master")?;
+    println!(
+        "  VFIO_DMA_CC_IOMMU {}, No Snoop after set_bus_master {no_snoop:?}, iommufd compat {}",
+        dma.cache_coherent(),
+        dma.is_iommufd_compat()
+    );
     println!(
         "  group {:?}, IOMMU page sizes {:#x}, IOVA ranges {:x?}, dma_entry_limit {:?}, DMA_AVAIL {}",
         dma.group_id(),
@@ -192,6 +215,13 @@ fn test_from_fds(ctx: &Ctx) -> TestResult {
         "from_fds",
     )?;
     check!(dma.group_id().is_some(), "group id from /proc/self/fd");
+    // A second handle on the same container and group (duplicated fds)
+    // would pick IOVAs from a second allocator: refused, typed.
+    let dup = |fd: std::os::fd::BorrowedFd<'_>| ok(fd.try_clone_to_owned(), "dup");
+    match VfioDma::from_fds(dup(dma.container_fd())?, dup(dma.group_fd())?) {
+        Err(e @ VfioError::ContainerShared { .. }) => println!("  second handle: {e}"),
+        other => return Err(format!("a second handle on one container gave {other:?}")),
+    }
     let start = avail(&dma)?;
     let buf = Buf::new(1);
     let m = map(&dma, buf.page(0), PAGE, DmaDirection::FromDevice)?;
@@ -213,6 +243,147 @@ fn test_from_fds(ctx: &Ctx) -> TestResult {
         0x8086,
         "vendor id"
     );
+    Ok(())
+}
+
+/// A second group in a container that already has one (and its IOMMU):
+/// refused with a typed error, the group left unattached, usable in a
+/// container of its own; the first handle keeps working.
+fn test_second_group_in_one_container(ctx: &Ctx) -> TestResult {
+    use std::os::fd::OwnedFd;
+    let Some(bdf2) = std::env::var("PAGEPOOL_VMTEST_SECOND_BDF")
+        .ok()
+        .filter(|b| !b.is_empty())
+    else {
+        return Err("no second e1000e in the guest (PAGEPOOL_VMTEST_SECOND_BDF)".into());
+    };
+    let dma = ctx.open()?;
+    let start = avail(&dma)?;
+    let group2 = ok(VfioDma::group_path_of(&bdf2), "second group path")?;
+    check!(
+        Some(group2.as_path()) != VfioDma::group_path_of(&ctx.bdf).ok().as_deref(),
+        "the two e1000e share a group"
+    );
+    let rw = |p: &std::path::Path| std::fs::OpenOptions::new().read(true).write(true).open(p);
+    let g2 = ok(rw(&group2), "open the second group")?;
+    let c = ok(dma.container_fd().try_clone_to_owned(), "dup container")?;
+    match VfioDma::from_fds(c, OwnedFd::from(g2)) {
+        Err(e @ VfioError::ContainerShared { .. }) => println!("  second group: {e}"),
+        other => return Err(format!("a second group in one container gave {other:?}")),
+    }
+    // The refused group was detached again: it opens in a container of its
+    // own, whose IOVAs do not collide with the first one's.
+    let other = ok(VfioDma::open_group(&group2), "second group, own container")?;
+    let buf = Buf::new(2);
+    let a = map(&dma, buf.page(0), PAGE, DmaDirection::FromDevice)?;
+    let b = map(&other, buf.page(1), PAGE, DmaDirection::FromDevice)?;
+    check_eq!(
+        avail(&dma)?,
+        start - 1,
+        "one mapping in the first container"
+    );
+    // SAFETY: each once.
+    ok(unsafe { dma.try_unmap(a) }, "unmap in the first")?;
+    // SAFETY: once.
+    ok(unsafe { other.try_unmap(b) }, "unmap in the second")?;
+    check_eq!(avail(&dma)?, start, "DMA_AVAIL back");
+    Ok(())
+}
+
+/// A BAR mapping outlives every handle: it holds the device fd, so it stays
+/// valid; the DMA mappings do not wait for it (the last `VfioDma` removes
+/// them with `UNMAP_DMA` flag ALL), so no memory stays pinned. The group
+/// is free again once the region is dropped.
+fn test_mmio_region_outlives_handles(ctx: &Ctx) -> TestResult {
+    let base = locked_pages()?;
+    let dev = ok(VfioDevice::open(&ctx.bdf), "open device")?;
+    let regs = ok(dev.map_region(BAR0_REGION_INDEX), "mmap BAR0")?;
+    let dma = dev.dma().clone();
+    let start = avail(&dma)?;
+    let buf = Buf::new(16);
+    for i in 0..16 {
+        map(&dma, buf.page(i), PAGE, DmaDirection::FromDevice)?;
+    }
+    check_eq!(avail(&dma)?, start - 16, "16 mappings");
+    check!(
+        locked_pages()? >= base + 16,
+        "16 pages pinned: VmLck {} pages, was {base}",
+        locked_pages()?
+    );
+    // Every handle goes, with 16 mappings left in the container and the
+    // region still mapped.
+    drop(dma);
+    drop(dev);
+    check_eq!(
+        locked_pages()?,
+        base,
+        "no page pinned after the last handle, though the region lives"
+    );
+    let status = regs.read32(0x0008);
+    check!(
+        status != u32::MAX,
+        "the region still reads: STATUS {status:#x}"
+    );
+    match VfioDma::open_group_of(&ctx.bdf) {
+        Err(VfioError::GroupBusy { .. }) => {
+            println!("  group busy while the region lives (it holds the device fd)")
+        }
+        other => println!("  group open while the region lives: {other:?}"),
+    }
+    drop(regs);
+    let again = ok(VfioDma::open_group_of(&ctx.bdf), "reopen the group")?;
+    check_eq!(
+        Some(u64::from(avail(&again)?)),
+        again.entry_limit(),
+        "a fresh container: nothing left mapped"
+    );
+    drop(buf);
+    Ok(())
+}
+
+/// A forked child's unmap: the kernel answers success with 0 bytes (the
+/// mappings belong to the parent's memory). The backend reports it as a
+/// failed unmap, typed, which a pool would keep the memory for; the
+/// parent's mapping is untouched.
+fn test_unmap_from_forked_child(ctx: &Ctx) -> TestResult {
+    let dma = ctx.open()?;
+    let start = avail(&dma)?;
+    let buf = Buf::new(1);
+    let m = map(&dma, buf.page(0), PAGE, DmaDirection::FromDevice)?;
+    // SAFETY: fork; the child only makes the unmap call and `_exit`s.
+    let pid = unsafe { libc::fork() };
+    check!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        // SAFETY: the mapping is live (in the parent); the child's call
+        // changes nothing there.
+        let got = unsafe { DmaOps::unmap(&dma, m) };
+        let code = match got {
+            Err(pagepool::UnmapError::Incomplete {
+                expected: 4096,
+                unmapped: 0,
+            }) => 0,
+            Ok(()) => 1,
+            Err(_) => 2,
+        };
+        // SAFETY: leaves the child at once, running nothing of the parent's.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+    check!(r == pid, "waitpid: {}", std::io::Error::last_os_error());
+    check!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child's unmap was not reported as Incomplete {{ 4096, 0 }} (status {status:#x})"
+    );
+    check_eq!(
+        avail(&dma)?,
+        start - 1,
+        "the parent's mapping is still there"
+    );
+    // SAFETY: once, in the process that made it.
+    ok(unsafe { dma.try_unmap(m) }, "unmap in the parent")?;
+    check_eq!(avail(&dma)?, start, "DMA_AVAIL back");
     Ok(())
 }
 
@@ -285,7 +456,7 @@ fn test_map_unmap_batch(ctx: &Ctx) -> TestResult {
     maps.swap(3, 300);
     let s0 = dma.stats();
     // SAFETY: each mapping once.
-    unsafe { dma.unmap_batch(&maps) };
+    ok(unsafe { dma.unmap_batch(&maps) }, "batch unmap")?;
     let s1 = dma.stats();
     check_eq!(avail(&dma)?, start, "DMA_AVAIL after batch unmap");
     check_eq!(
@@ -310,7 +481,7 @@ fn test_map_unmap_batch(ctx: &Ctx) -> TestResult {
     let odd: Vec<DmaMapping> = odd.into_iter().map(|(_, m)| *m).collect();
     let s0 = dma.stats();
     // SAFETY: each mapping once.
-    unsafe { dma.unmap_batch(&even) };
+    ok(unsafe { dma.unmap_batch(&even) }, "batch unmap")?;
     check_eq!(
         avail(&dma)?,
         start - odd.len() as u32,
@@ -366,14 +537,36 @@ fn test_iova_alignment_and_reuse(ctx: &Ctx) -> TestResult {
         "one entry per mapping"
     );
 
-    // An unaligned buffer keeps its offset in the page and covers two pages.
+    // An unaligned buffer, or a length that is not whole pages, is refused:
+    // mapping the whole pages around it would expose their neighbours.
     // SAFETY: inside `buf`.
     let odd = unsafe { NonNull::new_unchecked(buf.page(40).as_ptr().add(100)) };
-    let m = map(&dma, odd, 5000, DmaDirection::ToDevice)?;
-    check_eq!(m.addr.0 % PAGE as u64, 100, "offset kept");
-    check_eq!(avail(&dma)?, start - maps.len() as u32 - 1, "one entry");
-    // SAFETY: once.
-    ok(unsafe { dma.try_unmap(m) }, "unmap unaligned")?;
+    for (cpu, len) in [(odd, PAGE), (buf.page(40), 5000)] {
+        // SAFETY: inside `buf`; refused before any system call.
+        let got = unsafe { dma.try_map(cpu, len, DmaDirection::ToDevice) };
+        check!(
+            matches!(
+                got,
+                Err(VfioError::Unaligned {
+                    iommu_page: 4096,
+                    ..
+                })
+            ),
+            "unaligned map of {len} bytes at {cpu:p}: {got:?}"
+        );
+        // SAFETY: as above.
+        let got = unsafe { DmaOps::map(&dma, cpu, len, DmaDirection::ToDevice) };
+        check_eq!(
+            got,
+            Err(DmaError::Unaligned { iommu_page: 4096 }),
+            "DmaOps::map error"
+        );
+    }
+    check_eq!(
+        avail(&dma)?,
+        start - maps.len() as u32,
+        "nothing mapped for them"
+    );
 
     // A freed IOVA block is handed out again.
     let freed = maps.remove(2);
@@ -1473,6 +1666,15 @@ type Test = (&'static str, fn(&Ctx) -> TestResult);
 const TESTS: &[Test] = &[
     ("device_access", test_device_access),
     ("from_fds", test_from_fds),
+    (
+        "second_group_in_one_container",
+        test_second_group_in_one_container,
+    ),
+    (
+        "mmio_region_outlives_handles",
+        test_mmio_region_outlives_handles,
+    ),
+    ("unmap_from_forked_child", test_unmap_from_forked_child),
     ("map_unmap_single", test_map_unmap_single),
     ("map_unmap_batch", test_map_unmap_batch),
     ("iova_alignment_and_reuse", test_iova_alignment_and_reuse),
