@@ -20,6 +20,9 @@
 #
 # Environment knobs (all optional):
 #   VMTEST_TIMEOUT       seconds before QEMU is killed (default 600)
+#   VMTEST_KERNEL_SERIES newest kernel of this series instead (e.g. 6.1,
+#                        Debian 12's, whose read-only pins predate the
+#                        zero-page fix of 6.2)
 #   VMTEST_KERNEL_PKG    Debian kernel package to boot (default: newest
 #                        linux-image-6.*-amd64 apt knows)
 #   VMTEST_ACCEL         QEMU accelerator (default tcg)
@@ -30,7 +33,9 @@
 #   VMTEST_E1000E_SECONDS  mode e1000e: seconds of traffic before the
 #                        unbind, per driver run (default 8)
 #   VMTEST_E1000E_RUNS   mode e1000e: the driver runs, in order (default
-#                        "per-page regions"; either one alone works too)
+#                        "per-page regions"; either one alone works too;
+#                        "regions-thp": regions from transparent huge
+#                        pages only, no reserved ones)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -86,13 +91,15 @@ busybox=/bin/busybox
 # --- 2. Guest kernel: a Debian linux-image package, cached. ----------------
 # A pinned package gets a cache of its own, so pinning one never reuses
 # another's kernel.
-kernel_dir=$cache/kernel${VMTEST_KERNEL_PKG:+-$VMTEST_KERNEL_PKG}
+series=${VMTEST_KERNEL_SERIES:-}
+kernel_dir=$cache/kernel${VMTEST_KERNEL_PKG:+-$VMTEST_KERNEL_PKG}${series:+-series-$series}
 if ! ls "$kernel_dir"/boot/vmlinuz-* >/dev/null 2>&1; then
     pkg=${VMTEST_KERNEL_PKG:-}
     pick_kernel() {
         apt-cache search --names-only '^linux-image-6\.[0-9]' 2>/dev/null \
             | awk '{print $1}' \
             | grep -E '^linux-image-6\.[0-9.]+[-.+a-z0-9]*-amd64$' \
+            | grep -F "linux-image-${series:-6}." \
             | grep -v -E 'unsigned|dbg|-rt-|cloud' \
             | sort -V | tail -n 1 || true
     }
@@ -214,8 +221,8 @@ e1000e_seconds=${VMTEST_E1000E_SECONDS:-8}
 e1000e_runs=${VMTEST_E1000E_RUNS:-per-page regions}
 for run in $e1000e_runs; do
     case "$run" in
-        per-page | regions) ;;
-        *) die "VMTEST_E1000E_RUNS: unknown run '$run' (per-page or regions)" ;;
+        per-page | regions | regions-thp) ;;
+        *) die "VMTEST_E1000E_RUNS: unknown run '$run' (per-page, regions or regions-thp)" ;;
     esac
 done
 cat > "$rootfs/init" <<EOF
@@ -272,6 +279,9 @@ else
     for run in $e1000e_runs; do
         flag=
         if [ \$run = regions ]; then flag=--regions; fi
+        # Regions from transparent huge pages, no reserved ones: a read
+        # fault there can map the huge zero page.
+        if [ \$run = regions-thp ]; then flag=--no-huge-tlb; fi
         before=\$(dmesg | grep -c 'DMAR: \[DMA Write NO_PASID\] Request device \[00:03.0\]')
         echo "PAGEPOOL-E1000E: run \$run: starting"
         /bin/e1000e \$nic_b --peer \$ifname --echo-pattern a5 --seconds $e1000e_seconds \

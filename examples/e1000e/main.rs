@@ -4,6 +4,7 @@
 //! ```text
 //! e1000e <bdf> [--peer IFACE] [--seconds S] [--tx-frames N] [--consumers N]
 //!              [--echo-pattern HEX] [--min-rx N] [--unplug-test] [--regions]
+//!              [--no-huge-tlb]
 //! ```
 //!
 //! - probe ([`nic::Nic::probe`]): VFIO device fd, BAR0, bus master, reset,
@@ -25,11 +26,16 @@
 //!   race would do, and check the IOMMU refused it all.
 //!
 //! `--peer IFACE` names the kernel's netdev on the other end of the link:
-//! its MAC is checked as the source of every received frame and its
-//! `rx_packets` counts the frames sent. Exit status 0 if every check passed.
+//! its MAC is checked as the source of every received frame, its
+//! `rx_packets` counts the frames sent, and a packet socket on it
+//! ([`capture`]) checks every transmitted frame arrived byte for byte as
+//! written. `--no-huge-tlb` (with `--regions`) takes regions from
+//! transparent huge pages only. Exit status 0 if every check passed.
 //!
 //! Walk-through: `examples/e1000e/README.md`.
 
+#[cfg(target_os = "linux")]
+mod capture;
 #[cfg(target_os = "linux")]
 mod coherent;
 #[cfg(target_os = "linux")]
@@ -85,7 +91,7 @@ fn main() -> ExitCode {
 #[cfg(target_os = "linux")]
 const USAGE: &str = "usage: e1000e <bdf> [--peer IFACE] [--seconds S] [--tx-frames N] \
                      [--consumers N] [--echo-pattern HEX] [--min-rx N] [--unplug-test] \
-                     [--regions]";
+                     [--regions] [--no-huge-tlb]";
 
 /// Command-line options.
 #[cfg(target_os = "linux")]
@@ -100,6 +106,8 @@ struct Args {
     unplug_test: bool,
     /// Both pools region-mapped (`PagePoolBuilder::regions`).
     regions: bool,
+    /// Regions from transparent huge pages only, never reserved ones.
+    no_huge_tlb: bool,
 }
 
 #[cfg(target_os = "linux")]
@@ -115,6 +123,7 @@ impl Args {
             min_rx: 1,
             unplug_test: false,
             regions: false,
+            no_huge_tlb: false,
         };
         fn value<T: std::str::FromStr>(
             it: &mut impl Iterator<Item = String>,
@@ -141,6 +150,10 @@ impl Args {
                 }
                 "--unplug-test" => args.unplug_test = true,
                 "--regions" => args.regions = true,
+                "--no-huge-tlb" => {
+                    args.regions = true;
+                    args.no_huge_tlb = true;
+                }
                 "-h" | "--help" => return Err("help".into()),
                 _ if args.bdf.is_empty() && !arg.starts_with('-') => args.bdf = arg,
                 _ => return Err(format!("unknown argument {arg}")),
@@ -189,8 +202,10 @@ mod driver {
     use pagepool::vfio::VfioStats;
     use pagepool::{
         put_bulk, Device, DmaAddr, DmaDirection, PagePool, PagePoolBuilder, PoolStats, RegionInfo,
+        SystemRegions,
     };
 
+    use crate::capture::PeerCapture;
     use crate::consumer::{self, HoldPolicy, Msg, RxBuf, RxFrame};
     use crate::frame::{build_tx, Expect, Mac};
     use crate::kmsg::Kmsg;
@@ -252,8 +267,10 @@ mod driver {
         );
     }
 
-    fn with_regions(builder: PagePoolBuilder<'_>, regions: bool) -> PagePoolBuilder<'_> {
-        if regions {
+    fn with_regions<'d>(builder: PagePoolBuilder<'d>, args: &Args) -> PagePoolBuilder<'d> {
+        if args.no_huge_tlb {
+            builder.region_source(SystemRegions::without_huge_tlb())
+        } else if args.regions {
             builder.regions()
         } else {
             builder
@@ -344,10 +361,12 @@ mod driver {
         let device = Device::new(dma.clone());
         // With --regions, each pool maps a 2 MiB region at a time and
         // carves its pages from it; the driver code is the same either way.
-        let mode = |b| with_regions(b, args.regions);
+        let mode = |b| with_regions(b, args);
         println!(
             "e1000e: buffers from {}",
-            if args.regions {
+            if args.no_huge_tlb {
+                "region-mapped pools (2 MiB regions, one MAP_DMA each, transparent huge pages only)"
+            } else if args.regions {
                 "region-mapped pools (2 MiB regions, one MAP_DMA each)"
             } else {
                 "pools mapped page by page (one MAP_DMA per page)"
@@ -401,6 +420,13 @@ mod driver {
             Some(peer) => Some(peer_rx(peer)?),
             None => None,
         };
+        let mut capture = match &args.peer {
+            Some(peer) => Some(
+                PeerCapture::open(peer, nic.mac)
+                    .map_err(|e| format!("packet socket on {peer}: {e}"))?,
+            ),
+            None => None,
+        };
 
         // ---- the poll loop -------------------------------------------------
         let started = Instant::now();
@@ -416,6 +442,9 @@ mod driver {
                 dispatch.deliver(page, len)
             });
             txq.clean(&mut tx_pool);
+            if let Some(capture) = &mut capture {
+                capture.drain();
+            }
             let due = (args.tx_frames as f64
                 * (started.elapsed().as_secs_f64() / tx_window.as_secs_f64()).min(1.0))
                 as u64;
@@ -584,6 +613,27 @@ mod driver {
                     after.0,
                     after.0 - before.0,
                     after.1 - before.1
+                ),
+            );
+        }
+        if let (Some(peer), Some(capture)) = (&args.peer, &mut capture) {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            capture.drain();
+            while (capture.good.len() as u64) < tx_stats.frames && Instant::now() < deadline {
+                sleep(Duration::from_millis(50));
+                capture.drain();
+            }
+            if let Some(why) = &capture.first_bad {
+                println!("e1000e:   first bad frame at the peer: {why}");
+            }
+            checks.check(
+                capture.good.len() as u64 == tx_stats.frames && capture.bad == 0,
+                format!(
+                    "{peer} received the bytes written: {} of {} transmitted frames intact, {} \
+                     differ",
+                    capture.good.len(),
+                    tx_stats.frames,
+                    capture.bad
                 ),
             );
         }

