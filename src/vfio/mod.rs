@@ -6,9 +6,16 @@
 //! - [`VfioDma`] owns a VFIO container with one group in it and implements
 //!   [`DmaOps`]: `map` is `VFIO_IOMMU_MAP_DMA` at an IOVA this backend picks
 //!   from the IOMMU's valid ranges, `unmap` is `VFIO_IOMMU_UNMAP_DMA` with
-//!   the exact IOVA and size. It is a cheap handle (clones share one
-//!   container), so one clone can go to the pool while you keep another to
-//!   read [`dma_avail`](VfioDma::dma_avail) and [`stats`](VfioDma::stats).
+//!   the exact IOVA and size, and a refused or short unmap is reported to
+//!   the pool (which then keeps the memory). It is a cheap handle (clones
+//!   share one container), so one clone can go to the pool while you keep
+//!   another to read [`dma_avail`](VfioDma::dma_avail) and
+//!   [`stats`](VfioDma::stats).
+//! - One `VfioDma` per container: its IOVA allocator must be the only one
+//!   in that IOVA space. A second handle on the same container (from
+//!   duplicated fds through [`VfioDma::from_fds`]) or a second group in it
+//!   is refused with [`VfioError::ContainerShared`]: clone the handle
+//!   instead, and give another group a container of its own.
 //! - [`VfioDevice`] is the device file descriptor of one PCI function in
 //!   that group, for its BARs ([`VfioDevice::map_region`]) and its config
 //!   space ([`VfioDevice::read_config`]).
@@ -37,13 +44,33 @@
 //!
 //! # Sync is a no-op
 //!
-//! `sync_for_device` and `sync_for_cpu` do nothing. VFIO only accepts
-//! devices behind an IOMMU that enforces cache-coherent DMA (and x86 DMA is
-//! coherent anyway), and there are no bounce buffers: the device reads and
-//! writes the very pages the CPU uses. Ordering between CPU accesses and the
-//! device is the driver's part, as in the kernel: a volatile MMIO doorbell
-//! write after filling descriptors, and a volatile read of the descriptor's
-//! done bit before reading the buffer.
+//! `sync_for_device` and `sync_for_cpu` do nothing: VFIO gives user space
+//! no cache maintenance and no bounce buffers, and the device reads and
+//! writes the very pages the CPU uses. That is right where DMA snoops the
+//! CPU caches, as on x86, unless the device marks requests No Snoop: the
+//! IOMMU overrides that only when it enforces coherency
+//! ([`VfioDma::cache_coherent`], `VFIO_DMA_CC_IOMMU`; Intel's emulated VT-d
+//! does not), so [`VfioDevice::set_bus_master`] clears the device's Enable
+//! No Snoop there ([`VfioDevice::set_no_snoop`]). Ordering between CPU
+//! accesses and the device is the driver's part, as in the kernel: a
+//! volatile MMIO doorbell write after filling descriptors, and a volatile
+//! read of the descriptor's done bit before reading the buffer
+//! ([`MmioRegion`] orders them as Linux's `writel`/`readl` on x86-64 and
+//! arm64).
+//!
+//! # Alignment and read-only pins
+//!
+//! `map` maps exactly what it is given: memory not aligned to the IOMMU's
+//! smallest page ([`VfioDma::page_size`]), or not a whole number of them,
+//! is refused with [`VfioError::Unaligned`] (`DmaError::Unaligned` through
+//! [`DmaOps`]), never widened to the pages around it, which the device
+//! could then reach. The pool allocates page and region memory aligned to
+//! the IOMMU page. Memory the device only reads (`ToDevice`) is faulted in
+//! for writing (`MADV_POPULATE_WRITE`) before `MAP_DMA`: Linux before 6.2
+//! (Debian 12's 6.1 among them) pins the shared zero page for memory never
+//! written, and the device would then transmit zeros whatever the CPU
+//! writes later. On kernels without that advice (before 5.14) such
+//! mappings are made readable and writable instead.
 //!
 //! # Limits you will meet
 //!
@@ -70,7 +97,11 @@
 //!   [`BuildError::PageBelowIommuPage`], since the device would reach the
 //!   rest of the IOMMU page; a region must be a multiple of it.
 //! - [`VfioDma::dma_avail`] reads the kernel's own count of entries left
-//!   (`DMA_AVAIL`, Linux 5.10+): the exact oracle for a leak check.
+//!   (`DMA_AVAIL`, Linux 5.10+): the exact oracle for a leak check. Under
+//!   iommufd's type1 compatibility layer it reads `u32::MAX` and means
+//!   nothing (no `dma_entry_limit` either): the backend detects that
+//!   ([`VfioDma::is_iommufd_compat`]) and `dma_avail` then fails with
+//!   [`VfioError::Unsupported`].
 //!
 //! # Regions and huge pages
 //!
@@ -92,9 +123,18 @@
 //! pointer and the caller's `unsafe` promise (see [`DmaOps::map`]), and
 //! [`MmioRegion`] offers volatile reads and writes only.
 //!
-//! Dropping the last handle closes the group and the container, which makes
-//! the kernel remove every mapping still there: the device loses access, and
-//! no memory is left exposed.
+//! # Lifetimes
+//!
+//! The last [`VfioDma`] handle (clones, and the one inside each
+//! [`VfioDevice`]) removes every mapping still in the container when it is
+//! dropped (`VFIO_IOMMU_UNMAP_DMA` with `VFIO_DMA_UNMAP_FLAG_ALL`, Linux
+//! 5.13 and later), then closes the group and the container fds. Closing
+//! the fds alone would not be enough while anything else holds the files:
+//! a live [`MmioRegion`] (it holds its device's fd, so it stays valid; the
+//! device, and so its group, stays open until it is dropped), an fd
+//! duplicated elsewhere, or a forked child. On kernels before 5.13 the
+//! mappings go only when the last of those goes. A pool's [`Device`]
+//! holds a handle until it is unbound.
 //!
 //! # Parts
 //!
@@ -124,4 +164,4 @@ pub use info::IommuInfo;
 pub use iova::IovaRange;
 
 #[cfg(doc)]
-use crate::{BuildError, DmaError, DmaOps, PagePoolBuilder};
+use crate::{BuildError, Device, DmaError, DmaOps, PagePoolBuilder};
