@@ -25,8 +25,9 @@
 //!   copy-on-write itself.
 //! - **IOVA records.** Every mapping gets its own block of whole IOMMU
 //!   pages from the allocator; the block is freed only when the kernel
-//!   confirms the unmap with the exact size (or when `MAP_DMA` failed and
-//!   nothing was mapped). A mismatched unmap leaves the block reserved, so
+//!   confirms the unmap with the exact size, and then waits in the
+//!   allocator's quarantine before reuse (or, when `MAP_DMA` failed and
+//!   nothing was mapped, is free at once). A mismatched unmap leaves the block reserved, so
 //!   an IOVA still in the container is never handed out again, and is
 //!   reported to the pool as failed, which then keeps the memory.
 //! - **Drop.** The last handle's drop removes every mapping still in the
@@ -586,8 +587,8 @@ impl VfioDma {
                 Ok(DmaAddr(iova))
             }
             Err(errno) => {
-                // Nothing was mapped: the IOVA block is free again.
-                let freed = inner.iova.lock().free(iova, size);
+                // Nothing was mapped: the IOVA block is free again at once.
+                let freed = inner.iova.lock().release(iova, size);
                 debug_assert!(freed);
                 Err(match errno {
                     libc::ENOSPC => VfioError::MappingLimit {

@@ -12,12 +12,22 @@
 //!   merge them into one `UNMAP_DMA`);
 //! - IOVA page 0 is never handed out, so a zero descriptor address is never
 //!   a valid buffer.
+//! - A block freed after an unmap waits in a FIFO quarantine of
+//!   [`QUARANTINE`] blocks before it can be handed out again, so a stale
+//!   descriptor (an IOVA the driver forgot) faults in the IOMMU for a while
+//!   instead of writing into the next buffer mapped there. A block whose
+//!   map failed was never visible to the device and is free at once; when
+//!   nothing else fits, the quarantine is released oldest first rather
+//!   than failing an allocation.
 //!
 //! Cost: allocation walks the free extents from the lowest address until one
 //! fits. With one mapping size (a page pool) the first extent always fits;
 //! mixed sizes can make the walk longer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+
+/// Blocks a freed IOVA waits behind before it is reused.
+pub(crate) const QUARANTINE: usize = 256;
 
 /// One range of valid IOVAs, both ends inclusive (as the kernel reports it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +64,8 @@ pub(crate) fn normalize_ranges(ranges: &[IovaRange]) -> Vec<IovaRange> {
 #[derive(Debug)]
 pub(crate) struct IovaAllocator {
     free: BTreeMap<u64, u64>,
+    /// Freed blocks `(start, size)`, oldest first, not yet in `free`.
+    quarantine: VecDeque<(u64, u64)>,
     page: u64,
 }
 
@@ -67,6 +79,7 @@ impl IovaAllocator {
         );
         let mut this = Self {
             free: BTreeMap::new(),
+            quarantine: VecDeque::new(),
             page,
         };
         for range in &normalize_ranges(ranges) {
@@ -84,15 +97,28 @@ impl IovaAllocator {
         this
     }
 
-    /// Total free bytes (for tests and diagnostics).
+    /// Total free bytes, quarantined ones included (for tests and
+    /// diagnostics).
     #[cfg(test)]
     pub(crate) fn free_bytes(&self) -> u64 {
-        self.free.iter().map(|(s, l)| l - s + 1).sum()
+        self.free.iter().map(|(s, l)| l - s + 1).sum::<u64>()
+            + self.quarantine.iter().map(|&(_, size)| size).sum::<u64>()
     }
 
     /// Allocates `size` bytes (a non-zero multiple of the page size),
-    /// aligned to `size.next_power_of_two()`; `None` when nothing fits.
+    /// aligned to `size.next_power_of_two()`; `None` when nothing fits,
+    /// even with the quarantine released.
     pub(crate) fn alloc(&mut self, size: u64) -> Option<u64> {
+        loop {
+            if let Some(at) = self.alloc_free(size) {
+                return Some(at);
+            }
+            let (start, size) = self.quarantine.pop_front()?;
+            self.insert(start, start + (size - 1));
+        }
+    }
+
+    fn alloc_free(&mut self, size: u64) -> Option<u64> {
         debug_assert!(size != 0 && size % self.page == 0);
         let align = size.checked_next_power_of_two()?.max(self.page);
         let mut found = None;
@@ -117,16 +143,49 @@ impl IovaAllocator {
         Some(at)
     }
 
-    /// Returns `[iova, iova + size)` to the free extents. Returns `false`
-    /// (and changes nothing) if any part of it is already free, which would
-    /// mean a double free.
+    /// Puts `[iova, iova + size)`, just unmapped, in the quarantine; the
+    /// oldest quarantined block goes back to the free extents once more
+    /// than [`QUARANTINE`] wait. Returns `false` (and changes nothing) if
+    /// any part of it is already free or quarantined: a double free.
     pub(crate) fn free(&mut self, iova: u64, size: u64) -> bool {
         if size == 0 {
             return true;
         }
+        if !self.is_allocated(iova, size) {
+            return false;
+        }
+        self.quarantine.push_back((iova, size));
+        if self.quarantine.len() > QUARANTINE {
+            if let Some((start, size)) = self.quarantine.pop_front() {
+                self.insert(start, start + (size - 1));
+            }
+        }
+        true
+    }
+
+    /// Returns `[iova, iova + size)`, which was never mapped (its map
+    /// failed), to the free extents at once. Returns `false` (and changes
+    /// nothing) on a double free.
+    pub(crate) fn release(&mut self, iova: u64, size: u64) -> bool {
+        if size == 0 {
+            return true;
+        }
+        if !self.is_allocated(iova, size) {
+            return false;
+        }
+        self.insert(iova, iova + (size - 1));
+        true
+    }
+
+    /// Whether no byte of `[iova, iova + size)` is free or quarantined.
+    fn is_allocated(&self, iova: u64, size: u64) -> bool {
         let Some(last) = iova.checked_add(size - 1) else {
             return false;
         };
+        let overlaps = |&(start, len): &(u64, u64)| start <= last && iova <= start + (len - 1);
+        if self.quarantine.iter().any(overlaps) {
+            return false;
+        }
         // The extent starting at or before `iova` must end before it.
         if let Some((_, &prev_last)) = self.free.range(..=iova).next_back() {
             if prev_last >= iova {
@@ -134,11 +193,7 @@ impl IovaAllocator {
             }
         }
         // No extent may start inside the block.
-        if self.free.range(iova..=last).next().is_some() {
-            return false;
-        }
-        self.insert(iova, last);
-        true
+        self.free.range(iova..=last).next().is_none()
     }
 
     /// Inserts a disjoint extent, merging it with touching neighbours.
@@ -210,13 +265,18 @@ mod tests {
         for (i, p) in pages.iter().enumerate() {
             assert_eq!(*p, (i as u64 + 1) * PAGE);
         }
+        // A freed block is quarantined, but when nothing else fits the
+        // quarantine gives it back rather than fail.
         assert!(a.free(pages[7], PAGE));
         assert_eq!(a.alloc(PAGE), Some(pages[7]));
         for p in &pages {
             assert!(a.free(*p, PAGE));
         }
         assert_eq!(a.free_bytes(), total);
+        // Releasing the quarantine coalesces everything back into one.
+        assert_eq!(a.alloc(15 * PAGE), None);
         assert_eq!(a.free.len(), 1, "free extents coalesce back into one");
+        assert!(a.quarantine.is_empty());
         // 8 pages aligned to 32 KiB fit once the space is whole again.
         assert_eq!(a.alloc(8 * PAGE), Some(8 * PAGE));
     }
@@ -226,8 +286,38 @@ mod tests {
         let mut a = IovaAllocator::new(&q35_ranges(), PAGE);
         let x = a.alloc(2 * PAGE).unwrap();
         assert!(a.free(x, 2 * PAGE));
-        assert!(!a.free(x, 2 * PAGE));
+        assert!(!a.free(x, 2 * PAGE), "quarantined");
         assert!(!a.free(x + PAGE, PAGE));
+        assert!(!a.release(x, PAGE));
+        let y = a.alloc(PAGE).unwrap();
+        assert!(a.release(y, PAGE));
+        assert!(!a.release(y, PAGE), "free");
+        assert!(!a.free(y, PAGE));
+    }
+
+    /// A freed IOVA is not handed out again until `QUARANTINE` later
+    /// blocks have been freed: a stale descriptor faults for that long
+    /// instead of reaching the next buffer. A block whose map failed is
+    /// reused at once.
+    #[test]
+    fn freed_iovas_wait_in_quarantine() {
+        let mut a = IovaAllocator::new(&q35_ranges(), PAGE);
+        let first = a.alloc(PAGE).unwrap();
+        assert!(a.free(first, PAGE));
+        let mut later = Vec::new();
+        for _ in 0..QUARANTINE {
+            let x = a.alloc(PAGE).unwrap();
+            assert_ne!(x, first, "quarantined");
+            later.push(x);
+        }
+        for &x in &later {
+            assert!(a.free(x, PAGE));
+        }
+        // `first` is out of quarantine now, and the lowest free block.
+        assert_eq!(a.alloc(PAGE), Some(first));
+        let failed = a.alloc(PAGE).unwrap();
+        assert!(a.release(failed, PAGE));
+        assert_eq!(a.alloc(PAGE), Some(failed), "never mapped: reused at once");
     }
 
     #[test]
