@@ -28,7 +28,6 @@ use crate::shared::{PageMeta, Region};
 use crate::sync::{AtomicUsize, Mutex, Ordering};
 
 /// Mappings whose unmap failed, kept for good: one per device.
-#[derive(Default)]
 pub(crate) struct KeptMappings {
     /// The number of keys in `state`: 0 on every device whose unmaps all
     /// succeeded, so the question costs one load there.
@@ -52,6 +51,15 @@ struct KeptState {
 pub(crate) struct KeptCount {
     pub(crate) mappings: u64,
     pub(crate) bytes: u64,
+}
+
+impl Default for KeptMappings {
+    fn default() -> Self {
+        Self {
+            count: AtomicUsize::new(0),
+            state: Mutex::new(KeptState::default()),
+        }
+    }
 }
 
 impl KeptMappings {
