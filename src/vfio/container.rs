@@ -46,6 +46,7 @@ use super::error::VfioError;
 use super::info::{get_info, IommuInfo};
 use super::ioctl::{ioctl_ptr, ioctl_val, open_node, Counters};
 use super::iova::{normalize_ranges, IovaAllocator, IovaRange};
+use super::pin;
 use super::sys;
 use super::sysfs::{self, entry_limit_param, group_devices, group_id_of, memlock_limit};
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
@@ -174,31 +175,6 @@ fn same_file(a: RawFd, b: RawFd) -> Option<bool> {
         1..=3 => Some(false),
         _ => None,
     }
-}
-
-/// Whether `MADV_POPULATE_WRITE` is known to this kernel: tried once on a
-/// page of our own.
-fn probe_populate_write() -> bool {
-    // SAFETY: a fresh anonymous private page at an address of the kernel's
-    // choosing touches no existing memory.
-    let page = unsafe {
-        libc::mmap(
-            core::ptr::null_mut(),
-            4096,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if page == libc::MAP_FAILED {
-        return false;
-    }
-    // SAFETY: the advice only faults in the page just mapped.
-    let ok = unsafe { libc::madvise(page, 4096, sys::MADV_POPULATE_WRITE) } == 0;
-    // SAFETY: the page mapped above, nothing refers to it.
-    unsafe { libc::munmap(page, 4096) };
-    ok
 }
 
 /// Where the fallback IOVA window ends when the kernel reports no ranges
@@ -372,7 +348,7 @@ impl VfioDma {
                 entry_limit,
                 info_len,
                 write_only_refused: AtomicBool::new(false),
-                populate_write: probe_populate_write(),
+                populate_write: pin::probe_populate_write(),
                 unmap_all,
                 cache_coherent,
                 iommufd_compat,
@@ -535,7 +511,7 @@ impl VfioDma {
             });
         }
         let page = inner.page_size;
-        check_aligned(vaddr, len as u64, page)?;
+        pin::check_aligned(vaddr, len as u64, page)?;
         let (base, size) = (vaddr, len as u64);
         let iova = inner
             .iova
@@ -558,14 +534,9 @@ impl VfioDma {
             // memory never written would pin the shared zero page (before
             // Linux 6.2, also a copy-on-write page), and the CPU's later
             // writes would go to a copy the device never sees.
-            if inner.populate_write {
-                // SAFETY: the caller's range (valid memory it owns);
-                // faulting it in for writing keeps its contents. A failure
-                // (memory the CPU cannot write, device memory) leaves
-                // nothing a later CPU write could replace: ignored.
-                let _ =
-                    unsafe { libc::madvise(cpu.as_ptr().cast(), len, sys::MADV_POPULATE_WRITE) };
-            } else {
+            // SAFETY: the caller's `map` contract: valid memory, no CPU
+            // reference to it during the call.
+            if !unsafe { pin::populate_for_device_read(cpu, len, inner.populate_write) } {
                 // No populate on this kernel: a writable pin breaks
                 // copy-on-write itself.
                 flags |= sys::DMA_MAP_FLAG_WRITE;
@@ -830,48 +801,9 @@ impl DmaOps for VfioDma {
     }
 }
 
-/// Refuses memory the IOMMU cannot map exactly: `vaddr` and `len` must be
-/// multiples of `page` (a power of two).
-fn check_aligned(vaddr: u64, len: u64, page: u64) -> Result<(), VfioError> {
-    if (vaddr | len) & (page - 1) != 0 {
-        return Err(VfioError::Unaligned {
-            vaddr,
-            len,
-            iommu_page: page,
-        });
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// What a host with 64 KiB IOMMU pages sees: a 4 KiB-aligned page (15
-    /// of every 16 such pages) is refused, never widened; aligned whole
-    /// pages pass.
-    #[test]
-    fn memory_not_aligned_to_a_64k_iommu_page_is_refused() {
-        const P64: u64 = 64 << 10;
-        for (vaddr, len) in [(0x1_1000, P64), (0x1_0000, 4096), (0x1_0000, P64 + 4096)] {
-            assert_eq!(
-                check_aligned(vaddr, len, P64),
-                Err(VfioError::Unaligned {
-                    vaddr,
-                    len,
-                    iommu_page: P64
-                })
-            );
-        }
-        assert_eq!(check_aligned(0x2_0000, 2 * P64, P64), Ok(()));
-        assert_eq!(check_aligned(0x1000, 4096, 4096), Ok(()));
-    }
-
-    #[test]
-    fn populate_write_is_probed_without_harm() {
-        // Linux 5.14 and later know it; either answer must leave no trace.
-        let _ = probe_populate_write();
-    }
 
     #[test]
     fn missing_device_gives_a_typed_error() {

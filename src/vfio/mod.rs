@@ -142,7 +142,11 @@
 //!   [`DmaOps`]) and [`VfioStats`].
 //! - `device`: [`VfioDevice`] and [`MmioRegion`].
 //! - `info`: `VFIO_IOMMU_GET_INFO` and its capability chain, [`IommuInfo`].
-//! - `iova`: the IOVA allocator over the valid [`IovaRange`]s.
+//! - `iova`: the IOVA allocator over the valid [`IovaRange`]s (with the
+//!   quarantine of freed IOVAs and the validation of the kernel's ranges).
+//! - `pin`: what is checked and done before memory is pinned: alignment to
+//!   the IOMMU page, populating memory the device only reads. Shared by any
+//!   VFIO backend (an iommufd one pins the same way).
 //! - `ioctl`: the ioctl helpers and the call counters they bump.
 //! - `sysfs`: BDFs, IOMMU groups and limits, read from the host.
 //! - `error`: [`VfioError`], what went wrong and what to do about it.
@@ -154,6 +158,7 @@ mod error;
 mod info;
 mod ioctl;
 mod iova;
+mod pin;
 mod sys;
 mod sysfs;
 
