@@ -209,6 +209,13 @@ impl VfioDma {
     /// has a container, attaches it to `container` and selects TYPE1v2. A
     /// group that is already attached must be attached to `container`,
     /// with its IOMMU type set by the caller.
+    ///
+    /// One `VfioDma` per container (its IOVA allocator must be the only one
+    /// there): fails with [`VfioError::ContainerShared`], leaving the group
+    /// as it was, if `container` already has an IOMMU with another group in
+    /// it, or if a live `VfioDma` of this process already has this group or
+    /// this container (compared with `kcmp`, where the kernel has it).
+    /// Clone the existing handle instead.
     pub fn from_fds(container: OwnedFd, group: OwnedFd) -> Result<Self, VfioError> {
         // The group number, from the node the fd was opened from.
         let group_id = sysfs::group_id_of_fd(group.as_fd());
