@@ -69,8 +69,8 @@ pub(super) fn ioctl_val(
 ) -> Result<i32, i32> {
     counters.ioctls.fetch_add(1, Ordering::Relaxed);
     // SAFETY: every integer-argument VFIO ioctl used here (GET_API_VERSION,
-    // CHECK_EXTENSION, SET_IOMMU, DEVICE_RESET) reads no user memory; `fd` is
-    // open for the duration of the borrow.
+    // CHECK_EXTENSION, SET_IOMMU, GROUP_UNSET_CONTAINER, DEVICE_RESET) reads
+    // no user memory; `fd` is open for the duration of the borrow.
     let ret = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, value) };
     if ret < 0 {
         Err(errno())
