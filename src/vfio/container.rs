@@ -330,15 +330,8 @@ impl VfioDma {
                     end: FALLBACK_IOVA_END,
                 }]
             });
-        let iommufd_compat = info.dma_avail == Some(u32::MAX);
-        // Right after SET_IOMMU the container is empty, so DMA_AVAIL is the
-        // limit itself; otherwise trust the module parameter. iommufd's
-        // compatibility layer has neither.
-        let entry_limit = match (set_iommu_here, info.dma_avail) {
-            _ if iommufd_compat => None,
-            (true, Some(avail)) => Some(u64::from(avail)),
-            _ => entry_limit_param(),
-        };
+        let (entry_limit, iommufd_compat) =
+            entry_limit(set_iommu_here, info.dma_avail, entry_limit_param);
         let extension =
             |ext| matches!(ioctl_val(&counters, c, sys::CHECK_EXTENSION, ext), Ok(n) if n > 0);
         let cache_coherent = extension(sys::DMA_CC_IOMMU);
@@ -808,9 +801,48 @@ impl DmaOps for VfioDma {
     }
 }
 
+/// The container's `dma_entry_limit`, and whether it is iommufd's type1
+/// compatibility layer (`DMA_AVAIL` reads `u32::MAX` there, and it has no
+/// limit). Right after `SET_IOMMU` the container is empty, so `DMA_AVAIL`
+/// is the limit itself; otherwise the module parameter (`param`) says.
+fn entry_limit(
+    set_iommu_here: bool,
+    dma_avail: Option<u32>,
+    param: impl FnOnce() -> Option<u64>,
+) -> (Option<u64>, bool) {
+    match (set_iommu_here, dma_avail) {
+        (_, Some(u32::MAX)) => (None, true),
+        (true, Some(avail)) => (Some(u64::from(avail)), false),
+        _ => (param(), false),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// iommufd's compatibility layer answers `DMA_AVAIL` with `u32::MAX`:
+    /// detected, and never taken for an entry limit.
+    #[test]
+    fn iommufd_compat_is_detected_and_has_no_entry_limit() {
+        assert_eq!(
+            entry_limit(true, Some(u32::MAX), || Some(65535)),
+            (None, true)
+        );
+        assert_eq!(
+            entry_limit(false, Some(u32::MAX), || Some(65535)),
+            (None, true)
+        );
+        assert_eq!(
+            entry_limit(true, Some(65535), || None),
+            (Some(65535), false)
+        );
+        assert_eq!(
+            entry_limit(false, Some(100), || Some(64)),
+            (Some(64), false)
+        );
+        assert_eq!(entry_limit(true, None, || None), (None, false));
+    }
 
     #[test]
     fn missing_device_gives_a_typed_error() {
