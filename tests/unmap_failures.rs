@@ -113,7 +113,7 @@ fn failed_unmaps_at_unbind_are_reported_and_their_pages_kept() {
     assert_eq!(mapped, 8, "6 held, 2 cached");
     checker.fail_next_unmaps(3);
     let report = device.unbind().unwrap();
-    assert_eq!(report.pages_in_flight, 8);
+    assert_eq!(report.pages_held_or_cached, 8);
     assert_eq!(report.unmap_failures, 3);
     assert!(report.to_string().contains("3 unmaps failed"), "{report}");
     let stats = pool.stats();
