@@ -27,7 +27,7 @@ CORE=(
     src/mapping/region.rs
     src/page.rs src/pool.rs src/shared.rs src/frag.rs src/sync.rs
     src/unwind.rs src/memory/regions.rs src/memory/mod.rs src/dma.rs
-    src/error.rs src/into_bytes.rs src/stats.rs
+    src/error.rs src/into_bytes.rs src/stats.rs src/iova.rs src/identity.rs
 )
 
 # The CI sample: one planted bug per mechanism, each a mutant the suite

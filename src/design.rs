@@ -15,7 +15,8 @@
 //!  mechanisms   gate.rs (call gates, OpsCell)  held.rs (calls in progress per thread)
 //!               ring.rs  remote.rs (per-thread batches)
 //!               tracker.rs  memory/  unwind.rs
-//!  seam         dma.rs (DmaOps)  stats.rs  error.rs               sync.rs (all primitives)
+//!  seam         dma.rs (DmaOps)  stats.rs  error.rs  trace.rs      sync.rs (all primitives)
+//!  backends     identity.rs (IdentityDma)  iova.rs (IOVA allocator)  checking/  vfio/
 //! ```
 //!
 //! Each layer imports only from the layers below it; `src/` has no import

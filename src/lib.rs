@@ -48,6 +48,7 @@ mod sync;
 pub mod checking;
 pub mod design;
 pub mod dma;
+pub mod iova;
 #[cfg(all(feature = "vfio", target_os = "linux"))]
 #[cfg_attr(docsrs, doc(cfg(all(feature = "vfio", target_os = "linux"))))]
 pub mod vfio;

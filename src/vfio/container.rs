@@ -45,10 +45,10 @@ use std::sync::Mutex as StdMutex;
 use super::error::VfioError;
 use super::info::{get_info, IommuInfo};
 use super::ioctl::{ioctl_ptr, ioctl_val, open_node, Counters};
-use super::iova::{normalize_ranges, IovaAllocator, IovaRange};
 use super::pin;
 use super::sys;
 use super::sysfs::{self, entry_limit_param, group_devices, group_id_of, memlock_limit};
+use crate::iova::{IovaAllocator, IovaRange};
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 use crate::{DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, UnmapBatchError, UnmapError};
 
@@ -321,9 +321,8 @@ impl VfioDma {
         let page_size = 1u64 << page_sizes.trailing_zeros();
         let iova_ranges = info
             .iova_ranges
-            .as_deref()
-            .map(normalize_ranges)
-            .filter(|r| !r.is_empty())
+            .clone()
+            .filter(|r| r.iter().any(|r| r.start <= r.end))
             .unwrap_or_else(|| {
                 vec![IovaRange {
                     start: 0,
@@ -336,7 +335,11 @@ impl VfioDma {
             |ext| matches!(ioctl_val(&counters, c, sys::CHECK_EXTENSION, ext), Ok(n) if n > 0);
         let cache_coherent = extension(sys::DMA_CC_IOMMU);
         let unmap_all = extension(sys::UNMAP_ALL);
-        let iova = Mutex::new(IovaAllocator::new(&iova_ranges, page_size));
+        let iova = match IovaAllocator::new(&iova_ranges, page_size) {
+            Ok(iova) => Mutex::new(iova),
+            // `page_size` is one bit of `page_sizes`: a power of two.
+            Err(e) => unreachable!("{e}"),
+        };
         let this = Self {
             inner: Arc::new(Inner {
                 group,
@@ -517,7 +520,7 @@ impl VfioDma {
             .iova
             .lock()
             .alloc(size)
-            .ok_or(VfioError::AddressSpaceExhausted { size })?;
+            .map_err(|_| VfioError::AddressSpaceExhausted { size })?;
 
         let mut flags = 0;
         if direction.device_reads() {
@@ -560,7 +563,7 @@ impl VfioDma {
             Err(errno) => {
                 // Nothing was mapped: the IOVA block is free again at once.
                 let freed = inner.iova.lock().release(iova, size);
-                debug_assert!(freed);
+                debug_assert!(freed.is_ok(), "{freed:?}");
                 Err(match errno {
                     libc::ENOSPC => VfioError::MappingLimit {
                         limit: inner.entry_limit.or_else(entry_limit_param),
@@ -631,10 +634,7 @@ impl VfioDma {
                 let freed = inner.iova.lock().free(iova, size);
                 // The kernel just confirmed these were live mappings of ours,
                 // so their block cannot be free already.
-                debug_assert!(
-                    freed,
-                    "IOVA block {iova:#x}+{size:#x} was free while mapped"
-                );
+                debug_assert!(freed.is_ok(), "{freed:?} while mapped");
                 Ok(())
             }
             // The kernel removed something else than asked: the records no

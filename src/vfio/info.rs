@@ -14,8 +14,8 @@ use std::os::fd::BorrowedFd;
 
 use super::error::VfioError;
 use super::ioctl::{ioctl_ptr, Counters};
-use super::iova::IovaRange;
 use super::sys;
+use crate::iova::IovaRange;
 use crate::sync::{AtomicUsize, Ordering};
 
 /// What `VFIO_IOMMU_GET_INFO` reported.

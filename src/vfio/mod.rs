@@ -157,16 +157,15 @@ mod device;
 mod error;
 mod info;
 mod ioctl;
-mod iova;
 mod pin;
 mod sys;
 mod sysfs;
 
+pub use crate::iova::IovaRange;
 pub use container::{VfioDma, VfioStats, CONTAINER_PATH};
 pub use device::{MmioRegion, RegionInfo, VfioDevice, BAR0_REGION_INDEX, CONFIG_REGION_INDEX};
 pub use error::{VfioError, DEFAULT_DMA_ENTRY_LIMIT, DMA_ENTRY_LIMIT_PARAM};
 pub use info::IommuInfo;
-pub use iova::IovaRange;
 
 #[cfg(doc)]
 use crate::{BuildError, Device, DmaError, DmaOps, PagePoolBuilder};

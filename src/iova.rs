@@ -1,5 +1,7 @@
-//! The IOVA allocator: picks device addresses inside the IOMMU's valid
-//! ranges (VFIO type1 lets userspace choose the IOVA of every mapping).
+//! [`IovaAllocator`]: picks device addresses inside an IOMMU's valid
+//! ranges, for backends where user space chooses the IOVA of every mapping
+//! (VFIO type1 and iommufd with a fixed IOVA). The crate's VFIO backend
+//! uses it; it is public for authors of their own IOMMU backends.
 //!
 //! A first-fit range allocator over the free extents, kept in address order
 //! and coalesced on free:
@@ -12,8 +14,9 @@
 //!   merge them into one `UNMAP_DMA`);
 //! - IOVA page 0 is never handed out, so a zero descriptor address is never
 //!   a valid buffer.
-//! - A block freed after an unmap waits in a FIFO quarantine of
-//!   [`QUARANTINE`] blocks before it can be handed out again, so a stale
+//! - A block freed after an unmap waits in a FIFO quarantine (of
+//!   [`DEFAULT_QUARANTINE`] blocks, or as many as the backend asks) before
+//!   it can be handed out again, so a stale
 //!   descriptor (an IOVA the driver forgot) faults in the IOMMU for a while
 //!   instead of writing into the next buffer mapped there. A block whose
 //!   map failed was never visible to the device and is free at once; when
@@ -22,12 +25,87 @@
 //!
 //! Cost: allocation walks the free extents from the lowest address until one
 //! fits. With one mapping size (a page pool) the first extent always fits;
-//! mixed sizes can make the walk longer.
+//! mixed sizes can make the walk longer. The allocator is not synchronised:
+//! a backend keeps it under its own lock, as the VFIO backend does.
+//!
+//! ```
+//! use pagepool::iova::{IovaAllocator, IovaError, IovaRange};
+//!
+//! // The IOMMU's usable ranges, as the kernel reports them (inclusive).
+//! let ranges = [IovaRange { start: 0, end: 0xfedf_ffff }];
+//! let mut iova = IovaAllocator::new(&ranges, 4096)?;
+//! let a = iova.alloc(4096)?;
+//! let b = iova.alloc(2 << 20)?;
+//! assert_ne!(a, 0, "page 0 is never handed out");
+//! assert_eq!(b % (2 << 20), 0, "aligned to its size");
+//! // After the unmap: the block waits in quarantine before reuse.
+//! iova.free(a, 4096)?;
+//! assert_eq!(iova.free(a, 4096), Err(IovaError::NotAllocated { iova: a, size: 4096 }));
+//! assert_ne!(iova.alloc(4096)?, a);
+//! # Ok::<(), IovaError>(())
+//! ```
 
+use core::fmt;
 use std::collections::{BTreeMap, VecDeque};
 
-/// Blocks a freed IOVA waits behind before it is reused.
-pub(crate) const QUARANTINE: usize = 256;
+/// Blocks a freed IOVA waits behind before it is reused, unless the
+/// backend asks for another length ([`IovaAllocator::with_quarantine`]).
+pub const DEFAULT_QUARANTINE: usize = 256;
+
+/// Why the allocator refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IovaError {
+    /// The IOMMU page size given is not a power of two.
+    PageNotPowerOfTwo {
+        /// The page size given.
+        page: u64,
+    },
+    /// A size of zero, or not a multiple of the IOMMU page.
+    BadSize {
+        /// The size asked for.
+        size: u64,
+        /// The allocator's page size.
+        page: u64,
+    },
+    /// No free block of this size is left, even with the quarantine
+    /// released.
+    Exhausted {
+        /// The size asked for.
+        size: u64,
+    },
+    /// Part of the block is free or quarantined already: a double free, or
+    /// a block this allocator never handed out.
+    NotAllocated {
+        /// Start of the block given back.
+        iova: u64,
+        /// Its size.
+        size: u64,
+    },
+}
+
+impl fmt::Display for IovaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::PageNotPowerOfTwo { page } => {
+                write!(f, "IOMMU page size {page} is not a power of two")
+            }
+            Self::BadSize { size, page } => write!(
+                f,
+                "IOVA block of {size} bytes is not a non-zero multiple of the {page}-byte IOMMU page"
+            ),
+            Self::Exhausted { size } => {
+                write!(f, "no free IOVA block of {size} bytes left")
+            }
+            Self::NotAllocated { iova, size } => write!(
+                f,
+                "IOVA block {iova:#x}+{size:#x} is not allocated (double free?)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for IovaError {}
 
 /// One range of valid IOVAs, both ends inclusive (as the kernel reports it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,7 +119,7 @@ pub struct IovaRange {
 /// The kernel's ranges made safe to allocate from: inverted ones dropped,
 /// the rest sorted and overlapping or touching ones merged, so blocks
 /// carved from them can never overlap.
-pub(crate) fn normalize_ranges(ranges: &[IovaRange]) -> Vec<IovaRange> {
+fn normalize_ranges(ranges: &[IovaRange]) -> Vec<IovaRange> {
     let mut sorted: Vec<IovaRange> = ranges
         .iter()
         .copied()
@@ -60,26 +138,43 @@ pub(crate) fn normalize_ranges(ranges: &[IovaRange]) -> Vec<IovaRange> {
     out
 }
 
-/// Free IOVA extents, `start -> last` (inclusive), disjoint and coalesced.
+/// A first-fit IOVA allocator over an IOMMU's valid ranges; see the
+/// [module docs](self).
 #[derive(Debug)]
-pub(crate) struct IovaAllocator {
+pub struct IovaAllocator {
+    /// Free IOVA extents, `start -> last` (inclusive), disjoint and
+    /// coalesced.
     free: BTreeMap<u64, u64>,
     /// Freed blocks `(start, size)`, oldest first, not yet in `free`.
     quarantine: VecDeque<(u64, u64)>,
+    /// Blocks that wait in `quarantine` at most.
+    quarantine_len: usize,
     page: u64,
 }
 
 impl IovaAllocator {
-    /// An allocator over `ranges`, handing out multiples of `page` (a power
-    /// of two) aligned to at least `page`.
-    pub(crate) fn new(ranges: &[IovaRange], page: u64) -> Self {
-        assert!(
-            page.is_power_of_two(),
-            "IOMMU page size must be a power of two"
-        );
+    /// An allocator over `ranges` (in any order, overlapping or not: they
+    /// are sorted and merged first), handing out multiples of `page` (the
+    /// IOMMU's smallest page, a power of two) aligned to at least `page`,
+    /// with a quarantine of [`DEFAULT_QUARANTINE`] freed blocks.
+    pub fn new(ranges: &[IovaRange], page: u64) -> Result<Self, IovaError> {
+        Self::with_quarantine(ranges, page, DEFAULT_QUARANTINE)
+    }
+
+    /// As [`new`](Self::new), with freed blocks waiting behind `blocks`
+    /// others before reuse (0: reused at once).
+    pub fn with_quarantine(
+        ranges: &[IovaRange],
+        page: u64,
+        blocks: usize,
+    ) -> Result<Self, IovaError> {
+        if !page.is_power_of_two() {
+            return Err(IovaError::PageNotPowerOfTwo { page });
+        }
         let mut this = Self {
             free: BTreeMap::new(),
             quarantine: VecDeque::new(),
+            quarantine_len: blocks,
             page,
         };
         for range in &normalize_ranges(ranges) {
@@ -94,32 +189,43 @@ impl IovaAllocator {
                 this.insert(start, end - 1);
             }
         }
-        this
+        Ok(this)
     }
 
-    /// Total free bytes, quarantined ones included (for tests and
-    /// diagnostics).
-    #[cfg(test)]
-    pub(crate) fn free_bytes(&self) -> u64 {
+    /// The IOMMU page size blocks are multiples of.
+    pub fn page_size(&self) -> u64 {
+        self.page
+    }
+
+    /// Total free bytes, quarantined ones included.
+    pub fn free_bytes(&self) -> u64 {
         self.free.iter().map(|(s, l)| l - s + 1).sum::<u64>()
             + self.quarantine.iter().map(|&(_, size)| size).sum::<u64>()
     }
 
     /// Allocates `size` bytes (a non-zero multiple of the page size),
-    /// aligned to `size.next_power_of_two()`; `None` when nothing fits,
-    /// even with the quarantine released.
-    pub(crate) fn alloc(&mut self, size: u64) -> Option<u64> {
+    /// aligned to `size.next_power_of_two()`. When nothing fits, the
+    /// quarantine is released oldest first before giving up.
+    pub fn alloc(&mut self, size: u64) -> Result<u64, IovaError> {
+        if size == 0 || size % self.page != 0 {
+            return Err(IovaError::BadSize {
+                size,
+                page: self.page,
+            });
+        }
         loop {
             if let Some(at) = self.alloc_free(size) {
-                return Some(at);
+                return Ok(at);
             }
-            let (start, size) = self.quarantine.pop_front()?;
-            self.insert(start, start + (size - 1));
+            let (start, block) = self
+                .quarantine
+                .pop_front()
+                .ok_or(IovaError::Exhausted { size })?;
+            self.insert(start, start + (block - 1));
         }
     }
 
     fn alloc_free(&mut self, size: u64) -> Option<u64> {
-        debug_assert!(size != 0 && size % self.page == 0);
         let align = size.checked_next_power_of_two()?.max(self.page);
         let mut found = None;
         for (&start, &last) in &self.free {
@@ -143,38 +249,39 @@ impl IovaAllocator {
         Some(at)
     }
 
-    /// Puts `[iova, iova + size)`, just unmapped, in the quarantine; the
-    /// oldest quarantined block goes back to the free extents once more
-    /// than [`QUARANTINE`] wait. Returns `false` (and changes nothing) if
-    /// any part of it is already free or quarantined: a double free.
-    pub(crate) fn free(&mut self, iova: u64, size: u64) -> bool {
+    /// Gives back `[iova, iova + size)`, just unmapped: it waits in the
+    /// quarantine, and the oldest quarantined block goes back to the free
+    /// extents once more than the quarantine's length wait. Changes
+    /// nothing and returns [`IovaError::NotAllocated`] if any part of it is
+    /// already free or quarantined (a double free).
+    pub fn free(&mut self, iova: u64, size: u64) -> Result<(), IovaError> {
         if size == 0 {
-            return true;
+            return Ok(());
         }
         if !self.is_allocated(iova, size) {
-            return false;
+            return Err(IovaError::NotAllocated { iova, size });
         }
         self.quarantine.push_back((iova, size));
-        if self.quarantine.len() > QUARANTINE {
-            if let Some((start, size)) = self.quarantine.pop_front() {
-                self.insert(start, start + (size - 1));
+        while self.quarantine.len() > self.quarantine_len {
+            if let Some((start, block)) = self.quarantine.pop_front() {
+                self.insert(start, start + (block - 1));
             }
         }
-        true
+        Ok(())
     }
 
-    /// Returns `[iova, iova + size)`, which was never mapped (its map
-    /// failed), to the free extents at once. Returns `false` (and changes
-    /// nothing) on a double free.
-    pub(crate) fn release(&mut self, iova: u64, size: u64) -> bool {
+    /// Gives back `[iova, iova + size)`, which the device never saw (its
+    /// map failed): free again at once, no quarantine. Changes nothing and
+    /// returns [`IovaError::NotAllocated`] on a double free.
+    pub fn release(&mut self, iova: u64, size: u64) -> Result<(), IovaError> {
         if size == 0 {
-            return true;
+            return Ok(());
         }
         if !self.is_allocated(iova, size) {
-            return false;
+            return Err(IovaError::NotAllocated { iova, size });
         }
         self.insert(iova, iova + (size - 1));
-        true
+        Ok(())
     }
 
     /// Whether no byte of `[iova, iova + size)` is free or quarantined.
@@ -240,8 +347,8 @@ mod tests {
 
     #[test]
     fn never_hands_out_page_zero_and_aligns_to_order() {
-        let mut a = IovaAllocator::new(&q35_ranges(), PAGE);
-        assert_eq!(a.alloc(PAGE), Some(PAGE));
+        let mut a = IovaAllocator::new(&q35_ranges(), PAGE).unwrap();
+        assert_eq!(a.alloc(PAGE).ok(), Some(PAGE));
         // 3 pages round up to an order-2 (16 KiB) alignment.
         let b = a.alloc(3 * PAGE).unwrap();
         assert_eq!(b % (4 * PAGE), 0);
@@ -256,68 +363,72 @@ mod tests {
             start: 0,
             end: 16 * PAGE - 1,
         }];
-        let mut a = IovaAllocator::new(&ranges, PAGE);
+        let mut a = IovaAllocator::new(&ranges, PAGE).unwrap();
         let total = a.free_bytes();
         assert_eq!(total, 15 * PAGE);
         let pages: Vec<u64> = (0..15).map(|_| a.alloc(PAGE).unwrap()).collect();
-        assert_eq!(a.alloc(PAGE), None);
+        assert_eq!(a.alloc(PAGE).ok(), None);
         // Pages come out dense and in order.
         for (i, p) in pages.iter().enumerate() {
             assert_eq!(*p, (i as u64 + 1) * PAGE);
         }
         // A freed block is quarantined, but when nothing else fits the
         // quarantine gives it back rather than fail.
-        assert!(a.free(pages[7], PAGE));
-        assert_eq!(a.alloc(PAGE), Some(pages[7]));
+        assert!(a.free(pages[7], PAGE).is_ok());
+        assert_eq!(a.alloc(PAGE).ok(), Some(pages[7]));
         for p in &pages {
-            assert!(a.free(*p, PAGE));
+            assert!(a.free(*p, PAGE).is_ok());
         }
         assert_eq!(a.free_bytes(), total);
         // Releasing the quarantine coalesces everything back into one.
-        assert_eq!(a.alloc(15 * PAGE), None);
+        assert_eq!(a.alloc(15 * PAGE).ok(), None);
         assert_eq!(a.free.len(), 1, "free extents coalesce back into one");
         assert!(a.quarantine.is_empty());
         // 8 pages aligned to 32 KiB fit once the space is whole again.
-        assert_eq!(a.alloc(8 * PAGE), Some(8 * PAGE));
+        assert_eq!(a.alloc(8 * PAGE).ok(), Some(8 * PAGE));
     }
 
     #[test]
     fn double_free_is_refused() {
-        let mut a = IovaAllocator::new(&q35_ranges(), PAGE);
+        let mut a = IovaAllocator::new(&q35_ranges(), PAGE).unwrap();
         let x = a.alloc(2 * PAGE).unwrap();
-        assert!(a.free(x, 2 * PAGE));
-        assert!(!a.free(x, 2 * PAGE), "quarantined");
-        assert!(!a.free(x + PAGE, PAGE));
-        assert!(!a.release(x, PAGE));
+        assert!(a.free(x, 2 * PAGE).is_ok());
+        assert!(a.free(x, 2 * PAGE).is_err(), "quarantined");
+        assert!(a.free(x + PAGE, PAGE).is_err());
+        assert!(a.release(x, PAGE).is_err());
         let y = a.alloc(PAGE).unwrap();
-        assert!(a.release(y, PAGE));
-        assert!(!a.release(y, PAGE), "free");
-        assert!(!a.free(y, PAGE));
+        assert!(a.release(y, PAGE).is_ok());
+        assert!(a.release(y, PAGE).is_err(), "free");
+        assert!(a.free(y, PAGE).is_err());
     }
 
-    /// A freed IOVA is not handed out again until `QUARANTINE` later
+    /// A freed IOVA is not handed out again until `DEFAULT_QUARANTINE` later
     /// blocks have been freed: a stale descriptor faults for that long
     /// instead of reaching the next buffer. A block whose map failed is
     /// reused at once.
     #[test]
     fn freed_iovas_wait_in_quarantine() {
-        let mut a = IovaAllocator::new(&q35_ranges(), PAGE);
+        let mut a = IovaAllocator::new(&q35_ranges(), PAGE).unwrap();
         let first = a.alloc(PAGE).unwrap();
-        assert!(a.free(first, PAGE));
+        assert!(a.free(first, PAGE).is_ok());
         let mut later = Vec::new();
-        for _ in 0..QUARANTINE {
+        for _ in 0..DEFAULT_QUARANTINE {
             let x = a.alloc(PAGE).unwrap();
             assert_ne!(x, first, "quarantined");
             later.push(x);
         }
         for &x in &later {
-            assert!(a.free(x, PAGE));
+            assert!(a.free(x, PAGE).is_ok());
         }
         // `first` is out of quarantine now, and the lowest free block.
-        assert_eq!(a.alloc(PAGE), Some(first));
+        assert_eq!(a.alloc(PAGE).ok(), Some(first));
         let failed = a.alloc(PAGE).unwrap();
-        assert!(a.release(failed, PAGE));
-        assert_eq!(a.alloc(PAGE), Some(failed), "never mapped: reused at once");
+        assert!(a.release(failed, PAGE).is_ok());
+        assert_eq!(
+            a.alloc(PAGE).ok(),
+            Some(failed),
+            "never mapped: reused at once"
+        );
     }
 
     #[test]
@@ -332,13 +443,13 @@ mod tests {
                 end: 12 * PAGE - 1,
             },
         ];
-        let mut a = IovaAllocator::new(&ranges, PAGE);
-        assert_eq!(a.alloc(PAGE), Some(PAGE));
+        let mut a = IovaAllocator::new(&ranges, PAGE).unwrap();
+        assert_eq!(a.alloc(PAGE).ok(), Some(PAGE));
         // Two pages do not fit in the first range any more; the second has
         // room at 8 pages (aligned to 8 KiB).
-        assert_eq!(a.alloc(2 * PAGE), Some(8 * PAGE));
-        assert_eq!(a.alloc(2 * PAGE), Some(10 * PAGE));
-        assert_eq!(a.alloc(PAGE), None);
+        assert_eq!(a.alloc(2 * PAGE).ok(), Some(8 * PAGE));
+        assert_eq!(a.alloc(2 * PAGE).ok(), Some(10 * PAGE));
+        assert_eq!(a.alloc(PAGE).ok(), None);
     }
 
     /// Overlapping, unsorted or inverted ranges from the kernel never make
@@ -366,10 +477,10 @@ mod tests {
                 end: 12 * PAGE - 1
             }]
         );
-        let mut a = IovaAllocator::new(&ranges, PAGE);
+        let mut a = IovaAllocator::new(&ranges, PAGE).unwrap();
         assert_eq!(a.free_bytes(), 11 * PAGE, "page 0 excluded, nothing twice");
         let mut got = Vec::new();
-        while let Some(x) = a.alloc(PAGE) {
+        while let Ok(x) = a.alloc(PAGE) {
             got.push(x);
         }
         got.sort_unstable();
@@ -383,13 +494,47 @@ mod tests {
             start: u64::MAX - 4 * PAGE + 1,
             end: u64::MAX,
         }];
-        let mut a = IovaAllocator::new(&ranges, PAGE);
+        let mut a = IovaAllocator::new(&ranges, PAGE).unwrap();
         let mut got = Vec::new();
-        while let Some(x) = a.alloc(PAGE) {
+        while let Ok(x) = a.alloc(PAGE) {
             got.push(x);
         }
         // The last page (holding u64::MAX) is never handed out.
         assert_eq!(got.len(), 3);
         assert!(got.iter().all(|x| x.checked_add(PAGE).is_some()));
+    }
+
+    #[test]
+    fn bad_requests_are_refused_with_typed_errors() {
+        assert_eq!(
+            IovaAllocator::new(&q35_ranges(), 3 * PAGE).unwrap_err(),
+            IovaError::PageNotPowerOfTwo { page: 3 * PAGE }
+        );
+        let mut a = IovaAllocator::new(&q35_ranges(), PAGE).unwrap();
+        assert_eq!(a.page_size(), PAGE);
+        for size in [0, PAGE + 1] {
+            assert_eq!(a.alloc(size), Err(IovaError::BadSize { size, page: PAGE }));
+        }
+        let mut tiny = IovaAllocator::new(
+            &[IovaRange {
+                start: 0,
+                end: 2 * PAGE - 1,
+            }],
+            PAGE,
+        )
+        .unwrap();
+        assert!(tiny.alloc(PAGE).is_ok());
+        assert_eq!(tiny.alloc(PAGE), Err(IovaError::Exhausted { size: PAGE }));
+        assert!(IovaError::Exhausted { size: PAGE }
+            .to_string()
+            .contains("4096"));
+    }
+
+    #[test]
+    fn a_quarantine_of_zero_reuses_at_once() {
+        let mut a = IovaAllocator::with_quarantine(&q35_ranges(), PAGE, 0).unwrap();
+        let x = a.alloc(PAGE).unwrap();
+        a.free(x, PAGE).unwrap();
+        assert_eq!(a.alloc(PAGE), Ok(x));
     }
 }
