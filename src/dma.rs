@@ -352,6 +352,81 @@ impl std::error::Error for UnmapBatchError {}
 /// backend. Methods that let the backend touch CPU memory are `unsafe`: the
 /// caller promises the memory is valid and not referenced by the CPU for the
 /// duration stated on each method.
+///
+/// # Writing a backend
+///
+/// A backend for a device behind a simple IOMMU of your own: it picks IOVAs
+/// with the crate's [`IovaAllocator`](crate::iova::IovaAllocator), programs
+/// its page tables (here a map kept for the example) and reports a failed
+/// unmap, so the pool keeps that memory instead of freeing it under a live
+/// mapping.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::ptr::NonNull;
+/// use std::sync::Mutex;
+///
+/// use pagepool::iova::{IovaAllocator, IovaRange};
+/// use pagepool::{Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, UnmapError};
+///
+/// struct MyIommu {
+///     iova: Mutex<IovaAllocator>,
+///     /// IOVA -> CPU address: the "page tables".
+///     tables: Mutex<HashMap<u64, usize>>,
+/// }
+///
+/// impl DmaOps for MyIommu {
+///     unsafe fn map(
+///         &self,
+///         cpu: NonNull<u8>,
+///         len: usize,
+///         _direction: DmaDirection,
+///     ) -> Result<DmaAddr, DmaError> {
+///         let iova = self
+///             .iova
+///             .lock()
+///             .unwrap()
+///             .alloc(len as u64)
+///             .map_err(|_| DmaError::AddressSpaceExhausted)?;
+///         self.tables.lock().unwrap().insert(iova, cpu.as_ptr() as usize);
+///         Ok(DmaAddr(iova))
+///     }
+///
+///     unsafe fn unmap(&self, mapping: DmaMapping) -> Result<(), UnmapError> {
+///         if self.tables.lock().unwrap().remove(&mapping.addr.0).is_none() {
+///             // Not in the tables: say so; the pool keeps the memory.
+///             return Err(UnmapError::Incomplete { expected: mapping.len as u64, unmapped: 0 });
+///         }
+///         // Unmapped: the IOVA may be reused (after its quarantine).
+///         let _ = self.iova.lock().unwrap().free(mapping.addr.0, mapping.len as u64);
+///         Ok(())
+///     }
+///
+///     // A coherent device without bounce buffers: nothing to sync.
+///     unsafe fn sync_for_device(&self, _: DmaMapping, _: usize, _: usize) {}
+///     unsafe fn sync_for_cpu(&self, _: DmaMapping, _: usize, _: usize) {}
+///     fn needs_sync(&self) -> bool {
+///         false
+///     }
+///
+///     fn min_page_size(&self) -> Option<usize> {
+///         Some(4096)
+///     }
+/// }
+///
+/// let iommu = MyIommu {
+///     iova: Mutex::new(IovaAllocator::new(&[IovaRange { start: 0, end: u32::MAX as u64 }], 4096)?),
+///     tables: Mutex::default(),
+/// };
+/// let device = Device::new(iommu);
+/// let mut pool = device.pool_builder().build()?;
+/// let page = pool.alloc()?;
+/// assert_ne!(page.dma_addr().0, 0);
+/// drop(page);
+/// let report = device.unbind()?; // unmaps every page through `unmap`
+/// assert_eq!(report.mappings_left, 0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub trait DmaOps: Send + Sync + 'static {
     /// Maps `len` bytes at `cpu` for the device, for `direction`.
     ///
