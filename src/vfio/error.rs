@@ -141,6 +141,12 @@ pub enum VfioError {
         /// The region index.
         index: u32,
     },
+    /// The device has no such interrupt (index out of range, none of that
+    /// kind, or not one that can signal an eventfd).
+    NoSuchIrq {
+        /// The interrupt index.
+        index: u32,
+    },
     /// The region cannot be `mmap`ed.
     RegionNotMappable {
         /// The region index.
@@ -345,6 +351,11 @@ impl fmt::Display for VfioError {
             Self::NoSuchRegion { index } => {
                 write!(f, "the device has no region {index} (or it is empty)")
             }
+            Self::NoSuchIrq { index } => write!(
+                f,
+                "the device has no interrupt {index} that can signal an eventfd (the device \
+                 request is index 4, the error interrupt index 3 on PCI Express devices only)"
+            ),
             Self::RegionNotMappable { index } => write!(
                 f,
                 "region {index} does not support mmap: use read_region/write_region instead"
@@ -452,6 +463,9 @@ mod tests {
         );
         let e = VfioError::ContainerShared { group: Some(3) };
         assert!(e.to_string().contains("clone"), "{e}");
+        let e = VfioError::NoSuchIrq { index: 4 };
+        assert!(e.to_string().contains("index 4"), "{e}");
+        assert_eq!(e.errno(), None);
     }
 
     #[test]

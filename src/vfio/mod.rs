@@ -19,6 +19,10 @@
 //! - [`VfioDevice`] is the device file descriptor of one PCI function in
 //!   that group, for its BARs ([`VfioDevice::map_region`]) and its config
 //!   space ([`VfioDevice::read_config`]).
+//! - [`VfioDevice::request_notifier`] arms the device request interrupt
+//!   with an eventfd ([`DeviceNotifier`]): the kernel signals it when it
+//!   wants the device back (hot-unplug, `remove` or unbind in sysfs) and
+//!   waits until the user closes the device; see "Removal" below.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), pagepool::vfio::VfioError> {
@@ -136,11 +140,31 @@
 //! mappings go only when the last of those goes. A pool's [`Device`]
 //! holds a handle until it is unbound.
 //!
+//! # Removal: when the kernel wants the device back
+//!
+//! On hot-unplug, `echo 1 > /sys/bus/pci/devices/<bdf>/remove` or an
+//! unbind from vfio-pci, the kernel signals the device request
+//! ([`REQ_IRQ_INDEX`], armed by [`VfioDevice::request_notifier`]), logs
+//! "Relaying device request to user (#0)", and blocks the removal until
+//! every fd of the device is closed, repeating the signal and the log line
+//! every 10 s. The driver's answer, in this order: stop the device's DMA
+//! (and wait, bounded, for it to go quiet; clear Bus Master Enable if it
+//! would not), take its ring buffers back, [`Device::unbind`] (every
+//! mapping of every pool on the device removed before it returns, pages
+//! held elsewhere stay valid memory), free what the driver mapped itself
+//! (descriptor rings), then drop every [`VfioDevice`], [`MmioRegion`] and
+//! [`VfioDma`] handle. The kernel then finishes the removal at once. The
+//! notifier holds none of those, so the thread waiting on it never keeps
+//! the device. [`VfioDevice::error_notifier`] arms the PCI error interrupt
+//! the same way, on PCI Express devices.
+//!
 //! # Parts
 //!
 //! - `container`: [`VfioDma`] (the container, its group and its
 //!   [`DmaOps`]) and [`VfioStats`].
 //! - `device`: [`VfioDevice`] and [`MmioRegion`].
+//! - `irq`: [`DeviceNotifier`], the device request and error interrupts
+//!   delivered to an eventfd.
 //! - `info`: `VFIO_IOMMU_GET_INFO` and its capability chain, [`IommuInfo`].
 //! - `iova`: the IOVA allocator over the valid [`IovaRange`]s (with the
 //!   quarantine of freed IOVAs and the validation of the kernel's ranges).
@@ -157,6 +181,7 @@ mod device;
 mod error;
 mod info;
 mod ioctl;
+mod irq;
 mod pin;
 mod sys;
 mod sysfs;
@@ -166,6 +191,7 @@ pub use container::{VfioDma, VfioStats, CONTAINER_PATH};
 pub use device::{MmioRegion, RegionInfo, VfioDevice, BAR0_REGION_INDEX, CONFIG_REGION_INDEX};
 pub use error::{VfioError, DEFAULT_DMA_ENTRY_LIMIT, DMA_ENTRY_LIMIT_PARAM};
 pub use info::IommuInfo;
+pub use irq::{DeviceNotifier, IrqInfo, ERR_IRQ_INDEX, REQ_IRQ_INDEX};
 
 #[cfg(doc)]
 use crate::{BuildError, Device, DmaError, DmaOps, PagePoolBuilder};

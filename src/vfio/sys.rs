@@ -36,6 +36,8 @@ pub(crate) const GROUP_SET_CONTAINER: u32 = io(4);
 pub(crate) const GROUP_UNSET_CONTAINER: u32 = io(5);
 pub(crate) const GROUP_GET_DEVICE_FD: u32 = io(6);
 pub(crate) const DEVICE_GET_REGION_INFO: u32 = io(8);
+pub(crate) const DEVICE_GET_IRQ_INFO: u32 = io(9);
+pub(crate) const DEVICE_SET_IRQS: u32 = io(10);
 pub(crate) const DEVICE_RESET: u32 = io(11);
 pub(crate) const IOMMU_GET_INFO: u32 = io(12);
 pub(crate) const IOMMU_MAP_DMA: u32 = io(13);
@@ -69,6 +71,16 @@ pub(crate) const MADV_POPULATE_WRITE: libc::c_int = 23;
 
 /// `VFIO_REGION_INFO_FLAG_MMAP`.
 pub(crate) const REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
+
+/// `VFIO_IRQ_INFO_EVENTFD`: the interrupt can signal an eventfd.
+pub(crate) const IRQ_INFO_EVENTFD: u32 = 1 << 0;
+/// `VFIO_IRQ_SET_DATA_NONE`: no data follows the header.
+pub(crate) const IRQ_SET_DATA_NONE: u32 = 1 << 0;
+/// `VFIO_IRQ_SET_DATA_EVENTFD`: an array of `__s32` eventfds follows.
+pub(crate) const IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
+/// `VFIO_IRQ_SET_ACTION_TRIGGER`: set (or, with no data and a count of 0,
+/// clear) what the interrupt signals.
+pub(crate) const IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
 
 /// `struct vfio_group_status`.
 #[repr(C)]
@@ -124,6 +136,38 @@ pub(crate) struct RegionInfo {
     pub offset: u64,
 }
 
+/// `struct vfio_irq_info`.
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct IrqInfo {
+    pub argsz: u32,
+    pub flags: u32,
+    pub index: u32,
+    pub count: u32,
+}
+
+/// `struct vfio_irq_set` (without the flexible `data[]`): the form that
+/// clears a trigger (`DATA_NONE`, `count` 0).
+#[repr(C)]
+pub(crate) struct IrqSet {
+    pub argsz: u32,
+    pub flags: u32,
+    pub index: u32,
+    pub start: u32,
+    pub count: u32,
+}
+
+/// `struct vfio_irq_set` with one `__s32` eventfd as its `data[]`.
+#[repr(C)]
+pub(crate) struct IrqSetEventfd {
+    pub argsz: u32,
+    pub flags: u32,
+    pub index: u32,
+    pub start: u32,
+    pub count: u32,
+    pub fd: i32,
+}
+
 /// `argsz` of a structure: its size, which always fits in `u32`.
 pub(crate) const fn argsz<T>() -> u32 {
     core::mem::size_of::<T>() as u32
@@ -136,6 +180,11 @@ const _: () = {
     assert!(core::mem::size_of::<DmaMap>() == 32);
     assert!(core::mem::size_of::<DmaUnmap>() == 24);
     assert!(core::mem::size_of::<RegionInfo>() == 32);
+    assert!(core::mem::size_of::<IrqInfo>() == 16);
+    // `data[]` starts right after the five `__u32`s: no padding before it.
+    assert!(core::mem::size_of::<IrqSet>() == 20);
+    assert!(core::mem::size_of::<IrqSetEventfd>() == 24);
+    assert!(core::mem::offset_of!(IrqSetEventfd, fd) == 20);
 };
 
 #[cfg(test)]
@@ -151,5 +200,17 @@ mod tests {
         assert_eq!(IOMMU_MAP_DMA, 0x3b71);
         assert_eq!(IOMMU_UNMAP_DMA, 0x3b72);
         assert_eq!(GROUP_UNSET_CONTAINER, 0x3b69);
+        assert_eq!(DEVICE_GET_IRQ_INFO, 0x3b6d);
+        assert_eq!(DEVICE_SET_IRQS, 0x3b6e);
+    }
+
+    #[test]
+    fn irq_flags_match_the_header() {
+        assert_eq!(IRQ_INFO_EVENTFD, 0x1);
+        assert_eq!(IRQ_SET_DATA_NONE, 0x1);
+        assert_eq!(IRQ_SET_DATA_EVENTFD, 0x4);
+        assert_eq!(IRQ_SET_ACTION_TRIGGER, 0x20);
+        // The header's data[] offset, where the eventfd goes.
+        assert_eq!(core::mem::offset_of!(IrqSetEventfd, fd), 20);
     }
 }
