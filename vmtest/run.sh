@@ -17,6 +17,15 @@
 #                                 mapped page by page, then region-mapped
 #                                 pools (--regions). Work dir
 #                                 vmtest/work/e1000e/.
+#   bash vmtest/run.sh e1000e-removal
+#                                 the kernel takes the device: NIC B on a
+#                                 hot-pluggable PCIe root port (01:00.0),
+#                                 driven by the example with
+#                                 --await-removal; one driver-initiated
+#                                 unbind, then three removals mid-traffic:
+#                                 sysfs remove, unbind from vfio-pci, QMP
+#                                 device_del (pciehp). Work dir
+#                                 vmtest/work/e1000e-removal/.
 #
 # Environment knobs (all optional):
 #   VMTEST_TIMEOUT       seconds before QEMU is killed (default 600)
@@ -53,7 +62,8 @@ mode=${1:-basic}
 case "$mode" in
     basic) work=$here/work; tag=PAGEPOOL-VMTEST ;;
     e1000e) work=$here/work/e1000e; tag=PAGEPOOL-E1000E ;;
-    *) die "unknown mode '$mode' (basic or e1000e)" ;;
+    e1000e-removal) work=$here/work/e1000e-removal; tag=PAGEPOOL-REMOVAL ;;
+    *) die "unknown mode '$mode' (basic, e1000e or e1000e-removal)" ;;
 esac
 log=$work/console.log
 
@@ -82,6 +92,10 @@ command -v cpio >/dev/null || missing+=(cpio)
 command -v depmod >/dev/null || missing+=(kmod)
 command -v xz >/dev/null || missing+=(xz-utils)
 command -v zstd >/dev/null || missing+=(zstd)
+if [ "$mode" = e1000e-removal ]; then
+    # The QMP client that sends device_del and times DEVICE_DELETED.
+    command -v python3 >/dev/null || missing+=(python3)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}"
 fi
@@ -135,7 +149,7 @@ say "kernel $kver ($(cat "$kernel_dir.pkg" 2>/dev/null || echo cached))"
 
 # --- 3. Guest test binary, static if the toolchain allows. ------------------
 host_target=x86_64-unknown-linux-gnu
-if [ "$mode" = e1000e ]; then
+if [ "$mode" != basic ]; then
     say "building the e1000e example"
     (
         cd "$root"
@@ -200,7 +214,7 @@ done
 # Mode e1000e: the kernel's own e1000e driver for NIC A, loaded by /init
 # only after NIC B is bound to vfio-pci, so that it cannot claim both.
 early=${#order[@]}
-if [ "$mode" = e1000e ] && [ -n "${mod_path[e1000e]:-}" ]; then
+if [ "$mode" != basic ] && [ -n "${mod_path[e1000e]:-}" ]; then
     add_module e1000e
 fi
 for name in "${order[@]}"; do
@@ -306,6 +320,148 @@ fi
 sync
 poweroff -f
 EOF
+elif [ "$mode" = e1000e-removal ]; then
+removal_seconds=${VMTEST_E1000E_SECONDS:-4}
+removal_runs=${VMTEST_REMOVAL_RUNS:-driver remove unbind unplug}
+for run in $removal_runs; do
+    case "$run" in
+        driver | remove | unbind | unplug) ;;
+        *) die "VMTEST_REMOVAL_RUNS: unknown run '$run' (driver, remove, unbind or unplug)" ;;
+    esac
+done
+cat > "$rootfs/init" <<EOF
+#!/bin/sh
+export PATH=/bin
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "PAGEPOOL-REMOVAL: guest up, kernel \$(uname -r)"
+for m in \$(cat /etc/modules.order); do
+    insmod /lib/modules/\$m.ko || echo "PAGEPOOL-REMOVAL: insmod \$m failed"
+done
+nic_a=0000:00:02.0
+# NIC B sits behind a hot-pluggable PCIe root port.
+nic_b=0000:01:00.0
+bind_b() {
+    echo vfio-pci > /sys/bus/pci/devices/\$nic_b/driver_override
+    echo \$nic_b > /sys/bus/pci/drivers_probe
+}
+if [ -e /sys/bus/pci/devices/\$nic_b/driver ]; then
+    echo \$nic_b > /sys/bus/pci/devices/\$nic_b/driver/unbind
+fi
+bind_b
+for m in \$(cat /etc/modules.late); do
+    insmod /lib/modules/\$m.ko || echo "PAGEPOOL-REMOVAL: insmod \$m failed"
+done
+i=0
+while ! ls /sys/bus/pci/devices/\$nic_a/net >/dev/null 2>&1 && [ \$i -lt 100 ]; do
+    sleep 0.1; i=\$((i + 1))
+done
+ifname=\$(ls /sys/bus/pci/devices/\$nic_a/net 2>/dev/null | head -n 1)
+rc=1
+if [ -z "\$ifname" ]; then
+    echo "PAGEPOOL-REMOVAL: the kernel's e1000e made no netdev for \$nic_a"
+else
+    echo 0 > /proc/sys/net/ipv6/conf/\$ifname/accept_dad
+    ip link set \$ifname up
+    i=0
+    while [ "\$(cat /sys/class/net/\$ifname/carrier 2>/dev/null)" != 1 ] && [ \$i -lt 100 ]; do
+        sleep 0.1; i=\$((i + 1))
+    done
+    echo "PAGEPOOL-REMOVAL: NIC A \$nic_a is \$ifname; NIC B \$nic_b bound to \$(basename \$(readlink /sys/bus/pci/devices/\$nic_b/driver)), group \$(basename \$(readlink /sys/bus/pci/devices/\$nic_b/iommu_group)), slot \$(cat /sys/bus/pci/slots/*/address 2>/dev/null | tr '\n' ' ')"
+    ping -6 -q -I \$ifname -i 0.01 -s 1000 -p a5 ff02::1 >/tmp/ping-big.log 2>&1 &
+    ping_big=\$!
+    ping -6 -q -I \$ifname -i 0.02 -s 56 -p a5 ff02::1 >/tmp/ping-small.log 2>&1 &
+    ping_small=\$!
+    requests() { dmesg | grep -c 'Relaying device request to user'; }
+    rc=0
+    for run in $removal_runs; do
+        echo "PAGEPOOL-REMOVAL: run \$run: starting"
+        if [ ! -e /sys/bus/pci/devices/\$nic_b/driver ]; then
+            echo "PAGEPOOL-REMOVAL: run \$run: \$nic_b is not bound"; rc=1; break
+        fi
+        before=\$(requests)
+        if [ \$run = driver ]; then
+            /bin/e1000e \$nic_b --peer \$ifname --echo-pattern a5 --seconds $removal_seconds \
+                --tx-frames 500 --min-rx 100 ${VMTEST_ARGS:-}
+            run_rc=\$?
+        else
+            rm -f /tmp/ready
+            /bin/e1000e \$nic_b --peer \$ifname --echo-pattern a5 --seconds $removal_seconds \
+                --tx-frames 500 --min-rx 100 --await-removal \$run --ready-file /tmp/ready \
+                ${VMTEST_ARGS:-} &
+            drv=\$!
+            i=0
+            while [ ! -e /tmp/ready ] && kill -0 \$drv 2>/dev/null && [ \$i -lt 1200 ]; do
+                sleep 0.1; i=\$((i + 1))
+            done
+            trigger=
+            case \$run in
+                remove)
+                    echo "PAGEPOOL-REMOVAL: run remove: echo 1 > /sys/bus/pci/devices/\$nic_b/remove"
+                    echo 1 > /sys/bus/pci/devices/\$nic_b/remove &
+                    trigger=\$! ;;
+                unbind)
+                    echo "PAGEPOOL-REMOVAL: run unbind: echo \$nic_b > /sys/bus/pci/drivers/vfio-pci/unbind"
+                    echo \$nic_b > /sys/bus/pci/drivers/vfio-pci/unbind &
+                    trigger=\$! ;;
+                unplug)
+                    # The host answers this line with QMP device_del.
+                    echo "PAGEPOOL-REMOVAL: hot-unplug: ready for device_del" ;;
+            esac
+            wait \$drv
+            run_rc=\$?
+            if [ -n "\$trigger" ]; then wait \$trigger; fi
+            if [ \$run = unplug ]; then
+                i=0
+                while [ -e /sys/bus/pci/devices/\$nic_b ] && [ \$i -lt 100 ]; do
+                    sleep 0.1; i=\$((i + 1))
+                done
+            fi
+        fi
+        n=\$((\$(requests) - before))
+        echo "PAGEPOOL-REMOVAL: run \$run: driver exit \$run_rc, the kernel logged the device request \$n time(s)"
+        if [ \$run_rc -ne 0 ]; then rc=1; fi
+        if [ \$run != driver ] && [ \$n -ne 1 ]; then
+            echo "PAGEPOOL-REMOVAL: run \$run: FAIL: the request must be logged exactly once"; rc=1
+        fi
+        if [ \$run = driver ] && [ \$n -ne 0 ]; then rc=1; fi
+        # Give the device back to vfio-pci for the next run.
+        case \$run in
+            remove)
+                echo 0 > /sys/bus/pci/drivers_autoprobe
+                echo 1 > /sys/bus/pci/rescan
+                i=0
+                while [ ! -e /sys/bus/pci/devices/\$nic_b ] && [ \$i -lt 100 ]; do
+                    sleep 0.1; i=\$((i + 1))
+                done
+                bind_b
+                echo 1 > /sys/bus/pci/drivers_autoprobe ;;
+            unbind)
+                bind_b ;;
+            unplug)
+                if [ -e /sys/bus/pci/devices/\$nic_b ]; then
+                    echo "PAGEPOOL-REMOVAL: run unplug: FAIL: \$nic_b still present"; rc=1
+                else
+                    echo "PAGEPOOL-REMOVAL: run unplug: \$nic_b gone from sysfs"
+                fi ;;
+        esac
+    done
+    kill \$ping_big \$ping_small 2>/dev/null
+    cat /tmp/ping-big.log /tmp/ping-small.log
+fi
+echo "----- guest dmesg -----"
+dmesg
+echo "----- end of guest dmesg -----"
+if [ \$rc -eq 0 ]; then
+    echo "PAGEPOOL-REMOVAL: PASS"
+else
+    echo "PAGEPOOL-REMOVAL: FAIL (a driver run or a removal check failed)"
+fi
+sync
+poweroff -f
+EOF
 else
 cat > "$rootfs/init" <<EOF
 #!/bin/sh
@@ -368,11 +524,119 @@ if [ "$mode" = e1000e ]; then
           -device e1000e,netdev=a,addr=02.0 -device e1000e,netdev=b,addr=03.0)
     mem_mib=1024
     hugepages=16
+elif [ "$mode" = e1000e-removal ]; then
+    # NIC A on the root bus; NIC B behind a hot-pluggable PCIe root port
+    # (01:00.0), unplugged by the guest's pciehp on QMP device_del (QEMU's
+    # ACPI hotplug for q35 is turned off, so the native path runs).
+    nics=(-netdev hubport,id=a,hubid=0 -netdev hubport,id=b,hubid=0
+          -device e1000e,netdev=a,addr=02.0
+          -device pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1,addr=04.0
+          -device e1000e,netdev=b,bus=rp1,id=nicb
+          -global ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off
+          -qmp "unix:$work/qmp.sock,server=on,wait=off")
+    mem_mib=1024
+    hugepages=16
 else
     nics=(-device e1000e,netdev=n0 -netdev user,id=n0,restrict=on
           -device e1000e,netdev=n1 -netdev user,id=n1,restrict=on)
     mem_mib=1536
     hugepages=80
+fi
+qmp_pid=
+qmp_result=$work/qmp.result
+if [ "$mode" = e1000e-removal ]; then
+    rm -f "$work/qmp.sock" "$qmp_result"
+    : > "$log"
+    # The QMP side of the hot-unplug: waits for the guest's "ready for
+    # device_del" line on the console, sends device_del, and times, on the
+    # host clock, the device request reaching the driver (its console line)
+    # and DEVICE_DELETED.
+    cat > "$work/qmp.py" <<'EOF'
+import json, os, select, socket, sys, time
+
+sock_path, console, result = sys.argv[1:4]
+READY = b"PAGEPOOL-REMOVAL: hot-unplug: ready for device_del"
+REQUEST = b"e1000e: removal: device request received"
+END = b"----- guest dmesg -----"
+
+def out(line):
+    with open(result, "a") as f:
+        f.write(line + "\n")
+    print("vmtest: qmp: " + line, file=sys.stderr, flush=True)
+
+deadline = time.monotonic() + 30
+while True:
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(sock_path)
+        break
+    except OSError:
+        s.close()
+        if time.monotonic() > deadline:
+            out("FAIL no QMP socket")
+            sys.exit(1)
+        time.sleep(0.1)
+buf = b""
+def messages(timeout):
+    global buf
+    r, _, _ = select.select([s], [], [], timeout)
+    if r:
+        data = s.recv(65536)
+        if not data:
+            raise EOFError
+        buf += data
+    while b"\n" in buf:
+        line, buf = buf.split(b"\n", 1)
+        if line.strip():
+            yield json.loads(line)
+def command(cmd):
+    s.sendall(json.dumps(cmd).encode() + b"\n")
+def console_has(text, pos):
+    with open(console, "rb") as f:
+        f.seek(pos)
+        data = f.read()
+    i = data.find(text)
+    return (pos + i if i >= 0 else None), pos + max(0, len(data) - len(text))
+
+command({"execute": "qmp_capabilities"})
+pos = 0
+try:
+    while True:
+        list(messages(0.05))
+        at, pos = console_has(READY, pos)
+        if at is not None:
+            pos = at
+            break
+        _, end_pos = console_has(END, 0)
+        if console_has(END, 0)[0] is not None:
+            out("SKIP the guest never asked for device_del")
+            sys.exit(0)
+    t0 = time.monotonic()
+    command({"execute": "device_del", "arguments": {"id": "nicb"}})
+    t_req = t_del = None
+    while t_del is None or t_req is None:
+        for m in messages(0.002):
+            if m.get("event") == "DEVICE_DELETED" and m.get("data", {}).get("device") == "nicb":
+                t_del = time.monotonic()
+            if "error" in m:
+                out("FAIL device_del: " + json.dumps(m["error"]))
+                sys.exit(1)
+        if t_req is None:
+            at, _ = console_has(REQUEST, pos)
+            if at is not None:
+                t_req = time.monotonic()
+        if time.monotonic() - t0 > 60:
+            break
+except EOFError:
+    pass
+if t_req is None or t_del is None:
+    out("FAIL device_del: request seen %s, DEVICE_DELETED seen %s" % (t_req is not None, t_del is not None))
+    sys.exit(1)
+out("UNPLUG device_del_to_request_ms=%.0f request_to_device_deleted_ms=%.0f device_del_to_device_deleted_ms=%.0f"
+    % ((t_req - t0) * 1e3, (t_del - t_req) * 1e3, (t_del - t0) * 1e3))
+EOF
+    python3 "$work/qmp.py" "$work/qmp.sock" "$log" "$qmp_result" &
+    qmp_pid=$!
 fi
 say "booting QEMU ($accel, timeout ${timeout_s}s), console log: $log"
 boot_started=$(date +%s)
@@ -386,6 +650,10 @@ timeout "$timeout_s" qemu-system-x86_64 \
     -append "console=ttyS0 intel_iommu=on iommu=strict panic=-1 hugepages=$hugepages" \
     </dev/null 2>&1 | tee "$log" || qemu_rc=$?
 finished=$(date +%s)
+if [ -n "$qmp_pid" ]; then
+    kill "$qmp_pid" 2>/dev/null || true
+    wait "$qmp_pid" 2>/dev/null || true
+fi
 
 # --- 6. Verdict. ---------------------------------------------------------------
 # Serial output carries \r\n; strip the \r before matching.
@@ -405,6 +673,30 @@ if ! grep -qx "$tag: PASS" "$clean"; then
 fi
 bad='WARNING:|BUG:|Oops|Kernel panic|general protection fault|Call Trace:|DMAR: \[DMA (Read|Write)|DMAR: DRHD: handling fault|^\[ *[0-9]+\.[0-9]+\] .*vfio.*(WARN|[Ee]rror|[Ff]ail)'
 checked=$clean
+if [ "$mode" = e1000e-removal ]; then
+    n_runs=$(wc -w <<< "$removal_runs")
+    started_runs=$(grep -cE "^$tag: run [a-z]+: starting\$" "$clean" || true)
+    if [ "$started_runs" -ne "$n_runs" ]; then
+        say "FAIL: $n_runs driver runs wanted, $started_runs started"
+        status=1
+    fi
+    # The figures, one line per removal, for scripts and for people.
+    grep -E '^e1000e: REMOVAL |^PAGEPOOL-REMOVAL: run [a-z]+: driver exit|^e1000e: DMA_AVAIL ' "$clean" >&2 || true
+    if grep -qw unplug <<< "$removal_runs"; then
+        unplug_line=$(grep '^UNPLUG ' "$qmp_result" 2>/dev/null || true)
+        if [ -z "$unplug_line" ]; then
+            say "FAIL: no QMP hot-unplug figures ($(cat "$qmp_result" 2>/dev/null || echo 'no result file'))"
+            status=1
+        else
+            ms=$(sed -E 's/.*request_to_device_deleted_ms=([0-9]+).*/\1/' <<< "$unplug_line")
+            say "QMP $unplug_line"
+            if [ "$ms" -ge 1000 ]; then
+                say "FAIL: DEVICE_DELETED came ${ms} ms after the request reached the driver (bound 1000 ms)"
+                status=1
+            fi
+        fi
+    fi
+fi
 if [ "$mode" = e1000e ]; then
     # Each driver run's unplug experiment makes NIC B (00:03.0) write to
     # IOVAs that are no longer mapped: those DMAR write faults are required

@@ -4,7 +4,8 @@
 //! ```text
 //! e1000e <bdf> [--peer IFACE] [--seconds S] [--tx-frames N] [--consumers N]
 //!              [--echo-pattern HEX] [--min-rx N] [--unplug-test] [--regions]
-//!              [--no-huge-tlb]
+//!              [--no-huge-tlb] [--await-removal remove|unbind|unplug]
+//!              [--ready-file PATH]
 //! ```
 //!
 //! - probe ([`nic::Nic::probe`]): VFIO device fd, BAR0, bus master, reset,
@@ -24,6 +25,13 @@
 //! - `--unplug-test` ([`unplug`]): between unbind and freeing the rings,
 //!   re-arm the receive ring at the old addresses to show what an unplug
 //!   race would do, and check the IOMMU refused it all.
+//! - `--await-removal KIND` ([`removal`]): the kernel decides when the
+//!   device goes. After `--seconds` of traffic the driver says it is ready
+//!   (and creates `--ready-file`), keeps the traffic going, and waits for
+//!   the VFIO device request; on it, remove runs as above and then closes
+//!   the device and the container at once, while consumers still hold
+//!   frames, and measures how long the kernel takes to finish (`remove`,
+//!   `unplug`: the device gone from sysfs; `unbind`: driverless).
 //!
 //! `--peer IFACE` names the kernel's netdev on the other end of the link:
 //! its MAC is checked as the source of every received frame, its
@@ -48,6 +56,8 @@ mod kmsg;
 mod nic;
 #[cfg(target_os = "linux")]
 mod regs;
+#[cfg(target_os = "linux")]
+mod removal;
 #[cfg(target_os = "linux")]
 mod unplug;
 
@@ -91,7 +101,8 @@ fn main() -> ExitCode {
 #[cfg(target_os = "linux")]
 const USAGE: &str = "usage: e1000e <bdf> [--peer IFACE] [--seconds S] [--tx-frames N] \
                      [--consumers N] [--echo-pattern HEX] [--min-rx N] [--unplug-test] \
-                     [--regions] [--no-huge-tlb]";
+                     [--regions] [--no-huge-tlb] [--await-removal remove|unbind|unplug] \
+                     [--ready-file PATH]";
 
 /// Command-line options.
 #[cfg(target_os = "linux")]
@@ -108,6 +119,11 @@ struct Args {
     regions: bool,
     /// Regions from transparent huge pages only, never reserved ones.
     no_huge_tlb: bool,
+    /// Wait for the kernel's device request instead of removing the device
+    /// at the end of `seconds`.
+    await_removal: Option<removal::RemovalKind>,
+    /// Created when the driver is ready for the removal.
+    ready_file: Option<String>,
 }
 
 #[cfg(target_os = "linux")]
@@ -124,6 +140,8 @@ impl Args {
             unplug_test: false,
             regions: false,
             no_huge_tlb: false,
+            await_removal: None,
+            ready_file: None,
         };
         fn value<T: std::str::FromStr>(
             it: &mut impl Iterator<Item = String>,
@@ -149,6 +167,8 @@ impl Args {
                     );
                 }
                 "--unplug-test" => args.unplug_test = true,
+                "--await-removal" => args.await_removal = Some(value(&mut it, "--await-removal")?),
+                "--ready-file" => args.ready_file = Some(value(&mut it, "--ready-file")?),
                 "--regions" => args.regions = true,
                 "--no-huge-tlb" => {
                     args.regions = true;
@@ -161,6 +181,9 @@ impl Args {
         }
         if args.bdf.is_empty() {
             return Err("the PCI address of the NIC (bound to vfio-pci) is missing".into());
+        }
+        if args.unplug_test && args.await_removal.is_some() {
+            return Err("--unplug-test and --await-removal exclude each other".into());
         }
         if args.consumers == 0 || !args.seconds.is_finite() || args.seconds <= 0.0 {
             return Err("--consumers and --seconds must be positive".into());
@@ -210,6 +233,7 @@ mod driver {
     use crate::frame::{build_tx, Expect, Mac};
     use crate::kmsg::Kmsg;
     use crate::nic::{Nic, RxQueue, TxQueue};
+    use crate::removal::{CountedDma, RequestWatch};
     use crate::{unplug, Args, Checks};
 
     /// NAPI budget: frames per poll.
@@ -218,6 +242,12 @@ mod driver {
     const RING_MAPPINGS: u32 = 2;
     /// Bound on waiting for the DMA engines to go quiet in remove.
     const STOP_BOUND: Duration = Duration::from_millis(200);
+    /// With `--await-removal`: how long to wait for the device request
+    /// after the driver said it was ready.
+    const REQUEST_BOUND: Duration = Duration::from_secs(60);
+    /// The kernel must finish the removal this soon after the request
+    /// reached the driver.
+    const REMOVAL_BOUND: Duration = Duration::from_secs(1);
 
     fn netdev_file(peer: &str, file: &str) -> Result<String, Box<dyn Error>> {
         let path = format!("/sys/class/net/{peer}/{file}");
@@ -326,6 +356,20 @@ mod driver {
         }
     }
 
+    /// The rest of remove: free the rings, bus mastering off; returns
+    /// `DMA_AVAIL` afterwards.
+    fn free_rings(
+        nic: &Nic,
+        rxq: &mut RxQueue,
+        txq: &mut TxQueue,
+        dma: &pagepool::vfio::VfioDma,
+    ) -> Result<u32, Box<dyn Error>> {
+        rxq.ring_mut().unmap()?;
+        txq.ring_mut().unmap()?;
+        nic.dev.set_bus_master(false)?;
+        Ok(dma.dma_avail()?)
+    }
+
     pub fn run(args: &Args) -> Result<Checks, Box<dyn Error>> {
         let mut checks = Checks::default();
         let mut kmsg = Kmsg::from_now().ok();
@@ -350,6 +394,26 @@ mod driver {
             info.link_wait,
             avail_start
         );
+        // The device request: armed before anything is mapped, so a
+        // removal at any time from here on reaches the driver.
+        let watch = match args.await_removal {
+            Some(_) => Some(RequestWatch::start(&nic.dev)?),
+            None => None,
+        };
+        let mut err_irq = nic.dev.error_notifier()?;
+        println!(
+            "e1000e: device request {}; PCI error interrupt {}",
+            if watch.is_some() {
+                "armed (eventfd, watched by a thread)"
+            } else {
+                "not armed (the driver removes the device itself)"
+            },
+            if err_irq.is_some() {
+                "armed"
+            } else {
+                "not offered by vfio-pci for this device"
+            }
+        );
         let mut rxq = RxQueue::new(&nic)?;
         let mut txq = TxQueue::new(&nic)?;
         let avail_rings = dma.dma_avail()?;
@@ -358,7 +422,8 @@ mod driver {
             format!("descriptor rings mapped: DMA_AVAIL {avail_start} -> {avail_rings}"),
         );
 
-        let device = Device::new(dma.clone());
+        let (counted, dma_calls) = CountedDma::new(dma.clone());
+        let device = Device::new(counted);
         // With --regions, each pool maps a 2 MiB region at a time and
         // carves its pages from it; the driver code is the same either way.
         let mode = |b| with_regions(b, args);
@@ -436,7 +501,32 @@ mod driver {
         let mut tx_seq = 0u64;
         let mut tx_alloc_failures = 0u64;
         let mut polls = 0u64;
-        while started.elapsed() < run_for {
+        let mut ready_at = None;
+        loop {
+            match &watch {
+                None if started.elapsed() >= run_for => break,
+                None => {}
+                Some(w) if w.fired() => break,
+                Some(_) if ready_at.is_none() && started.elapsed() >= run_for => {
+                    println!(
+                        "e1000e: removal: ready, traffic flowing, consumers holding {} frames; \
+                         waiting for the device request",
+                        shared.held.load(Ordering::Relaxed)
+                    );
+                    if let Some(path) = &args.ready_file {
+                        std::fs::write(path, "ready\n")?;
+                    }
+                    ready_at = Some(Instant::now());
+                }
+                Some(_) if ready_at.is_some_and(|t| t.elapsed() > REQUEST_BOUND) => {
+                    checks.check(
+                        false,
+                        format!("removal: no device request within {REQUEST_BOUND:?}"),
+                    );
+                    break;
+                }
+                Some(_) => {}
+            }
             polls += 1;
             let received = rxq.poll(BUDGET, &mut rx_pool, &nic, |page, len| {
                 dispatch.deliver(page, len)
@@ -557,6 +647,44 @@ mod driver {
                  before the pools mapped anything (only the driver's {RING_MAPPINGS} rings left)"
             ),
         );
+
+        let calls_at_unbind = dma_calls.load(Ordering::SeqCst);
+        let rx_distinct = rxq.distinct_posted() as u64;
+
+        // ---- kernel-driven removal: close everything now ----------------------
+        // The kernel waits for the device's fds; nothing below needs the
+        // device, so free the rings, drop every handle, then watch the
+        // kernel finish.
+        let mut hw = Some((nic, rxq, txq, dma));
+        let mut early_end = None;
+        if let (Some(kind), Some(w)) = (args.await_removal, &watch) {
+            let (nic, mut rxq, mut txq, dma) = hw.take().expect("not closed yet");
+            let avail_end = free_rings(&nic, &mut rxq, &mut txq, &dma)?;
+            let bdf = nic.dev.bdf().to_owned();
+            drop((nic, rxq, txq, dma));
+            drop(err_irq.take());
+            let fired = w.fired_at();
+            if let Some((at, signals)) = fired {
+                let closed = at.elapsed();
+                let done = kind.wait_done(&bdf, at, Duration::from_secs(5));
+                println!(
+                    "e1000e: REMOVAL kind={kind:?} request_to_closed_ms={:.1} \
+                     request_to_kernel_done_ms={} signals={signals} held_at_unbind={held_at_unbind}",
+                    closed.as_secs_f64() * 1e3,
+                    done.map_or("timeout".to_owned(), |d| format!("{:.1}", d.as_secs_f64() * 1e3))
+                );
+                checks.check(
+                    done.is_some_and(|d| d < REMOVAL_BOUND),
+                    format!(
+                        "removal ({kind:?}): the kernel finished {} after the request reached \
+                         the driver (bound {REMOVAL_BOUND:?}); device, BAR, rings, pools' \
+                         mappings and container all closed {closed:?} after it",
+                        done.map_or("not within 5 s".to_owned(), |d| format!("{d:?}"))
+                    ),
+                );
+            }
+            early_end = Some(avail_end);
+        }
 
         // ---- what happened -------------------------------------------------
         let seconds = started.elapsed().as_secs_f64();
@@ -684,7 +812,6 @@ mod driver {
             (Some(rx), Some(tx)) => pages_carved_ever(rx) + pages_carved_ever(tx),
             _ => map_calls,
         };
-        let rx_distinct = rxq.distinct_posted() as u64;
         println!(
             "e1000e: pages recycled: {} through the RX pool's ring (dropped by consumers), {} \
              straight into the TX cache on completion; {} frames received into {} RX+TX pages \
@@ -713,11 +840,11 @@ mod driver {
 
         // ---- the unplug experiment -------------------------------------------
         let mut outcome = None;
-        if args.unplug_test {
+        if let (true, Some((nic, rxq, _, _))) = (args.unplug_test, &mut hw) {
             let kmsg = kmsg.as_mut().expect("opened above");
             outcome = Some(unplug::run(
-                &nic,
-                &mut rxq,
+                nic,
+                rxq,
                 &dispatch.senders,
                 &freed,
                 kmsg,
@@ -726,10 +853,11 @@ mod driver {
         }
 
         // ---- the rest of remove: free the rings, bus mastering off -------------
-        rxq.ring_mut().unmap()?;
-        txq.ring_mut().unmap()?;
-        nic.dev.set_bus_master(false)?;
-        let avail_end = dma.dma_avail()?;
+        let avail_end = match (&mut hw, early_end) {
+            (Some((nic, rxq, txq, dma)), _) => free_rings(nic, rxq, txq, dma)?,
+            (None, Some(avail_end)) => avail_end,
+            (None, None) => unreachable!("closed early only with its DMA_AVAIL"),
+        };
         checks.check(
             avail_end == avail_start,
             format!(
@@ -738,8 +866,36 @@ mod driver {
             ),
         );
 
+        // ---- consumers still hold valid frames ------------------------------------
+        if hw.is_none() {
+            let mut held = 0;
+            let mut as_bytes = 0;
+            let mut unchanged = 0;
+            for tx in &dispatch.senders {
+                let (reply, report) = std::sync::mpsc::channel();
+                if tx.send(Msg::Freeze(reply)).is_ok() {
+                    if let Ok(r) = report.recv_timeout(Duration::from_secs(2)) {
+                        held += r.held;
+                        as_bytes += r.as_bytes;
+                        unchanged += r.unchanged_since_receipt;
+                    }
+                }
+            }
+            println!(
+                "e1000e: REMOVAL held_frames={held} held_as_bytes={as_bytes} \
+                 unchanged={unchanged}"
+            );
+            checks.check(
+                held > 0 && as_bytes > 0 && unchanged == held,
+                format!(
+                    "after the device and container were closed, consumers read the {held} \
+                     frames they hold ({as_bytes} as Bytes): {unchanged} unchanged since receipt"
+                ),
+            );
+        }
+
         // ---- consumers drop what they held: no VFIO call ----------------------
-        let vfio_before = dma.stats();
+        let vfio_before = hw.as_ref().map(|(_, _, _, dma)| dma.stats());
         let held = shared.held.load(Ordering::Relaxed);
         for tx in &dispatch.senders {
             let _ = tx.send(Msg::Release);
@@ -750,17 +906,36 @@ mod driver {
         drop(rx_pool);
         drop(tx_pool);
         drop(device);
-        let vfio_after = dma.stats();
-        print_vfio("before the drops", &vfio_before);
-        print_vfio("after", &vfio_after);
+        if let (Some(vfio_before), Some((_, _, _, dma))) = (vfio_before, &hw) {
+            let vfio_after = dma.stats();
+            print_vfio("before the drops", &vfio_before);
+            print_vfio("after", &vfio_after);
+            checks.check(
+                vfio_after == vfio_before,
+                format!(
+                    "consumers dropped their {held} pages on their threads, the pools and the \
+                     Device were dropped: no VFIO call (ioctls {} -> {})",
+                    vfio_before.ioctls, vfio_after.ioctls
+                ),
+            );
+        }
+        let calls_after = dma_calls.load(Ordering::SeqCst) - calls_at_unbind;
+        println!("e1000e: REMOVAL dma_ops_calls_after_unbind={calls_after}");
         checks.check(
-            vfio_after == vfio_before,
+            calls_after == 0,
             format!(
-                "consumers dropped their {held} pages on their threads, the pools and the \
-                 Device were dropped: no VFIO call (ioctls {} -> {})",
-                vfio_before.ioctls, vfio_after.ioctls
+                "no DmaOps call after unbind returned ({calls_after}), the {held} held pages \
+                 dropped and the pools and Device dropped included"
             ),
         );
+        if let Some(w) = watch {
+            let later = w.later_signals();
+            w.stop()?;
+            checks.check(
+                later == 0,
+                format!("the device request came once ({later} repeats)"),
+            );
+        }
 
         // ---- summary --------------------------------------------------------
         println!(
