@@ -346,6 +346,19 @@ nic_b=0000:01:00.0
 bind_b() {
     echo vfio-pci > /sys/bus/pci/devices/\$nic_b/driver_override
     echo \$nic_b > /sys/bus/pci/drivers_probe
+    # The group's node must be there before the driver opens it.
+    g=\$(basename \$(readlink /sys/bus/pci/devices/\$nic_b/iommu_group))
+    i=0
+    while [ ! -e /dev/vfio/\$g ] && [ \$i -lt 30 ]; do
+        sleep 0.1; i=\$((i + 1))
+    done
+    if [ ! -e /dev/vfio/\$g ] && [ -e /sys/class/vfio/\$g/dev ]; then
+        # The group number came back (the old group had the same one) and
+        # devtmpfs lost the node: make it from the class device.
+        echo "PAGEPOOL-REMOVAL: /dev/vfio/\$g missing after 3 s; making it from /sys/class/vfio/\$g/dev (\$(cat /sys/class/vfio/\$g/dev))"
+        mknod /dev/vfio/\$g c \$(cut -d: -f1 /sys/class/vfio/\$g/dev) \$(cut -d: -f2 /sys/class/vfio/\$g/dev)
+    fi
+    echo "PAGEPOOL-REMOVAL: \$nic_b bound to \$(basename \$(readlink /sys/bus/pci/devices/\$nic_b/driver 2>/dev/null) 2>/dev/null), group \$g, /dev/vfio: \$(ls /dev/vfio | tr '\\n' ' ')"
 }
 if [ -e /sys/bus/pci/devices/\$nic_b/driver ]; then
     echo \$nic_b > /sys/bus/pci/devices/\$nic_b/driver/unbind

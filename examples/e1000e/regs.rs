@@ -55,6 +55,40 @@ pub const RDLEN: usize = 0x2808;
 pub const RDH: usize = 0x2810;
 pub const RDT: usize = 0x2818;
 
+/// Receive descriptor ring of queue 1 (the 82574's second queue).
+pub const RDBAL1: usize = 0x2900;
+pub const RDBAH1: usize = 0x2904;
+pub const RDLEN1: usize = 0x2908;
+pub const RDH1: usize = 0x2910;
+pub const RDT1: usize = 0x2918;
+
+/// Receive Checksum Control; Packet Checksum Disable, which RSS needs (the
+/// descriptor's checksum field then carries the RSS hash).
+pub const RXCSUM: usize = 0x5000;
+pub const RXCSUM_PCSD: u32 = 1 << 13;
+/// Receive Filter Control; Extended Status Enable: extended receive
+/// descriptors, which RSS needs.
+pub const RFCTL: usize = 0x5008;
+pub const RFCTL_EXTEN: u32 = 1 << 15;
+/// Multiple Receive Queues Command: bits 0-1 = 01 enable RSS; the hash
+/// fields: IPv4 with TCP, IPv4, IPv6 with TCP, IPv6.
+pub const MRQC: usize = 0x5818;
+pub const MRQC_RSS: u32 = 1;
+pub const MRQC_TCP_IPV4: u32 = 1 << 16;
+pub const MRQC_IPV4: u32 = 1 << 17;
+pub const MRQC_TCP_IPV6: u32 = 1 << 18;
+pub const MRQC_IPV6: u32 = 1 << 20;
+/// Redirection table: 128 one-byte entries (32 registers); bit 7 of the
+/// entry picked by the hash's low 7 bits is the queue.
+pub const RETA: usize = 0x5C00;
+/// RSS random key: 40 bytes (10 registers).
+pub const RSSRK: usize = 0x5C80;
+
+/// Extended RX descriptor write-back: status/errors word at byte 8 (DD and
+/// EOP as in the legacy one, frame errors in bits 24-31), length at byte
+/// 12, RSS type (bits 0-3) at byte 0, RSS hash at byte 4.
+pub const RXDEXT_ERR_FRAME: u32 = 0x9700_0000;
+
 /// Transmit descriptor ring: base low/high, length in bytes, head, tail.
 pub const TDBAL: usize = 0x3800;
 pub const TDBAH: usize = 0x3804;
