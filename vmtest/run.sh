@@ -387,6 +387,14 @@ else
     ping_big=\$!
     ping -6 -q -I \$ifname -i 0.02 -s 56 -p a5 ff02::1 >/tmp/ping-small.log 2>&1 &
     ping_small=\$!
+    # More flows for RSS to spread over the two receive queues: the IPv6
+    # hash covers source and destination, so each multicast group is a
+    # flow of its own.
+    flows=
+    for g in 2 3 4 5 6 7 8 9; do
+        ping -6 -q -I \$ifname -i 0.05 -s 200 -p a5 ff02::\$g >/dev/null 2>&1 &
+        flows="\$flows \$!"
+    done
     requests() { dmesg | grep -c 'Relaying device request to user'; }
     rc=0
     for run in $removal_runs; do
@@ -397,12 +405,12 @@ else
         before=\$(requests)
         if [ \$run = driver ]; then
             /bin/e1000e \$nic_b --peer \$ifname --echo-pattern a5 --seconds $removal_seconds \
-                --tx-frames 500 --min-rx 100 ${VMTEST_ARGS:-}
+                --tx-frames 500 --min-rx 100 --queues 2 ${VMTEST_ARGS:-}
             run_rc=\$?
         else
             rm -f /tmp/ready
             /bin/e1000e \$nic_b --peer \$ifname --echo-pattern a5 --seconds $removal_seconds \
-                --tx-frames 500 --min-rx 100 --await-removal \$run --ready-file /tmp/ready \
+                --tx-frames 500 --min-rx 100 --queues 2 --await-removal \$run --ready-file /tmp/ready \
                 ${VMTEST_ARGS:-} &
             drv=\$!
             i=0
@@ -461,7 +469,7 @@ else
                 fi ;;
         esac
     done
-    kill \$ping_big \$ping_small 2>/dev/null
+    kill \$ping_big \$ping_small \$flows 2>/dev/null
     cat /tmp/ping-big.log /tmp/ping-small.log
 fi
 echo "----- guest dmesg -----"

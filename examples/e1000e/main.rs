@@ -5,7 +5,7 @@
 //! e1000e <bdf> [--peer IFACE] [--seconds S] [--tx-frames N] [--consumers N]
 //!              [--echo-pattern HEX] [--min-rx N] [--unplug-test] [--regions]
 //!              [--no-huge-tlb] [--await-removal remove|unbind|unplug]
-//!              [--ready-file PATH]
+//!              [--ready-file PATH] [--queues 1|2]
 //! ```
 //!
 //! - probe ([`nic::Nic::probe`]): VFIO device fd, BAR0, bus master, reset,
@@ -102,7 +102,7 @@ fn main() -> ExitCode {
 const USAGE: &str = "usage: e1000e <bdf> [--peer IFACE] [--seconds S] [--tx-frames N] \
                      [--consumers N] [--echo-pattern HEX] [--min-rx N] [--unplug-test] \
                      [--regions] [--no-huge-tlb] [--await-removal remove|unbind|unplug] \
-                     [--ready-file PATH]";
+                     [--ready-file PATH] [--queues 1|2]";
 
 /// Command-line options.
 #[cfg(target_os = "linux")]
@@ -124,6 +124,8 @@ struct Args {
     await_removal: Option<removal::RemovalKind>,
     /// Created when the driver is ready for the removal.
     ready_file: Option<String>,
+    /// Receive queues: 1, or 2 with RSS spreading flows over them.
+    queues: usize,
 }
 
 #[cfg(target_os = "linux")]
@@ -142,6 +144,7 @@ impl Args {
             no_huge_tlb: false,
             await_removal: None,
             ready_file: None,
+            queues: 1,
         };
         fn value<T: std::str::FromStr>(
             it: &mut impl Iterator<Item = String>,
@@ -169,6 +172,7 @@ impl Args {
                 "--unplug-test" => args.unplug_test = true,
                 "--await-removal" => args.await_removal = Some(value(&mut it, "--await-removal")?),
                 "--ready-file" => args.ready_file = Some(value(&mut it, "--ready-file")?),
+                "--queues" => args.queues = value(&mut it, "--queues")?,
                 "--regions" => args.regions = true,
                 "--no-huge-tlb" => {
                     args.regions = true;
@@ -181,6 +185,12 @@ impl Args {
         }
         if args.bdf.is_empty() {
             return Err("the PCI address of the NIC (bound to vfio-pci) is missing".into());
+        }
+        if !(1..=2).contains(&args.queues) {
+            return Err("--queues: the 82574 has 1 or 2 receive queues".into());
+        }
+        if args.unplug_test && args.queues != 1 {
+            return Err("--unplug-test re-arms queue 0 only: use it with --queues 1".into());
         }
         if args.unplug_test && args.await_removal.is_some() {
             return Err("--unplug-test and --await-removal exclude each other".into());
@@ -232,13 +242,14 @@ mod driver {
     use crate::consumer::{self, HoldPolicy, Msg, RxBuf, RxFrame};
     use crate::frame::{build_tx, Expect, Mac};
     use crate::kmsg::Kmsg;
-    use crate::nic::{Nic, RxQueue, TxQueue};
+    use crate::nic::{Nic, RxQueue, RxStats, TxQueue};
     use crate::removal::{CountedDma, RequestWatch};
     use crate::{unplug, Args, Checks};
 
     /// NAPI budget: frames per poll.
     const BUDGET: usize = 64;
-    /// Descriptor rings mapped by the driver itself (RX and TX).
+    /// Descriptor rings mapped by the driver itself with one receive queue
+    /// (RX and TX); a second receive queue adds one.
     const RING_MAPPINGS: u32 = 2;
     /// Bound on waiting for the DMA engines to go quiet in remove.
     const STOP_BOUND: Duration = Duration::from_millis(200);
@@ -361,10 +372,14 @@ mod driver {
     fn free_rings(
         nic: &Nic,
         rxq: &mut RxQueue,
+        rxq1: Option<&mut RxQueue>,
         txq: &mut TxQueue,
         dma: &pagepool::vfio::VfioDma,
     ) -> Result<u32, Box<dyn Error>> {
         rxq.ring_mut().unmap()?;
+        if let Some(q) = rxq1 {
+            q.ring_mut().unmap()?;
+        }
         txq.ring_mut().unmap()?;
         nic.dev.set_bus_master(false)?;
         Ok(dma.dma_avail()?)
@@ -414,11 +429,22 @@ mod driver {
                 "not offered by vfio-pci for this device"
             }
         );
-        let mut rxq = RxQueue::new(&nic)?;
+        // Two queues: RSS on (extended descriptors), both rings programmed.
+        let rss = args.queues == 2;
+        if rss {
+            nic.enable_rss();
+        }
+        let ring_mappings = RING_MAPPINGS + u32::from(rss);
+        let mut rxq = RxQueue::new(&nic, 0, rss)?;
+        let mut rxq1 = if rss {
+            Some(RxQueue::new(&nic, 1, rss)?)
+        } else {
+            None
+        };
         let mut txq = TxQueue::new(&nic)?;
         let avail_rings = dma.dma_avail()?;
         checks.check(
-            avail_rings == avail_start - RING_MAPPINGS,
+            avail_rings == avail_start - ring_mappings,
             format!("descriptor rings mapped: DMA_AVAIL {avail_start} -> {avail_rings}"),
         );
 
@@ -443,6 +469,19 @@ mod driver {
             .cache_size(128)
             .refill_batch(BUDGET)
             .build()?;
+        // Queue 1's own pool, on the same Device.
+        let mut rx_pool1: Option<PagePool> = if rss {
+            Some(
+                mode(device.pool_builder())
+                    .direction(DmaDirection::FromDevice)
+                    .ring_size(1024)
+                    .cache_size(128)
+                    .refill_batch(BUDGET)
+                    .build()?,
+            )
+        } else {
+            None
+        };
         let mut tx_pool: PagePool = mode(device.pool_builder())
             .direction(DmaDirection::ToDevice)
             .ring_size(256)
@@ -479,6 +518,15 @@ mod driver {
 
         // ---- up ------------------------------------------------------------
         rxq.refill(&mut rx_pool, &nic);
+        // Queue 1 delivers to the same consumers, starting one further on.
+        let mut dispatch1 = Dispatch {
+            senders: dispatch.senders.clone(),
+            next: 1,
+            dropped: 0,
+        };
+        if let (Some(q), Some(p)) = (&mut rxq1, &mut rx_pool1) {
+            q.refill(p, &nic);
+        }
         nic.enable_rx();
         nic.enable_tx();
         let peer_before = match &args.peer {
@@ -502,66 +550,109 @@ mod driver {
         let mut tx_alloc_failures = 0u64;
         let mut polls = 0u64;
         let mut ready_at = None;
-        loop {
-            match &watch {
-                None if started.elapsed() >= run_for => break,
-                None => {}
-                Some(w) if w.fired() => break,
-                Some(_) if ready_at.is_none() && started.elapsed() >= run_for => {
-                    println!(
+        // Queue 1 (with --queues 2) runs on a thread of its own, with its own
+        // pool, until the main loop (queue 0 and transmit) stops it.
+        let stop1 = std::sync::atomic::AtomicBool::new(false);
+        let mut polls1 = 0u64;
+        let nic_ref = &nic;
+        let loop_result = thread::scope(|scope| {
+            let q1 = match (rxq1.take(), rx_pool1.take()) {
+                (Some(mut q), Some(mut p)) => {
+                    let (stop, d) = (&stop1, &mut dispatch1);
+                    Some(
+                        thread::Builder::new()
+                            .name("rx-queue-1".into())
+                            .spawn_scoped(scope, move || {
+                                let mut n = 0u64;
+                                while !stop.load(Ordering::Acquire) {
+                                    n += 1;
+                                    let got = q.poll(BUDGET, &mut p, nic_ref, |page, len| {
+                                        d.deliver(page, len)
+                                    });
+                                    if got == 0 {
+                                        sleep(Duration::from_micros(200));
+                                    }
+                                }
+                                (q, p, n)
+                            })
+                            .expect("spawn the queue-1 thread"),
+                    )
+                }
+                _ => None,
+            };
+            let result = (|| -> Result<(), Box<dyn Error>> {
+                loop {
+                    match &watch {
+                        None if started.elapsed() >= run_for => break,
+                        None => {}
+                        Some(w) if w.fired() => break,
+                        Some(_) if ready_at.is_none() && started.elapsed() >= run_for => {
+                            println!(
                         "e1000e: removal: ready, traffic flowing, consumers holding {} frames; \
                          waiting for the device request",
                         shared.held.load(Ordering::Relaxed)
                     );
-                    if let Some(path) = &args.ready_file {
-                        std::fs::write(path, "ready\n")?;
+                            if let Some(path) = &args.ready_file {
+                                std::fs::write(path, "ready\n")?;
+                            }
+                            ready_at = Some(Instant::now());
+                        }
+                        Some(_) if ready_at.is_some_and(|t| t.elapsed() > REQUEST_BOUND) => {
+                            checks.check(
+                                false,
+                                format!("removal: no device request within {REQUEST_BOUND:?}"),
+                            );
+                            break;
+                        }
+                        Some(_) => {}
                     }
-                    ready_at = Some(Instant::now());
-                }
-                Some(_) if ready_at.is_some_and(|t| t.elapsed() > REQUEST_BOUND) => {
-                    checks.check(
-                        false,
-                        format!("removal: no device request within {REQUEST_BOUND:?}"),
-                    );
-                    break;
-                }
-                Some(_) => {}
-            }
-            polls += 1;
-            let received = rxq.poll(BUDGET, &mut rx_pool, &nic, |page, len| {
-                dispatch.deliver(page, len)
-            });
-            txq.clean(&mut tx_pool);
-            if let Some(capture) = &mut capture {
-                capture.drain();
-            }
-            let due = (args.tx_frames as f64
-                * (started.elapsed().as_secs_f64() / tx_window.as_secs_f64()).min(1.0))
-                as u64;
-            let mut posted = 0;
-            while tx_seq < due && txq.free() > 0 && posted < 16 {
-                let mut page = match tx_pool.alloc() {
-                    Ok(page) => page,
-                    Err(_) => {
-                        tx_alloc_failures += 1;
-                        break;
+                    polls += 1;
+                    let received = rxq.poll(BUDGET, &mut rx_pool, &nic, |page, len| {
+                        dispatch.deliver(page, len)
+                    });
+                    txq.clean(&mut tx_pool);
+                    if let Some(capture) = &mut capture {
+                        capture.drain();
                     }
-                };
-                let len = build_tx(page.as_mut_slice(), nic.mac, tx_seq);
-                page.sync_for_device(0..len)?;
-                if txq.post(page, len).is_err() {
-                    break;
+                    let due = (args.tx_frames as f64
+                        * (started.elapsed().as_secs_f64() / tx_window.as_secs_f64()).min(1.0))
+                        as u64;
+                    let mut posted = 0;
+                    while tx_seq < due && txq.free() > 0 && posted < 16 {
+                        let mut page = match tx_pool.alloc() {
+                            Ok(page) => page,
+                            Err(_) => {
+                                tx_alloc_failures += 1;
+                                break;
+                            }
+                        };
+                        let len = build_tx(page.as_mut_slice(), nic.mac, tx_seq);
+                        page.sync_for_device(0..len)?;
+                        if txq.post(page, len).is_err() {
+                            break;
+                        }
+                        tx_seq += 1;
+                        posted += 1;
+                    }
+                    if posted > 0 {
+                        txq.kick(&nic);
+                    }
+                    if received == 0 && posted == 0 {
+                        sleep(Duration::from_micros(200));
+                    }
                 }
-                tx_seq += 1;
-                posted += 1;
+                Ok(())
+            })();
+            stop1.store(true, Ordering::Release);
+            if let Some(h) = q1 {
+                let (q, p, n) = h.join().expect("queue-1 thread");
+                rxq1 = Some(q);
+                rx_pool1 = Some(p);
+                polls1 = n;
             }
-            if posted > 0 {
-                txq.kick(&nic);
-            }
-            if received == 0 && posted == 0 {
-                sleep(Duration::from_micros(200));
-            }
-        }
+            result
+        });
+        loop_result?;
 
         // ---- remove, while traffic flows and consumers hold pages -------------
         match nic.stop_dma(STOP_BOUND) {
@@ -578,9 +669,12 @@ mod driver {
         }
         // Frames the device finished before it stopped still go up (no
         // refill: the ring stays empty from here on).
-        let tail = rxq.clean(usize::MAX, &mut rx_pool, |page, len| {
+        let mut tail = rxq.clean(usize::MAX, &mut rx_pool, |page, len| {
             dispatch.deliver(page, len)
         });
+        if let (Some(q), Some(p)) = (&mut rxq1, &mut rx_pool1) {
+            tail += q.clean(usize::MAX, p, |page, len| dispatch1.deliver(page, len));
+        }
         txq.clean(&mut tx_pool);
         // The buffers the device owned come back to the driver, then to
         // their pools, in bulk. Their device addresses are kept for the
@@ -588,14 +682,28 @@ mod driver {
         let armed = rxq.take_armed();
         let freed: Vec<DmaAddr> = armed.iter().map(|p| p.dma_addr()).collect();
         put_bulk(armed);
+        if let Some(q) = &mut rxq1 {
+            put_bulk(q.take_armed());
+        }
         put_bulk(txq.take_pending());
         let (device_rx, device_tx) = nic.take_packet_counters();
-        let rx_stats = rxq.stats;
+        let queue_stats: Vec<RxStats> = std::iter::once(rxq.stats)
+            .chain(rxq1.as_ref().map(|q| q.stats))
+            .collect();
+        let rx_stats = queue_stats.iter().fold(RxStats::default(), |a, q| RxStats {
+            frames: a.frames + q.frames,
+            bytes: a.bytes + q.bytes,
+            bad_descriptors: a.bad_descriptors + q.bad_descriptors,
+            alloc_failures: a.alloc_failures + q.alloc_failures,
+            posted: a.posted + q.posted,
+            rss_hashed: a.rss_hashed + q.rss_hashed,
+        });
         let tx_stats = txq.stats;
         let held_at_unbind = shared.held.load(Ordering::Relaxed);
         let vfio_before_unbind = dma.stats();
         let avail_pools = dma.dma_avail()?;
         let rx_regions = rx_pool.info().regions;
+        let rx1_regions = rx_pool1.as_ref().and_then(|p| p.info().regions);
         let tx_regions = tx_pool.info().regions;
         let report = device.unbind()?;
         let vfio_after_unbind = dma.stats();
@@ -608,7 +716,9 @@ mod driver {
         if let (Some(rx), Some(tx)) = (&rx_regions, &tx_regions) {
             print_regions("RX", rx);
             print_regions("TX", tx);
-            let mapped = rx.regions_mapped + tx.regions_mapped;
+            let mapped = rx.regions_mapped
+                + tx.regions_mapped
+                + rx1_regions.as_ref().map_or(0, |r| r.regions_mapped);
             checks.check(
                 report.regions_unmapped as u64 == mapped
                     && unbind_unmapped == mapped
@@ -644,24 +754,25 @@ mod driver {
             avail_unbound == avail_rings,
             format!(
                 "after unbind returned: DMA_AVAIL {avail_unbound} = {avail_rings}, its value \
-                 before the pools mapped anything (only the driver's {RING_MAPPINGS} rings left)"
+                 before the pools mapped anything (only the driver's {ring_mappings} rings left)"
             ),
         );
 
         let calls_at_unbind = dma_calls.load(Ordering::SeqCst);
-        let rx_distinct = rxq.distinct_posted() as u64;
+        let rx_distinct =
+            (rxq.distinct_posted() + rxq1.as_ref().map_or(0, |q| q.distinct_posted())) as u64;
 
         // ---- kernel-driven removal: close everything now ----------------------
         // The kernel waits for the device's fds; nothing below needs the
         // device, so free the rings, drop every handle, then watch the
         // kernel finish.
-        let mut hw = Some((nic, rxq, txq, dma));
+        let mut hw = Some((nic, rxq, rxq1, txq, dma));
         let mut early_end = None;
         if let (Some(kind), Some(w)) = (args.await_removal, &watch) {
-            let (nic, mut rxq, mut txq, dma) = hw.take().expect("not closed yet");
-            let avail_end = free_rings(&nic, &mut rxq, &mut txq, &dma)?;
+            let (nic, mut rxq, mut rxq1, mut txq, dma) = hw.take().expect("not closed yet");
+            let avail_end = free_rings(&nic, &mut rxq, rxq1.as_mut(), &mut txq, &dma)?;
             let bdf = nic.dev.bdf().to_owned();
-            drop((nic, rxq, txq, dma));
+            drop((nic, rxq, rxq1, txq, dma));
             drop(err_irq.take());
             let fired = w.fired_at();
             if let Some((at, signals)) = fired {
@@ -695,7 +806,7 @@ mod driver {
             rx_stats.bytes,
             polls,
             tail,
-            dispatch.dropped,
+            dispatch.dropped + dispatch1.dropped,
             rx_stats.bad_descriptors,
             rx_stats.alloc_failures
         );
@@ -718,6 +829,35 @@ mod driver {
                 rx_stats.frames, args.min_rx
             ),
         );
+        if rss {
+            for (i, q) in queue_stats.iter().enumerate() {
+                println!(
+                    "e1000e: QUEUE {i} frames={} bytes={} rss_hashed={} polls={} \
+                     bad_descriptors={} refill_failures={}",
+                    q.frames,
+                    q.bytes,
+                    q.rss_hashed,
+                    if i == 0 { polls } else { polls1 },
+                    q.bad_descriptors,
+                    q.alloc_failures
+                );
+            }
+            checks.check(
+                queue_stats
+                    .iter()
+                    .all(|q| q.frames >= 10 && q.rss_hashed > 0),
+                format!(
+                    "RSS spread the flows over both queues, each on its own pool and thread: {} \
+                     frames",
+                    queue_stats
+                        .iter()
+                        .enumerate()
+                        .map(|(i, q)| format!("queue {i}: {} ({} hashed)", q.frames, q.rss_hashed))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        }
         checks.check(
             tx_stats.frames == args.tx_frames && u64::from(device_tx) == tx_stats.frames,
             format!(
@@ -767,7 +907,7 @@ mod driver {
         }
         // Consumers have checked every frame handed to them by now (give
         // them a moment for the last few).
-        let delivered = rx_stats.frames - dispatch.dropped;
+        let delivered = rx_stats.frames - dispatch.dropped - dispatch1.dropped;
         let deadline = Instant::now() + Duration::from_secs(2);
         while shared.frames.load(Ordering::Relaxed) < delivered && Instant::now() < deadline {
             sleep(Duration::from_millis(5));
@@ -804,8 +944,11 @@ mod driver {
         let rx_pool_stats = rx_pool.stats();
         let tx_pool_stats = tx_pool.stats();
         print_pool("RX", &rx_pool_stats);
+        if let Some(p) = &rx_pool1 {
+            print_pool("RX queue 1", &p.stats());
+        }
         print_pool("TX", &tx_pool_stats);
-        let map_calls = vfio_before_unbind.map_calls - u64::from(RING_MAPPINGS);
+        let map_calls = vfio_before_unbind.map_calls - u64::from(ring_mappings);
         // Page by page, every MAP_DMA is one page; with regions, every one
         // is a region of 512 pages, most of which may never leave the pool.
         let rx_mapped_total = match (&rx_regions, &tx_regions) {
@@ -840,7 +983,7 @@ mod driver {
 
         // ---- the unplug experiment -------------------------------------------
         let mut outcome = None;
-        if let (true, Some((nic, rxq, _, _))) = (args.unplug_test, &mut hw) {
+        if let (true, Some((nic, rxq, _, _, _))) = (args.unplug_test, &mut hw) {
             let kmsg = kmsg.as_mut().expect("opened above");
             outcome = Some(unplug::run(
                 nic,
@@ -854,7 +997,7 @@ mod driver {
 
         // ---- the rest of remove: free the rings, bus mastering off -------------
         let avail_end = match (&mut hw, early_end) {
-            (Some((nic, rxq, txq, dma)), _) => free_rings(nic, rxq, txq, dma)?,
+            (Some((nic, rxq, rxq1, txq, dma)), _) => free_rings(nic, rxq, rxq1.as_mut(), txq, dma)?,
             (None, Some(avail_end)) => avail_end,
             (None, None) => unreachable!("closed early only with its DMA_AVAIL"),
         };
@@ -895,7 +1038,7 @@ mod driver {
         }
 
         // ---- consumers drop what they held: no VFIO call ----------------------
-        let vfio_before = hw.as_ref().map(|(_, _, _, dma)| dma.stats());
+        let vfio_before = hw.as_ref().map(|(_, _, _, _, dma)| dma.stats());
         let held = shared.held.load(Ordering::Relaxed);
         for tx in &dispatch.senders {
             let _ = tx.send(Msg::Release);
@@ -904,9 +1047,10 @@ mod driver {
             t.join().map_err(|_| "a consumer thread panicked")?;
         }
         drop(rx_pool);
+        drop(rx_pool1);
         drop(tx_pool);
         drop(device);
-        if let (Some(vfio_before), Some((_, _, _, dma))) = (vfio_before, &hw) {
+        if let (Some(vfio_before), Some((_, _, _, _, dma))) = (vfio_before, &hw) {
             let vfio_after = dma.stats();
             print_vfio("before the drops", &vfio_before);
             print_vfio("after", &vfio_after);

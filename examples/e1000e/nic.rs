@@ -391,8 +391,6 @@ pub struct RxStats {
 /// the page held in the slot and belongs to the device; `RDT == ntu`. At
 /// most `RING_LEN - 1` are armed, so head == tail always means "empty".
 pub struct RxQueue {
-    /// Which of the device's receive queues (0 or 1).
-    pub index: usize,
     regs: &'static RingRegs,
     /// Extended descriptors (RSS) instead of legacy ones.
     extended: bool,
@@ -415,7 +413,6 @@ impl RxQueue {
         let ring = CoherentPage::new(nic.dev.dma()).map_err(ProbeError::RingMap)?;
         program_ring(nic, &ring, regs);
         Ok(Self {
-            index,
             regs,
             extended,
             ring,
