@@ -345,6 +345,13 @@ nic_a=0000:00:02.0
 nic_b=0000:01:00.0
 bind_b() {
     echo vfio-pci > /sys/bus/pci/devices/\$nic_b/driver_override
+    # A rescan probes the new device at once, whatever drivers_autoprobe
+    # says: the kernel's e1000e may hold it. Take it back.
+    d=\$(basename \$(readlink /sys/bus/pci/devices/\$nic_b/driver 2>/dev/null) 2>/dev/null)
+    if [ -n "\$d" ] && [ "\$d" != vfio-pci ]; then
+        echo "PAGEPOOL-REMOVAL: \$nic_b came back bound to \$d: unbinding it"
+        echo \$nic_b > /sys/bus/pci/devices/\$nic_b/driver/unbind
+    fi
     echo \$nic_b > /sys/bus/pci/drivers_probe
     # The group's node must be there before the driver opens it.
     g=\$(basename \$(readlink /sys/bus/pci/devices/\$nic_b/iommu_group))
@@ -451,14 +458,12 @@ else
         # Give the device back to vfio-pci for the next run.
         case \$run in
             remove)
-                echo 0 > /sys/bus/pci/drivers_autoprobe
                 echo 1 > /sys/bus/pci/rescan
                 i=0
                 while [ ! -e /sys/bus/pci/devices/\$nic_b ] && [ \$i -lt 100 ]; do
                     sleep 0.1; i=\$((i + 1))
                 done
-                bind_b
-                echo 1 > /sys/bus/pci/drivers_autoprobe ;;
+                bind_b ;;
             unbind)
                 bind_b ;;
             unplug)
