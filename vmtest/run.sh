@@ -716,8 +716,17 @@ if [ "$mode" = e1000e-removal ]; then
         else
             ms=$(sed -E 's/.*request_to_device_deleted_ms=([0-9]+).*/\1/' <<< "$unplug_line")
             say "QMP $unplug_line"
-            if [ "$ms" -ge 1000 ]; then
-                say "FAIL: DEVICE_DELETED came ${ms} ms after the request reached the driver (bound 1000 ms)"
+            # After the device is gone, pciehp powers the slot off and
+            # sleeps 1 s (remove_board: the PCIe spec's wait before relying
+            # on power being off) before it turns the power indicator off,
+            # which is when QEMU emits DEVICE_DELETED. That second is the
+            # kernel's by design, like the 5 s attention-button wait before
+            # the request: it is allowed on top of the 1 s bound, and
+            # reported apart.
+            pciehp_wait_ms=1000
+            say "hot-unplug: request -> DEVICE_DELETED ${ms} ms, of which ${pciehp_wait_ms} ms is pciehp's wait after powering the slot off: $((ms - pciehp_wait_ms)) ms beyond it (bound 1000 ms)"
+            if [ $((ms - pciehp_wait_ms)) -ge 1000 ]; then
+                say "FAIL: DEVICE_DELETED came ${ms} ms after the request reached the driver (bound 1000 ms plus pciehp's ${pciehp_wait_ms} ms)"
                 status=1
             fi
         fi
