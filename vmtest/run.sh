@@ -359,12 +359,6 @@ bind_b() {
     while [ ! -e /dev/vfio/\$g ] && [ \$i -lt 30 ]; do
         sleep 0.1; i=\$((i + 1))
     done
-    if [ ! -e /dev/vfio/\$g ] && [ -e /sys/class/vfio/\$g/dev ]; then
-        # The group number came back (the old group had the same one) and
-        # devtmpfs lost the node: make it from the class device.
-        echo "PAGEPOOL-REMOVAL: /dev/vfio/\$g missing after 3 s; making it from /sys/class/vfio/\$g/dev (\$(cat /sys/class/vfio/\$g/dev))"
-        mknod /dev/vfio/\$g c \$(cut -d: -f1 /sys/class/vfio/\$g/dev) \$(cut -d: -f2 /sys/class/vfio/\$g/dev)
-    fi
     echo "PAGEPOOL-REMOVAL: \$nic_b bound to \$(basename \$(readlink /sys/bus/pci/devices/\$nic_b/driver 2>/dev/null) 2>/dev/null), group \$g, /dev/vfio: \$(ls /dev/vfio | tr '\\n' ' ')"
 }
 if [ -e /sys/bus/pci/devices/\$nic_b/driver ]; then
