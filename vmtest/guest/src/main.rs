@@ -14,7 +14,10 @@ use std::ptr::NonNull;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use pagepool::vfio::{VfioDevice, VfioDma, VfioError, BAR0_REGION_INDEX, DMA_ENTRY_LIMIT_PARAM};
+use pagepool::vfio::{
+    VfioDevice, VfioDma, VfioError, BAR0_REGION_INDEX, DMA_ENTRY_LIMIT_PARAM, ERR_IRQ_INDEX,
+    REQ_IRQ_INDEX,
+};
 use pagepool::{
     AllocError, BuildError, Device, DmaAddr, DmaDirection, DmaError, DmaMapping, DmaOps, Page,
     PagePool, RegionBacking, RegionInfo, SystemRegions, DEFAULT_REGION_SIZE,
@@ -1687,10 +1690,83 @@ fn per_page_at_limit(dma: &VfioDma) -> TestResult {
     Ok(())
 }
 
+/// Eventfds this process has open.
+fn open_eventfds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |dir| {
+        dir.filter_map(Result::ok)
+            .filter(|e| {
+                std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("eventfd"))
+            })
+            .count()
+    })
+}
+
+/// The device request and error interrupts: what the kernel reports, arming
+/// them with eventfds (again, replacing; disarming), waiting without a
+/// request, and no eventfd left open afterwards. The request itself fires
+/// only when the kernel removes the device: `run.sh e1000e-removal` does
+/// that.
+fn test_device_request_irq(ctx: &Ctx) -> TestResult {
+    let dev = ok(VfioDevice::open(&ctx.bdf), "open device")?;
+    let req = ok(dev.irq_info(REQ_IRQ_INDEX), "request irq info")?;
+    check!(req.count == 1 && req.eventfd(), "request interrupt {req:?}");
+    let err = ok(dev.irq_info(ERR_IRQ_INDEX), "error irq info")?;
+    println!("  request interrupt {req:?}; error interrupt {err:?}");
+    check_eq!(
+        dev.irq_info(9).err(),
+        Some(VfioError::NoSuchIrq { index: 9 }),
+        "an index past the last"
+    );
+    let before = open_eventfds();
+    let first = ok(dev.request_notifier(), "arm the request")?;
+    let second = ok(dev.request_notifier(), "arm it again (replaces the first)")?;
+    let error = ok(dev.error_notifier(), "arm the error interrupt")?;
+    check_eq!(
+        error.is_some(),
+        err.count > 0,
+        "an error notifier exactly where the device has the interrupt"
+    );
+    check_eq!(
+        open_eventfds(),
+        before + 2 + usize::from(error.is_some()),
+        "one eventfd per notifier"
+    );
+    let ioctls = dev.dma().stats().ioctls;
+    check_eq!(
+        ok(second.wait(Some(Duration::from_millis(20))), "wait")?,
+        None,
+        "no request without a removal"
+    );
+    check_eq!(dev.dma().stats().ioctls, ioctls, "waiting makes no ioctl");
+    ok(dev.disarm_irq(REQ_IRQ_INDEX), "disarm the request")?;
+    drop((first, second, error));
+    check_eq!(
+        open_eventfds(),
+        before,
+        "the notifiers' eventfds are closed"
+    );
+    // Armed, then the device closed first: closing is no request, and the
+    // notifier's eventfd goes with the notifier.
+    let armed = ok(dev.request_notifier(), "arm once more")?;
+    drop(dev);
+    check_eq!(
+        ok(armed.try_take(), "take")?,
+        None,
+        "closing the device signals nothing"
+    );
+    drop(armed);
+    check_eq!(open_eventfds(), before, "no eventfd left");
+    // The group opens again: nothing kept the device.
+    let again = ok(VfioDevice::open(&ctx.bdf), "open the device again")?;
+    drop(again);
+    Ok(())
+}
+
 type Test = (&'static str, fn(&Ctx) -> TestResult);
 
 const TESTS: &[Test] = &[
     ("device_access", test_device_access),
+    ("device_request_irq", test_device_request_irq),
     ("from_fds", test_from_fds),
     (
         "second_group_in_one_container",
