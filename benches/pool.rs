@@ -49,7 +49,7 @@ mod noop;
 use std::alloc::Layout;
 use std::hint::black_box;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -389,6 +389,125 @@ impl QueuePool {
     #[inline]
     fn put(&self, b: Box<PageBuf>) {
         let _ = self.0.push(b);
+    }
+}
+
+/// One buffer of a [`PremappedPool`]: its memory and its device address.
+/// Raw, not a `Box`: memory the device may write is never behind a Rust
+/// reference while it is mapped, except while the CPU owns it.
+struct PremappedBuf {
+    cpu: NonNull<u8>,
+    dma: DmaAddr,
+}
+
+// SAFETY: an owned buffer's address and device address, handed from one
+// thread to another, which then owns the buffer.
+unsafe impl Send for PremappedBuf {}
+
+impl PremappedBuf {
+    /// The buffer for the CPU (the holder owns it and the device is not
+    /// writing it: the pipeline's "device" write happens through here).
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `cpu` is a live `PAGE_SIZE` allocation of the pool, owned
+        // by this handle; `&mut self` makes the view exclusive.
+        unsafe { core::slice::from_raw_parts_mut(self.cpu.as_ptr(), PAGE_SIZE) }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: as in `as_mut_slice`; `&self` rules out a `&mut` view.
+        unsafe { core::slice::from_raw_parts(self.cpu.as_ptr(), PAGE_SIZE) }
+    }
+}
+
+/// The hand-written alternative to pagepool a driver author would write: a
+/// fixed set of page buffers mapped once at start through the same
+/// [`DmaOps`] the pool uses (held as `Box<dyn DmaOps>`, as the pool holds
+/// it), an `ArrayQueue` of (buffer, device address), and syncs through the
+/// same ops where the device needs them (`needs_sync`, read once). No
+/// tracking, no unbind, no checks: buffers are unmapped when the pool is
+/// dropped, whoever still holds one.
+struct PremappedPool {
+    ops: Box<dyn DmaOps>,
+    needs_sync: bool,
+    free: ArrayQueue<PremappedBuf>,
+    /// Every buffer and its device address, for the drop.
+    all: Vec<(NonNull<u8>, DmaAddr)>,
+}
+
+// SAFETY: the pointers in `all` are only used by `drop`; the ops are used
+// through `&self` from any thread, as pagepool's device uses them.
+unsafe impl Sync for PremappedPool {}
+
+impl PremappedPool {
+    /// `n` buffers, each allocated and mapped now.
+    fn new(ops: impl DmaOps, n: usize) -> Self {
+        let ops: Box<dyn DmaOps> = Box::new(ops);
+        let needs_sync = ops.needs_sync();
+        let free = ArrayQueue::new(n);
+        let mut all = Vec::with_capacity(n);
+        for _ in 0..n {
+            // SAFETY: non-zero size.
+            let cpu = NonNull::new(unsafe { std::alloc::alloc_zeroed(page_layout()) })
+                .expect("out of memory");
+            // SAFETY: `cpu` is a fresh `PAGE_SIZE` allocation, kept until
+            // it is unmapped in `drop`; no reference to it exists.
+            let dma = unsafe { ops.map(cpu, PAGE_SIZE, DmaDirection::FromDevice) }.unwrap();
+            all.push((cpu, dma));
+            free.push(PremappedBuf { cpu, dma }).ok().unwrap();
+        }
+        Self {
+            ops,
+            needs_sync,
+            free,
+            all,
+        }
+    }
+
+    #[inline]
+    fn get(&self) -> PremappedBuf {
+        self.free
+            .pop()
+            .expect("the premapped pool is sized for the bench")
+    }
+
+    #[inline]
+    fn put(&self, buf: PremappedBuf) {
+        let _ = self.free.push(buf);
+    }
+
+    /// Hands `range` of `buf` to the CPU, through the ops if the device
+    /// needs syncs.
+    #[inline]
+    fn sync_for_cpu(&self, buf: &mut PremappedBuf, len: usize) {
+        if self.needs_sync {
+            let mapping = DmaMapping {
+                addr: buf.dma,
+                len: PAGE_SIZE,
+                direction: DmaDirection::FromDevice,
+            };
+            // SAFETY: the buffer is mapped (until the pool drops) with this
+            // exact mapping, `len <= PAGE_SIZE`, and `&mut buf` rules out a
+            // CPU reference to it.
+            unsafe { self.ops.sync_for_cpu(mapping, 0, len) };
+        }
+    }
+}
+
+impl Drop for PremappedPool {
+    fn drop(&mut self) {
+        while self.free.pop().is_some() {}
+        for &(cpu, dma) in &self.all {
+            let mapping = DmaMapping {
+                addr: dma,
+                len: PAGE_SIZE,
+                direction: DmaDirection::FromDevice,
+            };
+            // SAFETY: mapped once in `new` with this mapping, unmapped once;
+            // every buffer handle is gone (the benches return them all).
+            unsafe { self.ops.unmap(mapping) };
+            // SAFETY: allocated in `new` with this layout, now unmapped.
+            unsafe { std::alloc::dealloc(cpu.as_ptr(), page_layout()) };
+        }
     }
 }
 
@@ -738,7 +857,9 @@ fn phased_pinned<T: Send>(
             pin_to_cpu(1);
             for mut items in from_producer {
                 let start = Instant::now();
+                mark(CONSUMER);
                 free(&mut items);
+                mark(IDLE);
                 let took = start.elapsed();
                 assert!(items.is_empty(), "the consumer freed every item");
                 to_producer.send((items, took)).unwrap();
@@ -750,7 +871,9 @@ fn phased_pinned<T: Send>(
         while left > 0 {
             let n = left.min(ROUND as u64) as usize;
             let start = Instant::now();
+            mark(PRODUCER);
             alloc(&mut items, n);
+            mark(IDLE);
             total += start.elapsed();
             to_consumer.send(items).unwrap();
             let (back, took) = from_consumer.recv().unwrap();
@@ -761,6 +884,50 @@ fn phased_pinned<T: Send>(
         drop(to_consumer);
         total
     })
+}
+
+/// Where the phased workloads run: under criterion, or once, for the
+/// memory tracer that counts the cache lines each side hands the other
+/// (`PAGEPOOL_COUNT=lines:<id>:<n>`, see [`count_lines`]).
+enum Runner<'a, 'c> {
+    Bench(&'a mut Group<'c>),
+    /// Runs only the workload named `id` (`group/name`), `iters` packets.
+    Trace {
+        group: &'static str,
+        id: &'a str,
+        iters: u64,
+    },
+}
+
+impl Runner<'_, '_> {
+    fn run(&mut self, name: impl Into<String>, mut workload: impl FnMut(u64) -> Duration) {
+        let name = name.into();
+        match self {
+            Runner::Bench(g) => {
+                g.bench_function(name, |b| b.iter_custom(&mut workload));
+            }
+            Runner::Trace { group, id, iters } => {
+                if format!("{group}/{name}") == *id {
+                    workload(*iters);
+                }
+            }
+        }
+    }
+}
+
+/// Phase markers for the memory tracer: `phased` loads one of these when a
+/// side starts its half of a round and [`IDLE`] when it is done, so a trace
+/// of the process's memory accesses says which side made each access.
+static PHASE_MARKERS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+const PRODUCER: usize = 0;
+const CONSUMER: usize = 1;
+const IDLE: usize = 2;
+
+/// Marks the start of a phase (one load, once per round: nothing next to
+/// a round of 512 packets).
+#[inline(always)]
+fn mark(phase: usize) {
+    black_box(PHASE_MARKERS[phase].load(Ordering::Relaxed));
 }
 
 fn backoff(spins: &mut u32) {
@@ -869,13 +1036,13 @@ enum Burst {
     Both,
 }
 
-fn pool_phased<M: Mode>(g: &mut Group<'_>, burst: Burst) {
-    pool_phased_batched::<M>(g, burst, pagepool::DEFAULT_REMOTE_BATCH);
+fn pool_phased<M: Mode>(r: &mut Runner<'_, '_>, burst: Burst) {
+    pool_phased_batched::<M>(r, burst, pagepool::DEFAULT_REMOTE_BATCH);
 }
 
 /// [`pool_phased`] with the pool's remote batch set to `remote_batch`
 /// (0: every page dropped goes to the ring under its own lock).
-fn pool_phased_batched<M: Mode>(g: &mut Group<'_>, burst: Burst, remote_batch: usize) {
+fn pool_phased_batched<M: Mode>(r: &mut Runner<'_, '_>, burst: Burst, remote_batch: usize) {
     let device = M::device();
     let mut pool = device
         .pool_builder()
@@ -889,29 +1056,27 @@ fn pool_phased_batched<M: Mode>(g: &mut Group<'_>, burst: Burst, remote_batch: u
         (Burst::Single, 0) => "pagepool_unbatched".to_string(),
         (Burst::Single, n) => format!("pagepool_batch{n}"),
     };
-    g.bench_function(BenchmarkId::new(name.as_str(), M::NAME), |b| {
-        b.iter_custom(|iters| {
-            phased(
-                iters,
-                |items, n| {
-                    if burst == Burst::Both {
-                        while items.len() < n {
-                            let k = (n - items.len()).min(BURST);
-                            pool.alloc_bulk(items, k).unwrap();
-                        }
-                    } else {
-                        items.extend((0..n).map(|_| pool.alloc().unwrap()))
+    r.run(format!("{}/{}", name.as_str(), M::NAME), |iters| {
+        phased(
+            iters,
+            |items, n| {
+                if burst == Burst::Both {
+                    while items.len() < n {
+                        let k = (n - items.len()).min(BURST);
+                        pool.alloc_bulk(items, k).unwrap();
                     }
-                },
-                |items| {
-                    if burst == Burst::Single {
-                        items.clear()
-                    } else {
-                        put_bulk_bursts(items)
-                    }
-                },
-            )
-        })
+                } else {
+                    items.extend((0..n).map(|_| pool.alloc().unwrap()))
+                }
+            },
+            |items| {
+                if burst == Burst::Single {
+                    items.clear()
+                } else {
+                    put_bulk_bursts(items)
+                }
+            },
+        )
     });
     report_pool(&format!("phased/{name}"), &pool);
     assert_eq!(
@@ -954,181 +1119,182 @@ fn floor_ptr() -> SendPtr {
 fn cross_thread(c: &mut Criterion) {
     let mut g = c.benchmark_group("cross_thread");
     g.throughput(Throughput::Elements(1));
+    cross_thread_phased(&mut Runner::Bench(&mut g));
+    g.finish();
 
-    pool_phased::<Tracked>(&mut g, Burst::Single);
-    pool_phased::<Untracked>(&mut g, Burst::Single);
+    let mut g = c.benchmark_group("cross_thread_bulk64");
+    g.throughput(Throughput::Elements(1));
+    cross_thread_bulk64(&mut Runner::Bench(&mut g));
+    g.finish();
+
+    cross_thread_streaming(c);
+}
+
+/// The `cross_thread` group: single allocs and single drops, phased.
+fn cross_thread_phased(r: &mut Runner<'_, '_>) {
+    pool_phased::<Tracked>(r, Burst::Single);
+    pool_phased::<Untracked>(r, Burst::Single);
     // The same without per-thread batches, and with batches of 32.
-    pool_phased_batched::<Tracked>(&mut g, Burst::Single, 0);
-    pool_phased_batched::<Tracked>(&mut g, Burst::Single, 32);
+    pool_phased_batched::<Tracked>(r, Burst::Single, 0);
+    pool_phased_batched::<Tracked>(r, Burst::Single, 32);
 
-    g.bench_function("transport_floor", |b| {
-        b.iter_custom(|iters| {
-            phased(
-                iters,
-                |items, n| items.extend((0..n).map(|_| floor_ptr())),
-                |items| {
-                    items.drain(..).for_each(|p| {
-                        black_box(p);
-                    })
-                },
-            )
-        })
+    r.run("transport_floor", |iters| {
+        phased(
+            iters,
+            |items, n| items.extend((0..n).map(|_| floor_ptr())),
+            |items| {
+                items.drain(..).for_each(|p| {
+                    black_box(p);
+                })
+            },
+        )
     });
 
     let pool = StdMutexPool::new(ROUND);
-    g.bench_function("peer/mutex_vec_std", |b| {
-        b.iter_custom(|iters| {
-            phased(
-                iters,
-                |items, n| items.extend((0..n).map(|_| pool.get())),
-                |items| items.drain(..).for_each(|x| pool.put(x)),
-            )
-        })
+    r.run("peer/mutex_vec_std", |iters| {
+        phased(
+            iters,
+            |items, n| items.extend((0..n).map(|_| pool.get())),
+            |items| items.drain(..).for_each(|x| pool.put(x)),
+        )
     });
 
     let pool = PlMutexPool::new(ROUND);
-    g.bench_function("peer/mutex_vec_parking_lot", |b| {
-        b.iter_custom(|iters| {
-            phased(
-                iters,
-                |items, n| items.extend((0..n).map(|_| pool.get())),
-                |items| items.drain(..).for_each(|x| pool.put(x)),
-            )
-        })
+    r.run("peer/mutex_vec_parking_lot", |iters| {
+        phased(
+            iters,
+            |items, n| items.extend((0..n).map(|_| pool.get())),
+            |items| items.drain(..).for_each(|x| pool.put(x)),
+        )
     });
 
     let pool = QueuePool::new(2 * ROUND, ROUND);
-    g.bench_function("peer/crossbeam_array_queue", |b| {
-        b.iter_custom(|iters| {
-            phased(
-                iters,
-                |items, n| items.extend((0..n).map(|_| pool.get())),
-                |items| items.drain(..).for_each(|x| pool.put(x)),
-            )
-        })
+    r.run("peer/crossbeam_array_queue", |iters| {
+        phased(
+            iters,
+            |items, n| items.extend((0..n).map(|_| pool.get())),
+            |items| items.drain(..).for_each(|x| pool.put(x)),
+        )
+    });
+
+    let pool = PremappedPool::new(NoopOps, 2 * ROUND);
+    r.run("peer/premapped_array_queue", |iters| {
+        phased(
+            iters,
+            |items, n| items.extend((0..n).map(|_| pool.get())),
+            |items| items.drain(..).for_each(|x| pool.put(x)),
+        )
     });
 
     let slab: sharded_slab::Pool<SlabBuf> = sharded_slab::Pool::new();
-    g.bench_function("peer/sharded_slab_pool", |b| {
-        b.iter_custom(|iters| {
-            phased(
-                iters,
-                |keys, n| {
-                    keys.extend((0..n).map(|_| {
-                        let mut r = slab.create().unwrap();
-                        black_box(&mut r.0);
-                        r.key()
-                    }))
-                },
-                |keys| {
-                    keys.drain(..).for_each(|k| {
-                        slab.clear(k);
-                    })
-                },
-            )
-        })
+    r.run("peer/sharded_slab_pool", |iters| {
+        phased(
+            iters,
+            |keys, n| {
+                keys.extend((0..n).map(|_| {
+                    let mut r = slab.create().unwrap();
+                    black_box(&mut r.0);
+                    r.key()
+                }))
+            },
+            |keys| {
+                keys.drain(..).for_each(|k| {
+                    slab.clear(k);
+                })
+            },
+        )
     });
 
     let pool = lfop_linear();
-    g.bench_function("peer/lockfree_linear", |b| {
-        b.iter_custom(|iters| {
-            phased(
-                iters,
-                |items, n| items.extend((0..n).map(|_| pool.pull())),
-                |items| items.clear(),
-            )
-        })
+    r.run("peer/lockfree_linear", |iters| {
+        phased(
+            iters,
+            |items, n| items.extend((0..n).map(|_| pool.pull())),
+            |items| items.clear(),
+        )
     });
 
     let pool = lfop_spinlock();
-    g.bench_function("peer/lockfree_spinlock", |b| {
-        b.iter_custom(|iters| {
-            phased(
-                iters,
-                |items, n| items.extend((0..n).map(|_| pool.pull())),
-                |items| items.clear(),
-            )
-        })
+    r.run("peer/lockfree_spinlock", |iters| {
+        phased(
+            iters,
+            |items, n| items.extend((0..n).map(|_| pool.pull())),
+            |items| items.clear(),
+        )
     });
 
     let layout = page_layout();
-    g.bench_function("peer/global_alloc", |b| {
-        b.iter_custom(|iters| {
-            phased(
-                iters,
-                |items, n| {
-                    items.extend((0..n).map(|_| {
-                        // SAFETY: non-zero size.
-                        SendPtr(NonNull::new(unsafe { std::alloc::alloc(layout) }).unwrap())
-                    }))
-                },
-                |items| {
-                    items.drain(..).for_each(|p| {
-                        // SAFETY: allocated above with this layout, freed once.
-                        unsafe { std::alloc::dealloc(p.0.as_ptr(), layout) }
-                    })
-                },
-            )
-        })
+    r.run("peer/global_alloc", |iters| {
+        phased(
+            iters,
+            |items, n| {
+                items.extend((0..n).map(|_| {
+                    // SAFETY: non-zero size.
+                    SendPtr(NonNull::new(unsafe { std::alloc::alloc(layout) }).unwrap())
+                }))
+            },
+            |items| {
+                items.drain(..).for_each(|p| {
+                    // SAFETY: allocated above with this layout, freed once.
+                    unsafe { std::alloc::dealloc(p.0.as_ptr(), layout) }
+                })
+            },
+        )
     });
-    g.finish();
+}
 
-    // Bursts of 64: the pool frees with `put_bulk` (one ring lock per
-    // burst); of the peers only the Mutex<Vec> pools have a bulk form (one
-    // lock per burst on each side). The others' bulk is their single form.
-    let mut g = c.benchmark_group("cross_thread_bulk64");
-    g.throughput(Throughput::Elements(1));
-
-    pool_phased::<Tracked>(&mut g, Burst::Both);
-    pool_phased::<Untracked>(&mut g, Burst::Both);
-    pool_phased::<Tracked>(&mut g, Burst::PutBulk);
-    pool_phased::<Untracked>(&mut g, Burst::PutBulk);
+/// The `cross_thread_bulk64` group. Bursts of 64: the pool frees with
+/// `put_bulk` (one ring lock per burst); of the peers only the Mutex<Vec>
+/// pools have a bulk form (one lock per burst on each side). The others'
+/// bulk is their single form.
+fn cross_thread_bulk64(r: &mut Runner<'_, '_>) {
+    pool_phased::<Tracked>(r, Burst::Both);
+    pool_phased::<Untracked>(r, Burst::Both);
+    pool_phased::<Tracked>(r, Burst::PutBulk);
+    pool_phased::<Untracked>(r, Burst::PutBulk);
 
     let pool = StdMutexPool::new(ROUND);
-    g.bench_function("peer/mutex_vec_std", |b| {
-        b.iter_custom(|iters| {
-            phased(
-                iters,
-                |items, n| {
-                    while items.len() < n {
-                        let k = (n - items.len()).min(BURST);
-                        let mut held = pool.items.lock().unwrap();
-                        items.extend((0..k).map(|_| held.pop().unwrap_or_else(new_buf)));
-                    }
-                },
-                |items| {
-                    while !items.is_empty() {
-                        let from = items.len().saturating_sub(BURST);
-                        pool.items.lock().unwrap().extend(items.drain(from..));
-                    }
-                },
-            )
-        })
+    r.run("peer/mutex_vec_std", |iters| {
+        phased(
+            iters,
+            |items, n| {
+                while items.len() < n {
+                    let k = (n - items.len()).min(BURST);
+                    let mut held = pool.items.lock().unwrap();
+                    items.extend((0..k).map(|_| held.pop().unwrap_or_else(new_buf)));
+                }
+            },
+            |items| {
+                while !items.is_empty() {
+                    let from = items.len().saturating_sub(BURST);
+                    pool.items.lock().unwrap().extend(items.drain(from..));
+                }
+            },
+        )
     });
 
     let pool = PlMutexPool::new(ROUND);
-    g.bench_function("peer/mutex_vec_parking_lot", |b| {
-        b.iter_custom(|iters| {
-            phased(
-                iters,
-                |items, n| {
-                    while items.len() < n {
-                        let k = (n - items.len()).min(BURST);
-                        let mut held = pool.items.lock();
-                        items.extend((0..k).map(|_| held.pop().unwrap_or_else(new_buf)));
-                    }
-                },
-                |items| {
-                    while !items.is_empty() {
-                        let from = items.len().saturating_sub(BURST);
-                        pool.items.lock().extend(items.drain(from..));
-                    }
-                },
-            )
-        })
+    r.run("peer/mutex_vec_parking_lot", |iters| {
+        phased(
+            iters,
+            |items, n| {
+                while items.len() < n {
+                    let k = (n - items.len()).min(BURST);
+                    let mut held = pool.items.lock();
+                    items.extend((0..k).map(|_| held.pop().unwrap_or_else(new_buf)));
+                }
+            },
+            |items| {
+                while !items.is_empty() {
+                    let from = items.len().saturating_sub(BURST);
+                    pool.items.lock().extend(items.drain(from..));
+                }
+            },
+        )
     });
-    g.finish();
+}
 
+fn cross_thread_streaming(c: &mut Criterion) {
     let mut g = c.benchmark_group("cross_thread_streaming");
     g.throughput(Throughput::Elements(1));
 
@@ -1480,7 +1646,7 @@ fn consumer_reads_frame(buf: &[u8]) -> u64 {
     u64::from_le_bytes(black_box(&buf[..8]).try_into().unwrap())
 }
 
-fn rx_pipeline_pool<O: DmaOps>(g: &mut Group<'_>, name: &str, ops: O, remote_batch: usize) {
+fn rx_pipeline_pool<O: DmaOps>(r: &mut Runner<'_, '_>, name: &str, ops: O, remote_batch: usize) {
     let device = Device::new(ops);
     let mut pool = device
         .pool_builder()
@@ -1488,26 +1654,24 @@ fn rx_pipeline_pool<O: DmaOps>(g: &mut Group<'_>, name: &str, ops: O, remote_bat
         .build()
         .unwrap();
     let mut seq = 0u8;
-    g.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            phased(
-                iters,
-                |pages, n| {
-                    for _ in 0..n {
-                        let mut page = pool.alloc().unwrap();
-                        seq = seq.wrapping_add(1);
-                        device_writes_frame(page.as_mut_slice(), seq);
-                        page.sync_for_cpu(0..FRAME).unwrap();
-                        pages.push(page);
-                    }
-                },
-                |pages| {
-                    for page in pages.drain(..) {
-                        black_box(consumer_reads_frame(page.as_slice()));
-                    }
-                },
-            )
-        })
+    r.run(name, |iters| {
+        phased(
+            iters,
+            |pages, n| {
+                for _ in 0..n {
+                    let mut page = pool.alloc().unwrap();
+                    seq = seq.wrapping_add(1);
+                    device_writes_frame(page.as_mut_slice(), seq);
+                    page.sync_for_cpu(0..FRAME).unwrap();
+                    pages.push(page);
+                }
+            },
+            |pages| {
+                for page in pages.drain(..) {
+                    black_box(consumer_reads_frame(page.as_slice()));
+                }
+            },
+        )
     });
     let s = pool.stats();
     eprintln!(
@@ -1523,67 +1687,108 @@ fn rx_pipeline_pool<O: DmaOps>(g: &mut Group<'_>, name: &str, ops: O, remote_bat
 /// The RX pipeline over a peer's buffers: `get` one, the "device" writes a
 /// frame, hand it over; the consumer reads it and `put`s it back.
 fn rx_pipeline_peer(
-    g: &mut Group<'_>,
+    r: &mut Runner<'_, '_>,
     name: &str,
     get: impl Fn() -> Box<PageBuf>,
     put: impl Fn(Box<PageBuf>) + Sync,
 ) {
     let mut seq = 0u8;
-    g.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            phased(
-                iters,
-                |bufs, n| {
-                    for _ in 0..n {
-                        let mut buf = get();
-                        seq = seq.wrapping_add(1);
-                        device_writes_frame(&mut buf.0, seq);
-                        bufs.push(buf);
-                    }
-                },
-                |bufs| {
-                    for buf in bufs.drain(..) {
-                        black_box(consumer_reads_frame(&buf.0));
-                        put(buf);
-                    }
-                },
-            )
-        })
+    r.run(name, |iters| {
+        phased(
+            iters,
+            |bufs, n| {
+                for _ in 0..n {
+                    let mut buf = get();
+                    seq = seq.wrapping_add(1);
+                    device_writes_frame(&mut buf.0, seq);
+                    bufs.push(buf);
+                }
+            },
+            |bufs| {
+                for buf in bufs.drain(..) {
+                    black_box(consumer_reads_frame(&buf.0));
+                    put(buf);
+                }
+            },
+        )
+    });
+}
+
+/// The RX pipeline over the hand-written premapped pool: `get` a buffer,
+/// the "device" writes a frame, sync it for the CPU through the ops if the
+/// device needs that, hand it over; the consumer reads it and `put`s it
+/// back.
+fn rx_pipeline_premapped(r: &mut Runner<'_, '_>, name: &str, pool: &PremappedPool) {
+    let mut seq = 0u8;
+    r.run(name, |iters| {
+        phased(
+            iters,
+            |bufs, n| {
+                for _ in 0..n {
+                    let mut buf = pool.get();
+                    seq = seq.wrapping_add(1);
+                    device_writes_frame(buf.as_mut_slice(), seq);
+                    pool.sync_for_cpu(&mut buf, FRAME);
+                    bufs.push(buf);
+                }
+            },
+            |bufs| {
+                for buf in bufs.drain(..) {
+                    black_box(consumer_reads_frame(buf.as_slice()));
+                    pool.put(buf);
+                }
+            },
+        )
     });
 }
 
 fn rx_pipeline(c: &mut Criterion) {
     let mut g = c.benchmark_group("rx_pipeline");
     g.throughput(Throughput::Elements(1));
+    rx_pipeline_all(&mut Runner::Bench(&mut g));
+    g.finish();
+}
+
+/// The `rx_pipeline` group's workloads.
+fn rx_pipeline_all(r: &mut Runner<'_, '_>) {
     // A device that needs syncs (each sync is a device call through the
     // pool's gate), one that does not (the pool skips the call), and the
     // first without per-thread batches of returns.
-    rx_pipeline_pool(&mut g, "pagepool", NoopOps, pagepool::DEFAULT_REMOTE_BATCH);
+    rx_pipeline_pool(r, "pagepool", NoopOps, pagepool::DEFAULT_REMOTE_BATCH);
     rx_pipeline_pool(
-        &mut g,
+        r,
         "pagepool_coherent",
         CoherentOps,
         pagepool::DEFAULT_REMOTE_BATCH,
     );
-    rx_pipeline_pool(&mut g, "pagepool_unbatched", NoopOps, 0);
+    rx_pipeline_pool(r, "pagepool_unbatched", NoopOps, 0);
+
+    // The hand-written premapped pool, mapped once through the same ops:
+    // syncing through them (the `pagepool` row's device), and on the
+    // coherent device (no sync call, as `pagepool_coherent`).
+    let pool = PremappedPool::new(NoopOps, 2 * ROUND);
+    rx_pipeline_premapped(r, "peer/premapped_array_queue", &pool);
+    drop(pool);
+    let pool = PremappedPool::new(CoherentOps, 2 * ROUND);
+    rx_pipeline_premapped(r, "peer/premapped_array_queue_coherent", &pool);
+    drop(pool);
 
     // The peers: the same pipeline over their buffers, with no mapping and
     // no sync at all (they know no device).
     let pool = QueuePool::new(2 * ROUND, ROUND);
     rx_pipeline_peer(
-        &mut g,
+        r,
         "peer/crossbeam_array_queue",
         || pool.get(),
         |b| pool.put(b),
     );
     let pool = PlMutexPool::new(ROUND);
     rx_pipeline_peer(
-        &mut g,
+        r,
         "peer/mutex_vec_parking_lot",
         || pool.get(),
         |b| pool.put(b),
     );
-    g.finish();
 }
 
 /// The RX pipeline's work on one thread: rounds of `ROUND` packets
@@ -1683,7 +1888,45 @@ fn count_bulk_both<M: Mode>(n: u64) {
     }
 }
 
+/// Runs one phased workload (`group/name`, of `rx_pipeline`,
+/// `cross_thread` or `cross_thread_bulk64`) for `n` packets, after printing
+/// the phase markers' addresses, for a memory trace (`valgrind
+/// --tool=lackey --trace-mem=yes`) that `scripts/line_transfers.py` turns
+/// into cache lines handed between the two sides per packet.
+fn count_lines(id: &str, n: u64) {
+    eprintln!(
+        "markers producer={:p} consumer={:p} idle={:p}",
+        &PHASE_MARKERS[PRODUCER], &PHASE_MARKERS[CONSUMER], &PHASE_MARKERS[IDLE]
+    );
+    let group = id.split_once('/').map_or(id, |(g, _)| g);
+    match group {
+        "rx_pipeline" => rx_pipeline_all(&mut Runner::Trace {
+            group: "rx_pipeline",
+            id,
+            iters: n,
+        }),
+        "cross_thread" => cross_thread_phased(&mut Runner::Trace {
+            group: "cross_thread",
+            id,
+            iters: n,
+        }),
+        "cross_thread_bulk64" => cross_thread_bulk64(&mut Runner::Trace {
+            group: "cross_thread_bulk64",
+            id,
+            iters: n,
+        }),
+        other => panic!("no phased group {other:?}"),
+    }
+}
+
 fn count(spec: &str) {
+    if let Some(lines) = spec.strip_prefix("lines:") {
+        let (id, n) = lines
+            .rsplit_once(':')
+            .expect("PAGEPOOL_COUNT=lines:<id>:<n>");
+        count_lines(id, n.parse().expect("PAGEPOOL_COUNT: n is a number"));
+        return;
+    }
     let (workload, n) = spec.split_once(':').expect("PAGEPOOL_COUNT=<workload>:<n>");
     let n: u64 = n.parse().expect("PAGEPOOL_COUNT: n is a number");
     match workload {
