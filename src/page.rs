@@ -268,8 +268,9 @@ impl<M: TrackingMode> Page<M> {
     }
 
     /// Length of the page in bytes (`4096 << order`).
+    #[inline]
     pub fn len(&self) -> usize {
-        self.meta().pool.config.page_len
+        self.meta().view.len()
     }
 
     /// Always `false`: a page is never empty. Here for clippy's sake.
@@ -294,19 +295,27 @@ impl<M: TrackingMode> Page<M> {
     }
 
     /// The page as bytes, for the CPU.
+    ///
+    /// Reads the page's metadata line and nothing else of the pool's (the
+    /// address and length are there): a consumer on another core reaches
+    /// the frame after one load of a line nobody writes.
+    #[inline]
     pub fn as_slice(&self) -> &[u8] {
         let meta = self.meta();
-        cpu_access_hook(meta, 0, meta.pool.config.page_len, CpuAccess::Read);
+        let len = meta.view.len();
+        cpu_access_hook(meta, 0, len, CpuAccess::Read);
         // SAFETY: the page memory is valid for page_len bytes while the meta
         // lives; this handle owns the page, and `&self` rules out a
         // concurrent `&mut` view from it.
-        unsafe { core::slice::from_raw_parts(meta.cpu.as_ptr(), meta.pool.config.page_len) }
+        unsafe { core::slice::from_raw_parts(meta.cpu.as_ptr(), len) }
     }
 
-    /// The page as mutable bytes, for the CPU.
+    /// The page as mutable bytes, for the CPU. Writes nothing but the page
+    /// (no metadata: see [`as_slice`](Self::as_slice)).
+    #[inline]
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         let meta = self.meta();
-        let len = meta.pool.config.page_len;
+        let len = meta.view.len();
         cpu_access_hook(meta, 0, len, CpuAccess::Write);
         let cpu = meta.cpu;
         // SAFETY: as in `as_slice`; `&mut self` makes the view exclusive.
@@ -423,8 +432,24 @@ fn sync_through_device<M: TrackingMode>(
 
 /// Tells the device's CPU-access check (if it has one) about a CPU access,
 /// inside a device call's gate hold: `unbind` waits for it, and none runs
-/// once the gate is closed.
+/// once the gate is closed. Without a check (real backends) this is one
+/// test of the meta's own line.
+#[inline(always)]
 pub(crate) fn cpu_access_hook<M: TrackingMode>(
+    meta: &PageMeta<M>,
+    offset: usize,
+    len: usize,
+    access: CpuAccess,
+) {
+    if meta.view.checked {
+        cpu_access_check(meta, offset, len, access);
+    }
+}
+
+/// The device call of [`cpu_access_hook`], out of line.
+#[cold]
+#[inline(never)]
+fn cpu_access_check<M: TrackingMode>(
     meta: &PageMeta<M>,
     offset: usize,
     len: usize,
@@ -503,7 +528,7 @@ struct PageRun<M: TrackingMode> {
 impl<M: TrackingMode> PageRun<M> {
     fn new() -> Self {
         Self {
-            pages: [MaybeUninit::uninit(); RUN_LEN],
+            pages: [const { MaybeUninit::uninit() }; RUN_LEN],
             ready: 0,
             refused: 0,
             pool: core::ptr::null(),

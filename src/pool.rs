@@ -640,11 +640,35 @@ impl<M: TrackingMode> PagePool<M> {
                 }
                 continue;
             }
-            pages.extend(self.cache.drain(from..).map(Page::from_meta));
+            self.move_to_handles(from, pages);
             self.shared.owner.fast.add(taken as u64);
             left -= taken;
         }
         Ok(count)
+    }
+
+    /// Moves the cached pages `cache[from..]` out of the cache into `pages`,
+    /// as handles: one copy of the block (a `Page` is its meta pointer).
+    #[inline]
+    fn move_to_handles(&mut self, from: usize, pages: &mut Vec<Page<M>>) {
+        let taken = self.cache.len() - from;
+        pages.reserve(taken);
+        let start = pages.len();
+        // SAFETY: `Page<M>` is `repr(transparent)` over the cache's
+        // `NonNull<PageMeta<M>>`; `cache[from..]` holds `taken` owned pages
+        // and `pages` has room for `taken` more (reserved above). The pages
+        // move: the cache is cut to `from` before the handles count as
+        // `pages`' elements, and nothing between can panic, so every page
+        // has one owner throughout.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                self.cache.as_ptr().add(from).cast::<Page<M>>(),
+                pages.as_mut_ptr().add(start),
+                taken,
+            );
+            self.cache.set_len(from);
+            pages.set_len(start + taken);
+        }
     }
 
     /// What [`alloc_bulk`](Self::alloc_bulk) returns when `why` stopped it

@@ -362,10 +362,22 @@ impl<M: TrackingMode> PoolShared<M> {
     }
 }
 
-/// Metadata of one pool page.
+/// Metadata of one pool page: one cache line, aligned to one, so that
+/// every access to a page's metadata touches exactly one line.
+///
+/// The fields a page's CPU views read (`cpu`, `view`) and the ones its
+/// return reads (`pool`) are written once, before the meta is shared, and
+/// share that line with nothing anyone writes per packet: a page handed
+/// from the RX thread to a consumer moves its frame between the cores, and
+/// its metadata stays a read-only copy in both caches.
+#[repr(align(64))]
 pub(crate) struct PageMeta<M: TrackingMode> {
     /// The page memory, from the pool's page source.
     pub(crate) cpu: NonNull<u8>,
+    /// What the page's CPU views need besides `cpu`, copied from the pool
+    /// when the meta is made, so `Page::as_slice` reads this line only
+    /// (not the pool's and the device's).
+    pub(crate) view: PageView,
     /// Where the device sees it.
     pub(crate) dma: DmaAddr,
     /// The page's record in the device's in-flight tracker: written once,
@@ -388,6 +400,32 @@ pub(crate) struct PageMeta<M: TrackingMode> {
     pub(crate) home: MetaHome<M>,
 }
 
+/// The page length and whether the device checks CPU accesses: what a
+/// page's CPU views need besides its address (see [`PageMeta::view`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PageView {
+    /// The page length in bytes (`4096 << order`, at most 4 MiB).
+    pub(crate) len: u32,
+    /// The device has a [`CpuAccessCheck`], to tell of every CPU view.
+    pub(crate) checked: bool,
+}
+
+impl PageView {
+    /// The view of every page of `pool`.
+    pub(crate) fn of<M: TrackingMode>(pool: &PoolShared<M>) -> Self {
+        Self {
+            len: u32::try_from(pool.config.page_len).expect("a page is at most 4 MiB"),
+            checked: pool.device.cpu_access_check.is_some(),
+        }
+    }
+
+    /// The page length in bytes.
+    #[inline]
+    pub(crate) fn len(self) -> usize {
+        self.len as usize
+    }
+}
+
 /// The header of one block of metas (see `mapping/meta_block.rs`, which
 /// owns its life). A block is one allocation of `capacity + 1` meta-sized
 /// cells: the header in the first, the metas in the others.
@@ -399,8 +437,8 @@ pub(crate) struct MetaBlock<M: TrackingMode> {
     pub(crate) _metas: PhantomData<PageMeta<M>>,
 }
 
-/// Where a [`PageMeta`] lives, in one word (a meta stays 56 bytes, the
-/// size class the allocator served before blocks existed): null for a meta
+/// Where a [`PageMeta`] lives, in one word (a meta stays one cache line):
+/// null for a meta
 /// boxed on its own, else a pointer to its block, or to its region with the
 /// low bit set (both are at least 8-aligned).
 pub(crate) struct MetaHome<M: TrackingMode> {

@@ -222,7 +222,7 @@ mod tests {
     use super::*;
     use crate::dma::DmaAddr;
     use crate::mode::Tracked;
-    use crate::shared::PoolShared;
+    use crate::shared::{PageView, PoolShared};
     use crate::sync::Arc;
     use crate::sync::UnsafeCell;
     use crate::tracker::RecordId;
@@ -241,6 +241,7 @@ mod tests {
     fn meta(pool: &Arc<PoolShared<Tracked>>, i: usize) -> PageMeta<Tracked> {
         PageMeta {
             cpu: NonNull::dangling(),
+            view: PageView::of(pool),
             dma: DmaAddr(i as u64),
             record: UnsafeCell::new(RecordId::NONE),
             pool: Arc::clone(pool),
@@ -323,7 +324,8 @@ mod tests {
     }
 
     #[test]
-    fn a_meta_is_seven_words() {
-        assert_eq!(core::mem::size_of::<PageMeta<Tracked>>(), 56);
+    fn a_meta_is_one_cache_line() {
+        assert_eq!(core::mem::size_of::<PageMeta<Tracked>>(), 64);
+        assert_eq!(core::mem::align_of::<PageMeta<Tracked>>(), 64);
     }
 }

@@ -16,7 +16,7 @@ use super::unmapper::{Unmapper, UNMAP_BATCH};
 use crate::dma::{DmaAddr, DmaError};
 use crate::error::AllocError;
 use crate::mode::TrackingMode;
-use crate::shared::{meta_ref, DeviceShared, MetaHome, PageMeta, PoolShared};
+use crate::shared::{meta_ref, DeviceShared, MetaHome, PageMeta, PageView, PoolShared};
 use crate::sync::{Arc, AtomicUsize, Ordering, UnsafeCell};
 use crate::tracker::{InsertError, RecordId};
 use crate::unwind::Panics;
@@ -91,6 +91,7 @@ pub(crate) fn map_page<M: TrackingMode>(
     }
     let meta = metas.place(PageMeta {
         cpu: block.into_page(),
+        view: PageView::of(pool),
         dma,
         record: UnsafeCell::new(RecordId::NONE),
         pool: Arc::clone(pool),

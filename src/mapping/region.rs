@@ -30,7 +30,7 @@ use crate::dma::{DmaAddr, DmaError};
 use crate::error::AllocError;
 use crate::memory::RegionBlock;
 use crate::mode::TrackingMode;
-use crate::shared::{meta_ref, DeviceShared, MetaHome, PageMeta, PoolShared, Region};
+use crate::shared::{meta_ref, DeviceShared, MetaHome, PageMeta, PageView, PoolShared, Region};
 use crate::sync::{Arc, AtomicUsize, Ordering, UnsafeCell};
 use crate::tracker::{InsertError, RecordId};
 use crate::unwind::Panics;
@@ -120,6 +120,7 @@ pub(crate) fn map_region<M: TrackingMode>(
         .map(|i| PageMeta {
             // SAFETY: `i * page_len < len`: inside the block.
             cpu: unsafe { block.ptr.add(i * config.page_len) },
+            view: PageView::of(pool),
             dma: DmaAddr(0),
             record: UnsafeCell::new(RecordId::NONE),
             pool: Arc::clone(pool),
