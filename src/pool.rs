@@ -654,21 +654,20 @@ impl<M: TrackingMode> PagePool<M> {
         let taken = self.cache.len() - from;
         pages.reserve(taken);
         let start = pages.len();
+        let src = self.cache[from..].as_ptr().cast::<Page<M>>();
+        let dst = pages.spare_capacity_mut().as_mut_ptr().cast::<Page<M>>();
         // SAFETY: `Page<M>` is `repr(transparent)` over the cache's
-        // `NonNull<PageMeta<M>>`; `cache[from..]` holds `taken` owned pages
-        // and `pages` has room for `taken` more (reserved above). The pages
-        // move: the cache is cut to `from` before the handles count as
-        // `pages`' elements, and nothing between can panic, so every page
-        // has one owner throughout.
-        unsafe {
-            core::ptr::copy_nonoverlapping(
-                self.cache.as_ptr().add(from).cast::<Page<M>>(),
-                pages.as_mut_ptr().add(start),
-                taken,
-            );
-            self.cache.set_len(from);
-            pages.set_len(start + taken);
-        }
+        // `NonNull<PageMeta<M>>`, so `src` points to `taken` valid handles'
+        // worth of owned pages; `dst` has room for `taken` (reserved above);
+        // the two are different allocations.
+        unsafe { core::ptr::copy_nonoverlapping(src, dst, taken) };
+        // SAFETY: the pages moved (they are now `pages[start..]`): the cache
+        // gives them up before `pages` counts them, and nothing between can
+        // panic, so every page has one owner throughout. `from` is at most
+        // the cache's length.
+        unsafe { self.cache.set_len(from) };
+        // SAFETY: `pages[start..start + taken]` were initialised just above.
+        unsafe { pages.set_len(start + taken) };
     }
 
     /// What [`alloc_bulk`](Self::alloc_bulk) returns when `why` stopped it
