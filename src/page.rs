@@ -286,7 +286,7 @@ impl<M: TrackingMode> Page<M> {
 
     /// The direction the page is mapped for.
     pub fn direction(&self) -> DmaDirection {
-        self.meta().pool.config.direction
+        self.meta().view.direction
     }
 
     /// The id of the pool the page belongs to.
@@ -323,6 +323,7 @@ impl<M: TrackingMode> Page<M> {
     }
 
     /// Hands `range` of the page back to the CPU after the device wrote it.
+    #[inline]
     pub fn sync_for_cpu(&mut self, range: Range<usize>) -> Result<(), SyncError> {
         // SAFETY: `&mut self`: no CPU view of this page exists.
         unsafe { sync_range(self.meta(), 0, self.len(), range, SyncTo::Cpu) }
@@ -330,6 +331,7 @@ impl<M: TrackingMode> Page<M> {
 
     /// Hands `range` of the page to the device after the CPU wrote it
     /// (transmit buffers).
+    #[inline]
     pub fn sync_for_device(&mut self, range: Range<usize>) -> Result<(), SyncError> {
         // SAFETY: `&mut self`: no CPU view of this page exists.
         unsafe { sync_range(self.meta(), 0, self.len(), range, SyncTo::Device) }
@@ -373,8 +375,14 @@ pub(crate) enum SyncTo {
 
 /// Syncs `range` (relative to a buffer at `base..base+len` of the page).
 ///
+/// Inlined into the accessors, with the device call: the RX loop's
+/// per-packet sync is then one gate hold and one call through the ops,
+/// with no call of the pool's own between (the direction is known where
+/// it is inlined, so no dispatch on it either).
+///
 /// # Safety
 /// No CPU reference to the buffer exists while this runs.
+#[inline(always)]
 pub(crate) unsafe fn sync_range<M: TrackingMode>(
     meta: &PageMeta<M>,
     base: usize,
@@ -390,7 +398,7 @@ pub(crate) unsafe fn sync_range<M: TrackingMode>(
         });
     }
     let pool = &*meta.pool;
-    if !pool.needs_sync {
+    if !meta.view.needs_sync {
         // The backend's syncs do nothing (coherent DMA): no device call, no
         // gate hold, just the same answer once the device is going away.
         return if pool.gate.is_closed() {
@@ -402,9 +410,8 @@ pub(crate) unsafe fn sync_range<M: TrackingMode>(
     sync_through_device(meta, base + range.start, range.len(), to)
 }
 
-/// The device call of [`sync_range`], kept out of line so the no-sync path
-/// stays small.
-#[inline(never)]
+/// The device call of [`sync_range`].
+#[inline(always)]
 fn sync_through_device<M: TrackingMode>(
     meta: &PageMeta<M>,
     offset: usize,

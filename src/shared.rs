@@ -374,9 +374,10 @@ impl<M: TrackingMode> PoolShared<M> {
 pub(crate) struct PageMeta<M: TrackingMode> {
     /// The page memory, from the pool's page source.
     pub(crate) cpu: NonNull<u8>,
-    /// What the page's CPU views need besides `cpu`, copied from the pool
-    /// when the meta is made, so `Page::as_slice` reads this line only
-    /// (not the pool's and the device's).
+    /// What the page's CPU views and syncs need besides `cpu` and `dma`,
+    /// copied from the pool when the meta is made, so `Page::as_slice` and
+    /// a sync read this line (and, for a sync, the gate's), not the pool's
+    /// configuration and the device's.
     pub(crate) view: PageView,
     /// Where the device sees it.
     pub(crate) dma: DmaAddr,
@@ -400,14 +401,18 @@ pub(crate) struct PageMeta<M: TrackingMode> {
     pub(crate) home: MetaHome<M>,
 }
 
-/// The page length and whether the device checks CPU accesses: what a
-/// page's CPU views need besides its address (see [`PageMeta::view`]).
+/// What a page's CPU views and syncs need besides its addresses, copied
+/// from its pool and device (see [`PageMeta::view`]): one word.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct PageView {
     /// The page length in bytes (`4096 << order`, at most 4 MiB).
     pub(crate) len: u32,
     /// The device has a [`CpuAccessCheck`], to tell of every CPU view.
     pub(crate) checked: bool,
+    /// The device's `needs_sync`: when `false`, syncs skip the device.
+    pub(crate) needs_sync: bool,
+    /// The pool's DMA direction.
+    pub(crate) direction: DmaDirection,
 }
 
 impl PageView {
@@ -416,6 +421,8 @@ impl PageView {
         Self {
             len: u32::try_from(pool.config.page_len).expect("a page is at most 4 MiB"),
             checked: pool.device.cpu_access_check.is_some(),
+            needs_sync: pool.needs_sync,
+            direction: pool.config.direction,
         }
     }
 
@@ -575,12 +582,13 @@ impl<M: TrackingMode> PageMeta<M> {
     }
 
     /// The page's own mapping. Only for pages mapped one by one.
+    #[inline]
     pub(crate) fn mapping(&self) -> DmaMapping {
         debug_assert!(self.region().is_none());
         DmaMapping {
             addr: self.dma,
-            len: self.pool.config.page_len,
-            direction: self.pool.config.direction,
+            len: self.view.len(),
+            direction: self.view.direction,
         }
     }
 
