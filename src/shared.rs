@@ -362,15 +362,18 @@ impl<M: TrackingMode> PoolShared<M> {
     }
 }
 
-/// Metadata of one pool page: one cache line, aligned to one, so that
-/// every access to a page's metadata touches exactly one line.
+/// Metadata of one pool page: one cache line long (eight words). In a
+/// block of metas (`mapping/meta_block.rs`), the metas of pages mapped one
+/// by one, each is aligned to a line, so every access to one touches
+/// exactly one line. (The type itself is not line-aligned: a region's
+/// metas, one allocation per region, keep the allocator's alignment, which
+/// measured cheaper for `unbind` with a million region pages held.)
 ///
 /// The fields a page's CPU views read (`cpu`, `view`) and the ones its
 /// return reads (`pool`) are written once, before the meta is shared, and
 /// share that line with nothing anyone writes per packet: a page handed
 /// from the RX thread to a consumer moves its frame between the cores, and
 /// its metadata stays a read-only copy in both caches.
-#[repr(align(64))]
 pub(crate) struct PageMeta<M: TrackingMode> {
     /// The page memory, from the pool's page source.
     pub(crate) cpu: NonNull<u8>,
