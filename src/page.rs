@@ -342,10 +342,17 @@ impl<M: TrackingMode> Page<M> {
     /// `dma_sync_size`). The default is the whole `max_len`; each recycle
     /// sets it back to that for the page's next owner. Pools that do not
     /// sync on recycle ignore it.
+    ///
+    /// In a pool that does not sync on recycle this writes nothing: the
+    /// page's metadata stays untouched by its holders.
+    #[inline]
     pub fn set_dirty_len(&mut self, len: usize) {
-        // SAFETY: this handle owns the page, and `&mut self` rules out any
-        // other access through it.
-        unsafe { self.meta().set_dirty_len(len) }
+        let meta = self.meta();
+        if meta.view.recycle_sync() {
+            // SAFETY: this handle owns the page, and `&mut self` rules out
+            // any other access through it.
+            unsafe { meta.set_dirty_len(len) }
+        }
     }
 }
 
@@ -398,7 +405,7 @@ pub(crate) unsafe fn sync_range<M: TrackingMode>(
         });
     }
     let pool = &*meta.pool;
-    if !meta.view.needs_sync {
+    if !meta.view.needs_sync() {
         // The backend's syncs do nothing (coherent DMA): no device call, no
         // gate hold, just the same answer once the device is going away.
         return if pool.gate.is_closed() {
@@ -448,7 +455,7 @@ pub(crate) fn cpu_access_hook<M: TrackingMode>(
     len: usize,
     access: CpuAccess,
 ) {
-    if meta.view.checked {
+    if meta.view.checked() {
         cpu_access_check(meta, offset, len, access);
     }
 }

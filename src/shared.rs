@@ -33,7 +33,7 @@ use crate::dma::{DmaAddr, DmaDirection, DmaMapping, DmaOps};
 use crate::error::BuildError;
 use crate::gate::{CallGate, DeviceCall, OpsCell};
 use crate::mapping::KeptMappings;
-use crate::memory::{PageSource, RegionBacking, RegionSource};
+use crate::memory::{PageSource, RegionBacking, RegionSource, PAGE_SIZE};
 use crate::mode::TrackingMode;
 use crate::ring::Ring;
 use crate::stats::{AllocStats, OwnerCounters, PoolInfo, PoolStats, RecycleStats, RegionInfo};
@@ -362,41 +362,44 @@ impl<M: TrackingMode> PoolShared<M> {
     }
 }
 
-/// Metadata of one pool page: one cache line long (eight words). In a
-/// block of metas (`mapping/meta_block.rs`), the metas of pages mapped one
-/// by one, each is aligned to a line, so every access to one touches
-/// exactly one line. (The type itself is not line-aligned: a region's
-/// metas, one allocation per region, keep the allocator's alignment, which
-/// measured cheaper for `unbind` with a million region pages held.)
+/// Metadata of one pool page: seven words (56 bytes, the size class the
+/// allocator serves a meta boxed on its own from; one more word measured
+/// 20–25% slower on that slow path).
 ///
-/// The fields a page's CPU views read (`cpu`, `view`) and the ones its
-/// return reads (`pool`) are written once, before the meta is shared, and
-/// share that line with nothing anyone writes per packet: a page handed
-/// from the RX thread to a consumer moves its frame between the cores, and
-/// its metadata stays a read-only copy in both caches.
+/// A page handle points here, and everything a page's CPU views and its
+/// return read is in the first three words (`repr(C)`): the address, the
+/// pool, and the [`PageView`] copied from the pool and device when the meta
+/// is made. So `Page::as_slice` reaches the frame one load after the
+/// handle (not through the pool's configuration and the device), and a
+/// drop reads no line but this one and the pool's. All of it is written
+/// once, before the meta is shared; the one field a holder writes,
+/// `dirty_len`, is written only in pools that sync on recycle, which read
+/// it back: in every other pool the meta stays a read-only copy in each
+/// core's cache, and handing a page to another core moves its frame and
+/// nothing of its metadata.
+#[repr(C)]
 pub(crate) struct PageMeta<M: TrackingMode> {
     /// The page memory, from the pool's page source.
     pub(crate) cpu: NonNull<u8>,
-    /// What the page's CPU views and syncs need besides `cpu` and `dma`,
-    /// copied from the pool when the meta is made, so `Page::as_slice` and
-    /// a sync read this line (and, for a sync, the gate's), not the pool's
-    /// configuration and the device's.
+    /// The pool the page belongs to; kept alive by every page.
+    pub(crate) pool: Arc<PoolShared<M>>,
+    /// What the page's CPU views and syncs need besides `cpu` and `dma`
+    /// (see [`PageView`]).
     pub(crate) view: PageView,
+    /// How many bytes from the pool's sync offset the device may have
+    /// written (`Page::set_dirty_len`, clamped to `u32::MAX`); `u32::MAX`
+    /// (all of `max_len`, which is at most a page) unless the page's owner
+    /// said less. Written and read only in pools that sync on recycle (see
+    /// [`take_dirty_len`](Self::take_dirty_len)).
+    pub(crate) dirty_len: UnsafeCell<u32>,
     /// Where the device sees it.
     pub(crate) dma: DmaAddr,
     /// The page's record in the device's in-flight tracker: written once,
     /// after the tracker took the page and before the page reaches another
     /// thread (see [`record`](Self::record)).
     pub(crate) record: UnsafeCell<RecordId>,
-    /// The pool the page belongs to; kept alive by every page.
-    pub(crate) pool: Arc<PoolShared<M>>,
     /// Fragment references (see `frag.rs`); unused for whole pages.
     pub(crate) frag_refs: AtomicUsize,
-    /// How many bytes from the pool's sync offset the device may have
-    /// written (`Page::set_dirty_len`); `usize::MAX` (all of `max_len`)
-    /// unless the page's owner said less. Read and reset only by a recycle
-    /// that syncs for the device (see [`take_dirty_len`](Self::take_dirty_len)).
-    pub(crate) dirty_len: UnsafeCell<usize>,
     /// Where the meta lives: in a region (the page was carved from it, in
     /// a region-mapped pool, and is part of the region's mapping, not a
     /// mapping of its own), in a block of metas (see
@@ -405,26 +408,35 @@ pub(crate) struct PageMeta<M: TrackingMode> {
 }
 
 /// What a page's CPU views and syncs need besides its addresses, copied
-/// from its pool and device (see [`PageMeta::view`]): one word.
+/// from its pool and device when its meta is made (see
+/// [`PageMeta::view`]): three bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct PageView {
-    /// The page length in bytes (`4096 << order`, at most 4 MiB).
-    pub(crate) len: u32,
-    /// The device has a [`CpuAccessCheck`], to tell of every CPU view.
-    pub(crate) checked: bool,
-    /// The device's `needs_sync`: when `false`, syncs skip the device.
-    pub(crate) needs_sync: bool,
+    /// The page order: the page is `PAGE_SIZE << order` bytes.
+    order: u8,
+    /// [`Self::CHECKED`], [`Self::NEEDS_SYNC`], [`Self::RECYCLE_SYNC`].
+    flags: u8,
     /// The pool's DMA direction.
     pub(crate) direction: DmaDirection,
 }
 
 impl PageView {
+    /// The device has a [`CpuAccessCheck`], to tell of every CPU view.
+    const CHECKED: u8 = 1;
+    /// The device's `needs_sync`: when clear, syncs skip the device.
+    const NEEDS_SYNC: u8 = 2;
+    /// The pool syncs on recycle (`PoolShared::recycle_sync`), so it reads
+    /// the page's dirty length.
+    const RECYCLE_SYNC: u8 = 4;
+
     /// The view of every page of `pool`.
     pub(crate) fn of<M: TrackingMode>(pool: &PoolShared<M>) -> Self {
+        let flag = |set: bool, flag: u8| if set { flag } else { 0 };
         Self {
-            len: u32::try_from(pool.config.page_len).expect("a page is at most 4 MiB"),
-            checked: pool.device.cpu_access_check.is_some(),
-            needs_sync: pool.needs_sync,
+            order: u8::try_from(pool.config.order).expect("orders are at most MAX_ORDER"),
+            flags: flag(pool.device.cpu_access_check.is_some(), Self::CHECKED)
+                | flag(pool.needs_sync, Self::NEEDS_SYNC)
+                | flag(pool.recycle_sync.is_some(), Self::RECYCLE_SYNC),
             direction: pool.config.direction,
         }
     }
@@ -432,7 +444,25 @@ impl PageView {
     /// The page length in bytes.
     #[inline]
     pub(crate) fn len(self) -> usize {
-        self.len as usize
+        PAGE_SIZE << self.order
+    }
+
+    /// The device checks CPU accesses.
+    #[inline]
+    pub(crate) fn checked(self) -> bool {
+        self.flags & Self::CHECKED != 0
+    }
+
+    /// The device's syncs do something.
+    #[inline]
+    pub(crate) fn needs_sync(self) -> bool {
+        self.flags & Self::NEEDS_SYNC != 0
+    }
+
+    /// The pool syncs on recycle and reads the dirty length.
+    #[inline]
+    pub(crate) fn recycle_sync(self) -> bool {
+        self.flags & Self::RECYCLE_SYNC != 0
     }
 }
 
@@ -551,11 +581,12 @@ impl<M: TrackingMode> PageMeta<M> {
     /// read.
     #[inline]
     pub(crate) unsafe fn set_dirty_len(&self, len: usize) {
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
         // SAFETY: forwarded caller contract: no concurrent access.
         self.dirty_len.with_mut(|dirty| unsafe { *dirty = len });
     }
 
-    /// The dirty length, reset to the whole `max_len` (`usize::MAX`) for
+    /// The dirty length, reset to the whole `max_len` (`u32::MAX`) for
     /// the page's next owner.
     ///
     /// # Safety
@@ -564,7 +595,7 @@ impl<M: TrackingMode> PageMeta<M> {
     pub(crate) unsafe fn take_dirty_len(&self) -> usize {
         // SAFETY: forwarded caller contract: no concurrent access.
         self.dirty_len
-            .with_mut(|dirty| unsafe { core::mem::replace(&mut *dirty, usize::MAX) })
+            .with_mut(|dirty| unsafe { core::mem::replace(&mut *dirty, u32::MAX) }) as usize
     }
 
     /// Sets the tracker record of a page just mapped.

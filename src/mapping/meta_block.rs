@@ -28,9 +28,6 @@ use crate::mode::TrackingMode;
 use crate::shared::{MetaBlock, MetaHome, PageMeta};
 use crate::sync::{AtomicUsize, Ordering};
 
-/// The cache line a block's slots are aligned to.
-const CACHE_LINE: usize = 64;
-
 impl<M: TrackingMode> MetaBlock<M> {
     /// The allocation of a block of `capacity` metas.
     fn layout(capacity: usize) -> Layout {
@@ -39,11 +36,7 @@ impl<M: TrackingMode> MetaBlock<M> {
             assert!(core::mem::align_of::<Self>() <= core::mem::align_of::<PageMeta<M>>());
         }
         // At most a pool's cache size (validated by the builder) plus one.
-        // Aligned to a cache line: a meta is one line long (see
-        // `PageMeta`), so each slot is exactly one line.
-        Layout::array::<PageMeta<M>>(capacity + 1)
-            .and_then(|layout| layout.align_to(CACHE_LINE))
-            .expect("a block of metas fits in memory")
+        Layout::array::<PageMeta<M>>(capacity + 1).expect("a block of metas fits in memory")
     }
 
     /// The slot of meta `index` (< `capacity`).
@@ -253,7 +246,7 @@ mod tests {
             record: UnsafeCell::new(RecordId::NONE),
             pool: Arc::clone(pool),
             frag_refs: AtomicUsize::new(0),
-            dirty_len: UnsafeCell::new(usize::MAX),
+            dirty_len: UnsafeCell::new(u32::MAX),
             home: MetaHome::boxed(),
         }
     }
@@ -331,8 +324,7 @@ mod tests {
     }
 
     #[test]
-    fn a_meta_is_one_cache_line() {
-        assert_eq!(core::mem::size_of::<PageMeta<Tracked>>(), CACHE_LINE);
-        assert_eq!(MetaBlock::<Tracked>::layout(4).align(), CACHE_LINE);
+    fn a_meta_is_seven_words() {
+        assert_eq!(core::mem::size_of::<PageMeta<Tracked>>(), 56);
     }
 }

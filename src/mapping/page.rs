@@ -96,7 +96,7 @@ pub(crate) fn map_page<M: TrackingMode>(
         record: UnsafeCell::new(RecordId::NONE),
         pool: Arc::clone(pool),
         frag_refs: AtomicUsize::new(0),
-        dirty_len: UnsafeCell::new(usize::MAX),
+        dirty_len: UnsafeCell::new(u32::MAX),
         home: MetaHome::boxed(),
     });
     pool.pages_allocated.fetch_add(1, Ordering::Relaxed);

@@ -125,7 +125,7 @@ pub(crate) fn map_region<M: TrackingMode>(
             record: UnsafeCell::new(RecordId::NONE),
             pool: Arc::clone(pool),
             frag_refs: AtomicUsize::new(0),
-            dirty_len: UnsafeCell::new(usize::MAX),
+            dirty_len: UnsafeCell::new(u32::MAX),
             home: MetaHome::region(region),
         })
         .collect();
