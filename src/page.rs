@@ -15,8 +15,15 @@
 //! - All fields but `frag_refs` and `dirty_len` are written before the
 //!   meta is shared and never again, so any holder (the tracker during
 //!   `unbind`, a `Page` on another thread) may read them without
-//!   synchronisation. `dirty_len` belongs to the page's one owner: the
-//!   `Page` writes it, the recycle that syncs reads it and resets it.
+//!   synchronisation. `dirty_len` belongs to the page's one owner: in a
+//!   pool that syncs on recycle the `Page` writes it and the recycle reads
+//!   and resets it; in any other pool nobody writes it.
+//! - The CPU views (`as_slice`, `as_mut_slice`) and the syncs read the
+//!   page's address, length and flags from its meta (`PageView`), never
+//!   the pool's configuration or the device: a consumer on another core
+//!   reaches the frame one load after the handle, and the meta is a line
+//!   no one writes per packet, so handing a page over moves its frame, not
+//!   its metadata.
 //! - Exactly one owner at a time: the local cache, the ring, a `Page`, or
 //!   the set of fragments sharing `frag_refs`.
 
@@ -29,6 +36,7 @@ use crate::checking::CpuAccess;
 use crate::dma::{DmaAddr, DmaDirection};
 use crate::error::SyncError;
 use crate::mapping::release_pages;
+use crate::memory::PAGE_SIZE;
 use crate::mode::{Tracked, TrackingMode};
 use crate::remote;
 use crate::ring::PushRefused;
@@ -326,7 +334,7 @@ impl<M: TrackingMode> Page<M> {
     #[inline]
     pub fn sync_for_cpu(&mut self, range: Range<usize>) -> Result<(), SyncError> {
         // SAFETY: `&mut self`: no CPU view of this page exists.
-        unsafe { sync_range(self.meta(), 0, self.len(), range, SyncTo::Cpu) }
+        unsafe { sync_range(self.meta(), 0, PageLen(self), range, SyncTo::Cpu) }
     }
 
     /// Hands `range` of the page to the device after the CPU wrote it
@@ -334,7 +342,7 @@ impl<M: TrackingMode> Page<M> {
     #[inline]
     pub fn sync_for_device(&mut self, range: Range<usize>) -> Result<(), SyncError> {
         // SAFETY: `&mut self`: no CPU view of this page exists.
-        unsafe { sync_range(self.meta(), 0, self.len(), range, SyncTo::Device) }
+        unsafe { sync_range(self.meta(), 0, PageLen(self), range, SyncTo::Device) }
     }
 
     /// Tells the pool how many bytes from the sync offset the device may
@@ -373,6 +381,43 @@ impl<M: TrackingMode> fmt::Debug for Page<M> {
     }
 }
 
+/// The length of the buffer a sync covers, as [`sync_range`] checks it:
+/// `at_least` is known without a load, `len` reads it.
+pub(crate) trait BufferLen {
+    /// A length the buffer has at least.
+    fn at_least(&self) -> usize;
+    /// The buffer's length.
+    fn len(&self) -> usize;
+}
+
+/// A fragment's length, in the fragment.
+impl BufferLen for usize {
+    #[inline(always)]
+    fn at_least(&self) -> usize {
+        *self
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        *self
+    }
+}
+
+/// A whole page's length: at least `PAGE_SIZE`, so a range inside the
+/// first `PAGE_SIZE` bytes (a frame's headers: a constant range) is checked
+/// without reading the page's order.
+struct PageLen<'a, M: TrackingMode>(&'a Page<M>);
+
+impl<M: TrackingMode> BufferLen for PageLen<'_, M> {
+    #[inline(always)]
+    fn at_least(&self) -> usize {
+        PAGE_SIZE
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
 /// Which way a sync hands the buffer.
 #[derive(Clone, Copy)]
 pub(crate) enum SyncTo {
@@ -393,15 +438,15 @@ pub(crate) enum SyncTo {
 pub(crate) unsafe fn sync_range<M: TrackingMode>(
     meta: &PageMeta<M>,
     base: usize,
-    len: usize,
+    len: impl BufferLen,
     range: Range<usize>,
     to: SyncTo,
 ) -> Result<(), SyncError> {
-    if range.start > range.end || range.end > len {
+    if range.start > range.end || (range.end > len.at_least() && range.end > len.len()) {
         return Err(SyncError::OutOfRange {
             start: range.start,
             end: range.end,
-            len,
+            len: len.len(),
         });
     }
     let pool = &*meta.pool;
