@@ -17,6 +17,11 @@
 //!   [`SLOW_ROUND`]), with `GlobalPages` (zeroed pages from the global
 //!   allocator) and with an arena source that costs nothing, which leaves
 //!   the pool's own overhead.
+//! - `rx_pipeline`: a driver's receive path on two threads (see the section
+//!   comment), against the same pipeline over `ArrayQueue` and `Mutex<Vec>`
+//!   pools and over a hand-written premapped pool ([`PremappedPool`]:
+//!   buffers mapped once through the same `DmaOps`, syncing through them
+//!   where the device needs it).
 //! - `cross_thread`: one thread allocates, another frees (the pool's pages
 //!   come back through its ring), phased so that the CPU work per page is
 //!   measured repeatably; `cross_thread_bulk64`: the same, freeing in bursts
@@ -40,7 +45,9 @@
 //!
 //! With `PAGEPOOL_COUNT=<workload>:<n>` in the environment the binary runs
 //! one workload `n` times instead, for instruction counts under callgrind
-//! (see [`count`]).
+//! (see [`count`]); with `PAGEPOOL_COUNT=lines:<group/name>:<n>` it runs one
+//! phased workload for `n` packets, for `scripts/line_transfers.py`, which
+//! counts the cache lines its two threads hand each other.
 
 // The no-op device, shared with `tests/no_alloc_fast_path.rs`.
 #[path = "../tests/support/noop.rs"]
