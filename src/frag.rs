@@ -82,6 +82,7 @@ impl<M: TrackingMode> Frag<M> {
     }
 
     /// The fragment's bytes, for the CPU.
+    #[track_caller]
     pub fn as_slice(&self) -> &[u8] {
         let meta = self.meta();
         cpu_access_hook(meta, self.offset, self.len, CpuAccess::Read);
@@ -94,6 +95,7 @@ impl<M: TrackingMode> Frag<M> {
     }
 
     /// The fragment's bytes, mutable, for the CPU.
+    #[track_caller]
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         let meta = self.meta();
         cpu_access_hook(meta, self.offset, self.len, CpuAccess::Write);
@@ -102,14 +104,32 @@ impl<M: TrackingMode> Frag<M> {
         unsafe { core::slice::from_raw_parts_mut(cpu.as_ptr().wrapping_add(self.offset), self.len) }
     }
 
-    /// Hands `range` (relative to the fragment) back to the CPU.
+    /// Hands `range` (relative to the fragment) back to the CPU. Errors as
+    /// for [`Page::sync_for_cpu`](crate::Page::sync_for_cpu).
+    ///
+    /// ```
+    /// use pagepool::checking::{CheckMode, CheckingDevice};
+    /// use pagepool::Device;
+    ///
+    /// let nic = CheckingDevice::new(CheckMode::Panic);
+    /// let device = Device::new(nic.clone());
+    /// let mut rx = device.pool_builder().build()?;
+    /// let mut header = rx.alloc_frag(128)?; // small buffers share a page
+    /// nic.device_write(header.dma_addr(), b"hdr")?;
+    /// header.sync_for_cpu(0..3)?;
+    /// assert_eq!(&header.as_slice()[..3], b"hdr");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[track_caller]
     pub fn sync_for_cpu(&mut self, range: Range<usize>) -> Result<(), SyncError> {
         // SAFETY: `&mut self`: no CPU view of this fragment exists, and no
         // other fragment covers its bytes.
         unsafe { sync_range(self.meta(), self.offset, self.len, range, SyncTo::Cpu) }
     }
 
-    /// Hands `range` (relative to the fragment) to the device.
+    /// Hands `range` (relative to the fragment) to the device. Errors as
+    /// for [`Page::sync_for_cpu`](crate::Page::sync_for_cpu).
+    #[track_caller]
     pub fn sync_for_device(&mut self, range: Range<usize>) -> Result<(), SyncError> {
         // SAFETY: as in `sync_for_cpu`.
         unsafe { sync_range(self.meta(), self.offset, self.len, range, SyncTo::Device) }

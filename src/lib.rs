@@ -53,6 +53,7 @@ pub mod iova;
 #[cfg_attr(docsrs, doc(cfg(all(feature = "vfio", target_os = "linux"))))]
 pub mod vfio;
 
+mod access_site;
 mod device;
 mod error;
 mod frag;

@@ -32,6 +32,7 @@ use core::mem::{ManuallyDrop, MaybeUninit};
 use core::ops::Range;
 use core::ptr::NonNull;
 
+use crate::access_site;
 use crate::checking::CpuAccess;
 use crate::dma::{DmaAddr, DmaDirection};
 use crate::error::SyncError;
@@ -308,6 +309,7 @@ impl<M: TrackingMode> Page<M> {
     /// address and length are there): a consumer on another core reaches
     /// the frame after one load of a line nobody writes.
     #[inline]
+    #[track_caller]
     pub fn as_slice(&self) -> &[u8] {
         let meta = self.meta();
         let len = meta.view.len();
@@ -321,6 +323,7 @@ impl<M: TrackingMode> Page<M> {
     /// The page as mutable bytes, for the CPU. Writes nothing but the page
     /// (no metadata: see [`as_slice`](Self::as_slice)).
     #[inline]
+    #[track_caller]
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         let meta = self.meta();
         let len = meta.view.len();
@@ -331,7 +334,28 @@ impl<M: TrackingMode> Page<M> {
     }
 
     /// Hands `range` of the page back to the CPU after the device wrote it.
+    ///
+    /// # Errors
+    /// [`SyncError::OutOfRange`] for a range outside the page;
+    /// [`SyncError::Unbound`] once the device is unbound (nothing is mapped
+    /// any more: the CPU owns the memory for good).
+    ///
+    /// ```
+    /// use pagepool::checking::{CheckMode, CheckingDevice};
+    /// use pagepool::{Device, SyncError};
+    ///
+    /// let nic = CheckingDevice::new(CheckMode::Panic);
+    /// let device = Device::new(nic.clone());
+    /// let mut rx = device.pool_builder().build()?;
+    /// let mut page = rx.alloc()?;
+    /// nic.device_write(page.dma_addr(), b"frame")?; // the NIC's DMA
+    /// page.sync_for_cpu(0..5)?; // then the CPU may read it
+    /// assert_eq!(&page.as_slice()[..5], b"frame");
+    /// assert!(matches!(page.sync_for_cpu(0..5000), Err(SyncError::OutOfRange { .. })));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     #[inline]
+    #[track_caller]
     pub fn sync_for_cpu(&mut self, range: Range<usize>) -> Result<(), SyncError> {
         // SAFETY: `&mut self`: no CPU view of this page exists.
         unsafe { sync_range(self.meta(), 0, PageLen(self), range, SyncTo::Cpu) }
@@ -339,7 +363,25 @@ impl<M: TrackingMode> Page<M> {
 
     /// Hands `range` of the page to the device after the CPU wrote it
     /// (transmit buffers).
+    ///
+    /// # Errors
+    /// As for [`sync_for_cpu`](Self::sync_for_cpu).
+    ///
+    /// ```
+    /// use pagepool::checking::{CheckMode, CheckingDevice};
+    /// use pagepool::{Device, DmaDirection};
+    ///
+    /// let nic = CheckingDevice::new(CheckMode::Panic);
+    /// let device = Device::new(nic.clone());
+    /// let mut tx = device.pool_builder().direction(DmaDirection::ToDevice).build()?;
+    /// let mut page = tx.alloc()?;
+    /// page.as_mut_slice()[..4].copy_from_slice(b"ping");
+    /// page.sync_for_device(0..4)?; // then the NIC may read it
+    /// assert_eq!(nic.device_read(page.dma_addr(), 4)?, b"ping");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     #[inline]
+    #[track_caller]
     pub fn sync_for_device(&mut self, range: Range<usize>) -> Result<(), SyncError> {
         // SAFETY: `&mut self`: no CPU view of this page exists.
         unsafe { sync_range(self.meta(), 0, PageLen(self), range, SyncTo::Device) }
@@ -435,6 +477,7 @@ pub(crate) enum SyncTo {
 /// # Safety
 /// No CPU reference to the buffer exists while this runs.
 #[inline(always)]
+#[track_caller]
 pub(crate) unsafe fn sync_range<M: TrackingMode>(
     meta: &PageMeta<M>,
     base: usize,
@@ -464,12 +507,19 @@ pub(crate) unsafe fn sync_range<M: TrackingMode>(
 
 /// The device call of [`sync_range`].
 #[inline(always)]
+#[track_caller]
 fn sync_through_device<M: TrackingMode>(
     meta: &PageMeta<M>,
     offset: usize,
     len: usize,
     to: SyncTo,
 ) -> Result<(), SyncError> {
+    // A checked device's report of this sync points at the caller.
+    let _site = if meta.view.checked() {
+        Some(access_site::note())
+    } else {
+        None
+    };
     let Some(call) = meta.pool.device_call() else {
         return Err(SyncError::Unbound);
     };
@@ -494,6 +544,7 @@ fn sync_through_device<M: TrackingMode>(
 /// once the gate is closed. Without a check (real backends) this is one
 /// test of the meta's own line.
 #[inline(always)]
+#[track_caller]
 pub(crate) fn cpu_access_hook<M: TrackingMode>(
     meta: &PageMeta<M>,
     offset: usize,
@@ -508,6 +559,7 @@ pub(crate) fn cpu_access_hook<M: TrackingMode>(
 /// The device call of [`cpu_access_hook`], out of line.
 #[cold]
 #[inline(never)]
+#[track_caller]
 fn cpu_access_check<M: TrackingMode>(
     meta: &PageMeta<M>,
     offset: usize,
@@ -516,6 +568,7 @@ fn cpu_access_check<M: TrackingMode>(
 ) {
     let pool = &*meta.pool;
     if let Some(check) = &pool.device.cpu_access_check {
+        let _site = access_site::note();
         if let Some(_call) = pool.device_call() {
             let (mapping, page_offset) = meta.device_range();
             check.cpu_access(mapping, page_offset + offset, len, access);
@@ -532,6 +585,20 @@ fn cpu_access_check<M: TrackingMode>(
 /// If a sync on recycle panics, every page already taken from `pages` is
 /// released (unmapped and freed) before the panic goes on; the pages not yet
 /// taken are dropped as usual.
+///
+/// ```
+/// use pagepool::{put_bulk, Device, IdentityDma};
+///
+/// let device = Device::new(IdentityDma::new());
+/// let mut rx = device.pool_builder().build()?;
+/// let mut completed = Vec::new();
+/// rx.alloc_bulk(&mut completed, 64)?;
+/// // A TX completion or a socket hands a burst back from its own thread:
+/// // one ring lock per pool, not one per page.
+/// std::thread::spawn(move || put_bulk(completed)).join().unwrap();
+/// assert_eq!(rx.stats().pages_held, 0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn put_bulk<M: TrackingMode>(pages: impl IntoIterator<Item = Page<M>>) {
     let mut pages = pages.into_iter();
     let mut run = PageRun::<M>::new();

@@ -1537,3 +1537,47 @@ fn errors_display_what_went_wrong() {
     );
     assert_eq!(pagepool::DmaAddr(0x1000).to_string(), "0x1000");
 }
+
+/// A checking device in panic mode names the driver's line: the page
+/// access or sync that broke a rule, not the pool's internals.
+#[test]
+fn checker_panics_point_at_the_callers_line() {
+    use pagepool::checking::{CheckMode, CheckingDevice};
+    let checker = CheckingDevice::new(CheckMode::Panic);
+    let device = Device::new(checker.clone());
+    let mut pool = device
+        .pool_builder()
+        .direction(DmaDirection::FromDevice)
+        .build()
+        .unwrap();
+    let mut page = pool.alloc().unwrap();
+    checker.device_write(page.dma_addr(), b"frame").unwrap();
+    let message = |payload: Box<dyn std::any::Any + Send>| {
+        payload
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let line = line!() + 1;
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| page.as_slice()[0]));
+    let text = message(read.unwrap_err());
+    assert!(
+        text.contains(&format!("called at {}:{line}:", file!())),
+        "{text}"
+    );
+    // The same through a fragment.
+    let frag = pool.alloc_frag(256).unwrap();
+    checker.device_write(frag.dma_addr(), b"frag").unwrap();
+    let line = line!() + 1;
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| frag.as_slice()[0]));
+    let text = message(read.unwrap_err());
+    assert!(
+        text.contains(&format!("called at {}:{line}:", file!())),
+        "{text}"
+    );
+    // Synced first, the same read is fine.
+    page.sync_for_cpu(0..5).unwrap();
+    assert_eq!(&page.as_slice()[..5], b"frame");
+    drop((page, frag, pool));
+    let _ = device.unbind();
+}

@@ -213,7 +213,16 @@ impl CheckingDevice {
         // A second panic while unwinding (say, from a pool's `Drop`) would
         // abort the process and hide the first message: only record then.
         if let Some(message) = panic_message.filter(|_| !std::thread::panicking()) {
-            panic!("{message}");
+            // The driver's line, where the pool's caller noted it (a page or
+            // fragment access or sync); a call the pool makes on its own
+            // (an unmap, a recycle's sync) has none.
+            match crate::access_site::current() {
+                Some(site) => panic!(
+                    "{message}
+  called at {site}"
+                ),
+                None => panic!("{message}"),
+            }
         }
         result
     }
