@@ -1,23 +1,16 @@
-//! Pool pages: the per-page metadata and the owned [`Page`] handle.
+//! The owned [`Page`] handle and the return path of pages to their pool.
 //!
-//! Each page of a pool has a [`PageMeta`] (Linux keeps the same facts in
-//! `struct page`): its CPU address, its device address, its tracker record
-//! and its pool. It lives beside the metas of its refill in one block (see
-//! `mapping/meta_block.rs`), or, in a region-mapped pool, in its region. A `Page` is the owned handle to one page
-//! handed out by a pool: `Send`, one pointer (so a burst of handles is a
-//! burst of pointers), and it gives the page back when dropped.
+//! A `Page` is the owned handle to one page handed out by a pool: `Send`,
+//! one pointer to the page's [`PageMeta`] (so a burst of handles is a burst
+//! of pointers), and it gives the page back when dropped. What a meta holds
+//! and its invariants are written once, in `shared.rs`; where metas live,
+//! in `mapping/meta_block.rs`.
 //!
 //! # Invariants
 //!
-//! - A `PageMeta` is created when its page is mapped (slow path) and freed,
-//!   together with the page memory, only after the mapping is gone (see
-//!   `mapping.rs`).
-//! - All fields but `frag_refs` and `dirty_len` are written before the
-//!   meta is shared and never again, so any holder (the tracker during
-//!   `unbind`, a `Page` on another thread) may read them without
-//!   synchronisation. `dirty_len` belongs to the page's one owner: in a
-//!   pool that syncs on recycle the `Page` writes it and the recycle reads
-//!   and resets it; in any other pool nobody writes it.
+//! - `dirty_len` belongs to the page's one owner: in a pool that syncs on
+//!   recycle the `Page` writes it and the recycle reads and resets it; in
+//!   any other pool nobody writes it.
 //! - The CPU views (`as_slice`, `as_mut_slice`) and the syncs read the
 //!   page's address, length and flags from its meta (`PageView`), never
 //!   the pool's configuration or the device: a consumer on another core

@@ -1,17 +1,18 @@
 //! The state a device, its pools and their pages share: [`DeviceShared`],
-//! [`PoolShared`], [`PageMeta`] and, for region-mapped pools, [`Region`]. The handles (`Device`, `PagePool`,
-//! `Page`, `Frag`) sit on top of it; the lifecycle of a mapping
-//! (`mapping.rs`) and the mechanisms (`gate.rs`, `ring.rs`, `tracker.rs`)
-//! below it.
+//! [`PoolShared`], [`PageMeta`] and, for region-mapped pools, [`Region`].
+//! The handles (`Device`, `PagePool`, `Page`, `Frag`) sit on top of it;
+//! the lifecycle of a mapping (`mapping/`) and the mechanisms (`gate.rs`,
+//! `held.rs`, `ring.rs`, `tracker.rs`) below it.
 //!
 //! # Invariants
 //!
 //! - A pool's shared state lives while any of its pages does: each page's
 //!   metadata holds an `Arc` of it, and it holds one of its device's.
 //! - A `PageMeta` is created when its page is mapped and freed, with the
-//!   page memory, only after the mapping is gone (`mapping.rs`).
-//! - All fields of a `PageMeta` but `record` and `frag_refs` are written
-//!   before the meta is shared and never again; `record` is written once,
+//!   page memory, only after the mapping is gone (`mapping/`).
+//! - All fields of a `PageMeta` but `record`, `frag_refs` and `dirty_len`
+//!   are written before the meta is shared and never again (`dirty_len` is
+//!   the owner's, see `page.rs`); `record` is written once,
 //!   in the device call that maps the page, before any holder but the
 //!   tracker (which treats it as an opaque key) can reach the meta. So any
 //!   holder may read them without synchronisation.
