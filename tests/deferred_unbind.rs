@@ -364,28 +364,38 @@ fn another_device_dropped_during_thread_exit_unbinds_at_once() {
 /// Calls of A nested five deep (one more than a thread's announcement
 /// slots, so the innermost is counted): each unmap drops the next pool,
 /// whose cached page is unmapped inside it. The innermost removes B.
+/// Device calls of `bench`'s device nested `depth` deep: `depth` pools,
+/// each with one cached page; the unmap of pool `i`'s page (when pool `i`
+/// is dropped) drops pool `i + 1` inside it. Returns the first pool, whose
+/// drop starts the chain, and the number of the innermost `unmap_batch`.
+fn nested_unmaps(bench: &Bench, depth: usize) -> (PagePool, usize) {
+    let mut pools: Vec<PagePool> = (0..depth)
+        .map(|_| {
+            let mut pool = bench.pool(4, 0);
+            let page = pool.alloc().unwrap();
+            pool.recycle_direct(page);
+            pool
+        })
+        .collect();
+    let first = bench.faults.next(Call::UnmapBatch);
+    // Unmap number `first + i` (nesting depth i + 1) drops pool i + 1.
+    for (i, pool) in pools.drain(1..).enumerate() {
+        bench
+            .faults
+            .run_on(Call::UnmapBatch, first + i, When::Before, move || {
+                drop(pool)
+            });
+    }
+    (pools.pop().expect("depth >= 1"), first + depth - 1)
+}
+
 fn another_device_removed_nested_deeper_than_the_slots(how: Remove) {
     const NESTED: usize = 5;
     let a = Bench::new();
     let b = Bench::new();
     let mut pool_b = b.pool(4, 0);
     let held_b = pool_b.alloc().unwrap();
-    let mut pools: Vec<PagePool> = (0..NESTED)
-        .map(|_| {
-            let mut pool = a.pool(4, 0);
-            let page = pool.alloc().unwrap();
-            pool.recycle_direct(page);
-            pool
-        })
-        .collect();
-    let first = a.faults.next(Call::UnmapBatch);
-    // Unmap number `first + i` (nesting depth i + 1) drops pool i + 1.
-    for (depth, pool) in pools.drain(1..).enumerate() {
-        a.faults
-            .run_on(Call::UnmapBatch, first + depth, When::Before, move || {
-                drop(pool)
-            });
-    }
+    let (chain, innermost) = nested_unmaps(&a, NESTED);
     let seen = Seen::default();
     let kept = Arc::new(Mutex::new(None));
     let removal = remove(
@@ -396,9 +406,9 @@ fn another_device_removed_nested_deeper_than_the_slots(how: Remove) {
         Arc::clone(&seen),
     );
     a.faults
-        .run_on(Call::UnmapBatch, first + NESTED - 1, When::Before, removal);
-    drop(pools); // the first pool: its unmap starts the chain
-    assert_eq!(a.faults.calls(Call::UnmapBatch), first + NESTED - 1);
+        .run_on(Call::UnmapBatch, innermost, When::Before, removal);
+    drop(chain); // the first pool: its unmap starts the chain
+    assert_eq!(a.faults.calls(Call::UnmapBatch), innermost);
     assert_removed_at_once(&seen, 1);
     b.assert_unbound_now();
     drop(held_b);
@@ -432,37 +442,18 @@ fn the_last_handle_dropped_in_a_counted_call_unbinds_after_the_outermost_one() {
     watchdog("last handle dropped in a counted call", || {
         const NESTED: usize = 6;
         let a = Bench::new();
-        let mut pools: Vec<PagePool> = (0..NESTED)
-            .map(|_| {
-                let mut pool = a.pool(4, 0);
-                let page = pool.alloc().unwrap();
-                pool.recycle_direct(page);
-                pool
-            })
-            .collect();
         let mut keep = a.pool(4, 0);
         let mut held = keep.alloc().unwrap();
-        let first = a.faults.next(Call::UnmapBatch);
-        for (depth, pool) in pools.drain(1..).enumerate() {
-            a.faults
-                .run_on(Call::UnmapBatch, first + depth, When::Before, move || {
-                    drop(pool)
-                });
-        }
+        let (chain, innermost) = nested_unmaps(&a, NESTED);
         let (handle, checker) = (a.handle(), a.checker.clone());
         let bound_inside = Arc::new(Mutex::new(None));
         let out = Arc::clone(&bound_inside);
-        a.faults.run_on(
-            Call::UnmapBatch,
-            first + NESTED - 1,
-            When::Before,
-            move || {
+        a.faults
+            .run_on(Call::UnmapBatch, innermost, When::Before, move || {
                 drop(handle.lock().unwrap().take().expect("the last handle"));
                 *out.lock().unwrap() = Some(!checker.is_unbound());
-            },
-        );
-        let pool = pools.pop().unwrap();
-        drop(pool); // starts the chain
+            });
+        drop(chain); // starts the chain
         assert_eq!(*bound_inside.lock().unwrap(), Some(true), "deferred");
         a.assert_unbound_now();
         held.as_mut_slice()[0] = 1;

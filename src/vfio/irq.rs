@@ -208,13 +208,7 @@ impl VfioDevice {
                 &mut info,
             )
         }
-        .map_err(|errno| match errno {
-            libc::EINVAL => VfioError::NoSuchIrq { index },
-            errno => VfioError::Os {
-                op: "VFIO_DEVICE_GET_IRQ_INFO",
-                errno,
-            },
-        })?;
+        .map_err(irq_error("VFIO_DEVICE_GET_IRQ_INFO", index))?;
         Ok(IrqInfo {
             index,
             flags: info.flags,
@@ -270,13 +264,7 @@ impl VfioDevice {
             )
         }
         .map(drop)
-        .map_err(|errno| match errno {
-            libc::EINVAL => VfioError::NoSuchIrq { index },
-            errno => VfioError::Os {
-                op: "VFIO_DEVICE_SET_IRQS",
-                errno,
-            },
-        })
+        .map_err(irq_error("VFIO_DEVICE_SET_IRQS", index))
     }
 
     fn arm_irq(&self, index: u32) -> Result<DeviceNotifier, VfioError> {
@@ -304,15 +292,18 @@ impl VfioDevice {
                 &mut set,
             )
         }
-        .map_err(|errno| match errno {
-            libc::EINVAL => VfioError::NoSuchIrq { index },
-            errno => VfioError::Os {
-                op: "VFIO_DEVICE_SET_IRQS",
-                errno,
-            },
-        })?;
+        .map_err(irq_error("VFIO_DEVICE_SET_IRQS", index))?;
         // The notifier's fd is dropped (closed) on every error path above.
         Ok(notifier)
+    }
+}
+
+/// The error of an IRQ ioctl on `index`: `EINVAL` means the device has no
+/// such interrupt; anything else is the operating system's.
+fn irq_error(op: &'static str, index: u32) -> impl FnOnce(i32) -> VfioError {
+    move |errno| match errno {
+        libc::EINVAL => VfioError::NoSuchIrq { index },
+        errno => VfioError::Os { op, errno },
     }
 }
 
