@@ -530,3 +530,35 @@ fn nested_unbinds_across_two_devices_refuse_the_outer_device_only() {
         }
     });
 }
+
+/// A callback that panics inside the deferred unbind (here `on_unbind`):
+/// the unbind still completes every step, the panic is caught (no caller
+/// is left to receive it), and the page drop that made the call returns
+/// normally.
+#[test]
+fn a_panic_inside_the_deferred_unbind_is_contained_and_the_unbind_completes() {
+    watchdog("panic inside the deferred unbind", || {
+        let bench = Bench::new();
+        let mut pool = bench.pool(2, 0);
+        let dropped: Vec<Page> = (0..4).map(|_| pool.alloc().unwrap()).collect();
+        let held = pool.alloc().unwrap();
+        bench
+            .faults
+            .panic_on(Call::OnUnbind, bench.faults.next(Call::OnUnbind));
+        let handle = bench.handle();
+        bench.faults.run_on(
+            Call::UnmapBatch,
+            bench.faults.next(Call::UnmapBatch),
+            When::After,
+            move || drop(handle.lock().unwrap().take().expect("the last handle")),
+        );
+        let returned = thread::spawn(move || drop(dropped)).join();
+        assert!(returned.is_ok(), "the drop returned normally");
+        bench.assert_unbound_now();
+        let calls = bench.faults.device_calls();
+        drop(held);
+        drop(pool);
+        assert_eq!(bench.faults.device_calls(), calls, "no call after unbind");
+        bench.assert_clean();
+    });
+}
